@@ -1,0 +1,1 @@
+"""headlock: a worker-pool crawler runtime for request queues with locks."""

@@ -1,0 +1,90 @@
+"""The one exception tree of headlock.
+
+    HeadlockError
+    ├── ConfigError                 invalid settings or CLI input (the CLI exits 2)
+    ├── HandlerImportError          a `module:function` handler path that does not resolve (exit 2)
+    ├── QueueError                  a queue call failed; `.endpoint` names the operation
+    │   ├── LockLostError           the lock is not (or no longer) ours: expired and retaken, handled, released
+    │   ├── NotFoundError           unknown queue or request
+    │   ├── InvalidInputError       the queue refused the arguments (limit > 25, bad client key, body too large)
+    │   ├── UnauthorizedError       missing or wrong API token
+    │   ├── RateLimitedError        429 after every retry
+    │   └── QueueUnavailableError   network errors, 5xx, timeouts, a locked or full SQLite file, after every retry
+    └── NoRetry                     raised by a handler: fail this request now, without retries
+
+Foreign errors (httpx, sqlite3) are mapped where they enter, with `raise ... from exc`. No message ever carries the
+API token.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "HandlerImportError",
+    "HeadlockError",
+    "InvalidInputError",
+    "LockLostError",
+    "NoRetry",
+    "NotFoundError",
+    "QueueError",
+    "QueueUnavailableError",
+    "RateLimitedError",
+    "UnauthorizedError",
+]
+
+
+class HeadlockError(Exception):
+    """Base of every error headlock raises on purpose."""
+
+
+class ConfigError(HeadlockError):
+    """Invalid configuration or command-line input."""
+
+
+class HandlerImportError(ConfigError):
+    """A handler path (`module:function`) that cannot be imported or is not an async callable."""
+
+
+class QueueError(HeadlockError):
+    """A queue operation failed.
+
+    `endpoint` names the operation (e.g. `PUT /requests/{id}/lock` or `lock_head`), `status` the HTTP status when
+    there is one, `error_type` the API's `error.type`.
+    """
+
+    def __init__(
+        self, message: str, *, endpoint: str = "", status: int | None = None, error_type: str | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.status = status
+        self.error_type = error_type
+        parts = [p for p in (endpoint, str(status) if status is not None else "", error_type or "") if p]
+        super().__init__(f"{' '.join(parts)}: {message}" if parts else message)
+
+
+class LockLostError(QueueError):
+    """The lock is not held by this client (expired and retaken, released, or the request is handled)."""
+
+
+class NotFoundError(QueueError):
+    """The queue or the request does not exist."""
+
+
+class InvalidInputError(QueueError):
+    """The queue refused the arguments or the body."""
+
+
+class UnauthorizedError(QueueError):
+    """The API token is missing or wrong."""
+
+
+class RateLimitedError(QueueError):
+    """The queue kept answering 429."""
+
+
+class QueueUnavailableError(QueueError):
+    """The queue could not be reached or kept failing (network, 5xx, timeouts, locked or full database)."""
+
+
+class NoRetry(HeadlockError):  # noqa: N818 - a control signal, named for what the handler asks for
+    """Raise from a handler to fail the request at once: it is marked handled with its error recorded."""

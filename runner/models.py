@@ -1,0 +1,159 @@
+"""Typed shapes of the request-queue API (camelCase on the wire, snake_case in Python).
+
+Every model accepts and keeps unknown fields (`extra="allow"`), as the official clients do, so a request read from
+one backend and written back to it loses nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "AddedRequest",
+    "BatchAddResult",
+    "LockedHead",
+    "QueueInfo",
+    "Request",
+    "RequestDraft",
+    "RequestRegistration",
+    "UnprocessedRequest",
+    "parse_datetime",
+    "utc_now",
+]
+
+
+def utc_now() -> datetime:
+    """Return an aware UTC timestamp."""
+    return datetime.now(UTC)
+
+
+def parse_datetime(value: Any) -> Any:
+    """Accept ISO-8601 (`...T...Z`) and Python's `str(datetime)` form, as the official clients send both."""
+    if isinstance(value, str):
+        text = value.strip().replace("Z", "+00:00")
+        parsed = datetime.fromisoformat(text)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="allow",
+        ser_json_timedelta="float",
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        """Dump as the API's camelCase JSON object, without unset optional fields."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _format_datetime(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class RequestDraft(_Model):
+    """A request to add: `uniqueKey` and `url` are required, the id is derived from `uniqueKey`."""
+
+    unique_key: str
+    url: str
+    method: str = "GET"
+    user_data: dict[str, Any] = Field(default_factory=dict)
+    headers: dict[str, str] | None = None
+    payload: str | None = None
+    no_retry: bool | None = None
+
+
+class Request(_Model):
+    """A request as stored in the queue."""
+
+    id: str
+    unique_key: str
+    url: str
+    method: str = "GET"
+    retry_count: int = 0
+    user_data: dict[str, Any] = Field(default_factory=dict)
+    headers: dict[str, str] | None = None
+    payload: str | None = None
+    loaded_url: str | None = None
+    no_retry: bool | None = None
+    error_messages: list[str] = Field(default_factory=list)
+    handled_at: datetime | None = None
+
+    _parse_handled_at = field_validator("handled_at", mode="before")(parse_datetime)
+
+    @property
+    def label(self) -> str | None:
+        """The routing label (`userData.label`), if any."""
+        label = self.user_data.get("label")
+        return label if isinstance(label, str) else None
+
+    def to_api(self) -> dict[str, Any]:
+        """Dump as the API's camelCase JSON object; `handledAt` as ISO-8601 with milliseconds and `Z`."""
+        data = super().to_api()
+        if self.handled_at is not None:
+            data["handledAt"] = _format_datetime(self.handled_at)
+        return data
+
+
+class LockedHead(_Model):
+    """The answer of "get head and lock", with full requests.
+
+    Backends whose head items lack `userData`/`headers`/`payload` (the platform's) complete them before returning.
+    An empty `items` does not mean the queue is finished: check `queue_has_locked_requests` too.
+    """
+
+    items: list[Request]
+    lock_secs: float
+    queue_has_locked_requests: bool = False
+    had_multiple_clients: bool = False
+
+
+class RequestRegistration(_Model):
+    """Result of adding or updating one request."""
+
+    request_id: str
+    was_already_present: bool
+    was_already_handled: bool
+
+
+class AddedRequest(RequestRegistration):
+    """One processed item of a batch add."""
+
+    unique_key: str
+
+
+class UnprocessedRequest(_Model):
+    """One batch item the queue did not take (rate limit or internal failure); resend it."""
+
+    unique_key: str
+    url: str
+    method: str | None = None
+
+
+class BatchAddResult(_Model):
+    """Result of a batch add."""
+
+    processed_requests: list[AddedRequest] = Field(default_factory=list)
+    unprocessed_requests: list[UnprocessedRequest] = Field(default_factory=list)
+
+
+class QueueInfo(_Model):
+    """Queue metadata and counters."""
+
+    id: str
+    name: str | None = None
+    created_at: datetime
+    modified_at: datetime
+    accessed_at: datetime
+    total_request_count: int
+    handled_request_count: int
+    pending_request_count: int
+    had_multiple_clients: bool
+
+    _parse_dates = field_validator("created_at", "modified_at", "accessed_at", mode="before")(parse_datetime)

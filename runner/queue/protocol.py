@@ -1,0 +1,70 @@
+"""The queue seam: the one Protocol every backend implements and the runtime depends on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from runner.models import BatchAddResult, LockedHead, QueueInfo, Request, RequestDraft, RequestRegistration
+
+__all__ = ["MAX_BATCH", "MAX_CLIENT_KEY", "MAX_LOCK_LIMIT", "RequestQueue"]
+
+MAX_LOCK_LIMIT = 25
+"""Most requests one "get head and lock" call may lock."""
+MAX_BATCH = 25
+"""Most requests one batch add may carry."""
+MAX_CLIENT_KEY = 32
+"""Longest client key the API accepts (the shortest is 1)."""
+
+
+@runtime_checkable
+class RequestQueue(Protocol):
+    """A request queue with client-keyed locks (Apify API v2 semantics).
+
+    Every method raises a `runner.errors.QueueError` subclass on failure. Lock operations on a request this client
+    does not hold raise `LockLostError`.
+    """
+
+    async def lock_head(self, *, limit: int, lock_secs: float, client_key: str) -> LockedHead:
+        """Lock up to `limit` (≤ 25) requests from the head and return them complete (with `userData`)."""
+        ...
+
+    async def prolong_lock(
+        self, request_id: str, *, lock_secs: float, client_key: str, forefront: bool = False
+    ) -> datetime:
+        """Extend this client's lock to now + `lock_secs`; return the new expiry."""
+        ...
+
+    async def delete_lock(self, request_id: str, *, client_key: str, forefront: bool = False) -> None:
+        """Release this client's lock; the request goes back to the head (`forefront`) or the end."""
+        ...
+
+    async def unlock_requests(self, *, client_key: str) -> int:
+        """Release every lock `client_key` holds; return how many."""
+        ...
+
+    async def update_request(
+        self, request: Request, *, client_key: str, forefront: bool = False
+    ) -> RequestRegistration:
+        """Replace the stored request. With `handled_at` it leaves the head and its lock is released; without it,
+        it is pending again and a lock it has stays (release it with `delete_lock`)."""
+        ...
+
+    async def batch_add(
+        self, requests: Sequence[RequestDraft], *, client_key: str, forefront: bool = False
+    ) -> BatchAddResult:
+        """Add up to 25 requests, deduplicated by `uniqueKey`. Items in `unprocessed_requests` may be resent."""
+        ...
+
+    async def get_request(self, request_id: str) -> Request | None:
+        """Return the stored request, or None when there is none with that id."""
+        ...
+
+    async def get_info(self) -> QueueInfo:
+        """Return the queue's metadata and counters."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and files. Idempotent."""
+        ...

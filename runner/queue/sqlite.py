@@ -1,0 +1,444 @@
+"""The embedded queue: one SQLite file per named queue, safe for several processes on one machine.
+
+Ordering follows the platform's model (API contract §9): each pending request has an `order_no` whose absolute value
+is a time in microseconds and whose sign says forefront (< 0) or not. Locking moves `order_no` to ±(lock expiry), so
+the available head is exactly the index range [-now, now]: lock-head reads `limit` index entries whatever the queue
+size. A handled request has `order_no` NULL and leaves the partial index.
+
+Every call runs in a worker thread, one at a time per store (one connection), inside `BEGIN IMMEDIATE` when it
+writes, so a read-then-update cannot interleave with another process's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import sqlite3
+import string
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
+from runner.models import (
+    AddedRequest,
+    BatchAddResult,
+    LockedHead,
+    QueueInfo,
+    Request,
+    RequestDraft,
+    RequestRegistration,
+)
+from runner.queue.protocol import MAX_BATCH, MAX_CLIENT_KEY, MAX_LOCK_LIMIT
+from runner.uniquekey import request_id_for
+
+__all__ = ["SqliteQueue", "queue_path", "validate_queue_name"]
+
+T = TypeVar("T")
+
+_NAME = re.compile(r"^([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]{0,61}[a-zA-Z0-9])$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    id TEXT NOT NULL,
+    name TEXT,
+    created_at INTEGER NOT NULL,
+    modified_at INTEGER NOT NULL,
+    accessed_at INTEGER NOT NULL,
+    total INTEGER NOT NULL DEFAULT 0,
+    handled INTEGER NOT NULL DEFAULT 0,
+    had_multiple_clients INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS clients (client_key TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    order_no INTEGER,
+    lock_client TEXT,
+    lock_expires INTEGER,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_head ON requests (order_no) WHERE order_no IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_locks ON requests (lock_expires) WHERE lock_expires IS NOT NULL;
+"""
+
+
+def validate_queue_name(name: str) -> str:
+    """Return `name` if it is a valid queue name (DNS-safe, 1-63 chars), else raise `InvalidInputError`."""
+    if not _NAME.match(name):
+        raise InvalidInputError(
+            f"invalid queue name {name!r}: use 1-63 letters, digits or '-', not starting or ending with '-'",
+            endpoint="open queue",
+        )
+    return name
+
+
+def queue_path(storage_dir: Path, name: str) -> Path:
+    """Where the embedded queue `name` lives under `storage_dir`."""
+    return storage_dir / "request_queues" / f"{validate_queue_name(name)}.sqlite"
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _to_datetime(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1_000_000, UTC)
+
+
+def _check_client_key(client_key: str, endpoint: str) -> None:
+    if not 1 <= len(client_key) <= MAX_CLIENT_KEY:
+        raise InvalidInputError(
+            f"clientKey must be 1-{MAX_CLIENT_KEY} characters, got {len(client_key)}", endpoint=endpoint
+        )
+
+
+class SqliteQueue:
+    """A `RequestQueue` stored in one SQLite file (WAL mode)."""
+
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
+        """Open (creating if needed) the queue file at `path`.
+
+        Raises:
+            QueueUnavailableError: the file cannot be opened or is not a queue database.
+        """
+        self.path = path
+        self._limiter = anyio.CapacityLimiter(1)
+        self._known_clients: set[str] = set()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._write(self._init_schema, path.stem, endpoint="open queue")
+        except (OSError, sqlite3.Error) as exc:
+            raise QueueUnavailableError(f"cannot open queue database {path}: {exc}", endpoint="open") from exc
+
+    @classmethod
+    def open(cls, storage_dir: Path, name: str, *, busy_timeout: float = 30.0) -> SqliteQueue:
+        """Open the named queue under `storage_dir` (`request_queues/<name>.sqlite`)."""
+        return cls(queue_path(storage_dir, name), busy_timeout=busy_timeout)
+
+    def __repr__(self) -> str:
+        return f"SqliteQueue({str(self.path)!r})"
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+
+    def _init_schema(self, name: str) -> None:
+        # executescript() would COMMIT our transaction first; run the statements one by one instead.
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+        if self._db.execute("SELECT 1 FROM queue").fetchone() is None:
+            now = _now_us()
+            alphabet = string.ascii_letters + string.digits
+            queue_id = "".join(secrets.choice(alphabet) for _ in range(17))
+            self._db.execute(
+                "INSERT INTO queue (one, id, name, created_at, modified_at, accessed_at) VALUES (1, ?, ?, ?, ?, ?)",
+                (queue_id, name, now, now, now),
+            )
+
+    def _write(self, fn: Callable[..., T], *args: Any, endpoint: str) -> T:
+        """Run `fn` inside `BEGIN IMMEDIATE` ... `COMMIT`, rolling back on any error."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise self._map(exc, endpoint) from exc
+        try:
+            result = fn(*args)
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise self._map(exc, endpoint) from exc
+            raise
+        return result
+
+    def _map(self, exc: sqlite3.Error, endpoint: str) -> QueueUnavailableError:
+        return QueueUnavailableError(f"SQLite error on {self.path}: {exc}", endpoint=endpoint)
+
+    async def _run(self, fn: Callable[..., T], *args: Any, endpoint: str, write: bool = True) -> T:
+        def call() -> T:
+            if write:
+                return self._write(fn, *args, endpoint=endpoint)
+            try:
+                return fn(*args)
+            except sqlite3.Error as exc:
+                raise self._map(exc, endpoint) from exc
+
+        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+
+    def _touch(self, now: int, client_key: str | None) -> None:
+        """Record a modification and the client that made it (for `hadMultipleClients`)."""
+        self._db.execute("UPDATE queue SET modified_at = ?, accessed_at = ?", (now, now))
+        if client_key is not None and client_key not in self._known_clients:
+            self._db.execute("INSERT OR IGNORE INTO clients VALUES (?)", (client_key,))
+            self._db.execute(
+                "UPDATE queue SET had_multiple_clients = 1 WHERE (SELECT count(*) FROM clients) > 1"
+            )
+            self._known_clients.add(client_key)
+
+    # -- the Protocol -------------------------------------------------------------------------------------
+
+    async def lock_head(self, *, limit: int, lock_secs: float, client_key: str) -> LockedHead:
+        """Lock up to `limit` (≤ 25) available requests in queue order and return them complete."""
+        endpoint = "lock_head"
+        _check_client_key(client_key, endpoint)
+        if not 1 <= limit <= MAX_LOCK_LIMIT:
+            raise InvalidInputError(f"limit must be 1-{MAX_LOCK_LIMIT}, got {limit}", endpoint=endpoint)
+        if lock_secs <= 0:
+            raise InvalidInputError(f"lockSecs must be > 0, got {lock_secs}", endpoint=endpoint)
+        return await self._run(self._lock_head, limit, lock_secs, client_key, endpoint=endpoint)
+
+    def _lock_head(self, limit: int, lock_secs: float, client_key: str) -> LockedHead:
+        now = _now_us()
+        rows = self._db.execute(
+            "SELECT id, order_no, data FROM requests WHERE order_no BETWEEN ? AND ? ORDER BY order_no LIMIT ?",
+            (-now, now, limit),
+        ).fetchall()
+        expires = now + int(lock_secs * 1_000_000)
+        self._db.executemany(
+            "UPDATE requests SET order_no = ?, lock_client = ?, lock_expires = ? WHERE id = ?",
+            [(expires if order_no > 0 else -expires, client_key, expires, rid) for rid, order_no, _ in rows],
+        )
+        self._touch(now, client_key)
+        has_locks = bool(rows) or self._db.execute(
+            "SELECT EXISTS (SELECT 1 FROM requests WHERE lock_expires > ?)", (now,)
+        ).fetchone()[0]
+        multiple = self._db.execute("SELECT had_multiple_clients FROM queue").fetchone()[0]
+        return LockedHead(
+            items=[Request.model_validate_json(data) for _, _, data in rows],
+            lock_secs=lock_secs,
+            queue_has_locked_requests=bool(has_locks),
+            had_multiple_clients=bool(multiple),
+        )
+
+    async def prolong_lock(
+        self, request_id: str, *, lock_secs: float, client_key: str, forefront: bool = False
+    ) -> datetime:
+        """Extend this client's lock to now + `lock_secs`.
+
+        A lock that expired is still this client's until another client locks the request.
+        """
+        endpoint = f"prolong_lock {request_id}"
+        _check_client_key(client_key, endpoint)
+        if lock_secs <= 0:
+            raise InvalidInputError(f"lockSecs must be > 0, got {lock_secs}", endpoint=endpoint)
+        return await self._run(self._prolong, request_id, lock_secs, client_key, forefront, endpoint=endpoint)
+
+    def _owned(self, request_id: str, client_key: str, endpoint: str) -> None:
+        row = self._db.execute(
+            "SELECT order_no, lock_client, lock_expires FROM requests WHERE id = ?", (request_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFoundError("Request was not found", endpoint=endpoint, error_type="record-not-found")
+        order_no, holder, expires = row
+        if order_no is None:
+            raise LockLostError(
+                "request is already handled", endpoint=endpoint, error_type="request-handled-or-locked"
+            )
+        if expires is None or holder != client_key:
+            raise LockLostError(
+                "request is not locked by this client", endpoint=endpoint, error_type="request-handled-or-locked"
+            )
+
+    def _prolong(self, request_id: str, lock_secs: float, client_key: str, forefront: bool) -> datetime:
+        endpoint = f"prolong_lock {request_id}"
+        self._owned(request_id, client_key, endpoint)
+        now = _now_us()
+        expires = now + int(lock_secs * 1_000_000)
+        self._db.execute(
+            "UPDATE requests SET order_no = ?, lock_expires = ? WHERE id = ?",
+            (-expires if forefront else expires, expires, request_id),
+        )
+        self._touch(now, client_key)
+        return _to_datetime(expires)
+
+    async def delete_lock(self, request_id: str, *, client_key: str, forefront: bool = False) -> None:
+        """Release this client's lock; the request goes to the head (`forefront`) or the end of the queue."""
+        endpoint = f"delete_lock {request_id}"
+        _check_client_key(client_key, endpoint)
+        await self._run(self._delete_lock, request_id, client_key, forefront, endpoint=endpoint)
+
+    def _delete_lock(self, request_id: str, client_key: str, forefront: bool) -> None:
+        self._owned(request_id, client_key, f"delete_lock {request_id}")
+        now = _now_us()
+        self._db.execute(
+            "UPDATE requests SET order_no = ?, lock_client = NULL, lock_expires = NULL WHERE id = ?",
+            (-now if forefront else now, request_id),
+        )
+        self._touch(now, client_key)
+
+    async def unlock_requests(self, *, client_key: str) -> int:
+        """Release every unexpired lock `client_key` holds; return how many."""
+        _check_client_key(client_key, "unlock_requests")
+        return await self._run(self._unlock, client_key, endpoint="unlock_requests")
+
+    def _unlock(self, client_key: str) -> int:
+        now = _now_us()
+        cursor = self._db.execute(
+            "UPDATE requests SET order_no = CASE WHEN order_no < 0 THEN -? ELSE ? END,"
+            " lock_client = NULL, lock_expires = NULL WHERE lock_expires > ? AND lock_client = ?",
+            (now, now, now, client_key),
+        )
+        self._touch(now, client_key)
+        return cursor.rowcount
+
+    async def update_request(
+        self, request: Request, *, client_key: str, forefront: bool = False
+    ) -> RequestRegistration:
+        """Replace the stored request (inserting it when unknown).
+
+        With `handled_at` set it leaves the head and its lock is released; without it, it is pending again and
+        keeps any lock it has.
+        """
+        endpoint = f"update_request {request.id}"
+        _check_client_key(client_key, endpoint)
+        if request.id != request_id_for(request.unique_key):
+            raise InvalidInputError(
+                "Request ID does not correspond to uniqueKey", endpoint=endpoint, error_type="request-id-invalid"
+            )
+        return await self._run(self._update, request, client_key, forefront, endpoint=endpoint)
+
+    def _update(self, request: Request, client_key: str, forefront: bool) -> RequestRegistration:
+        now = _now_us()
+        data = json.dumps(request.to_api(), ensure_ascii=False)
+        handled = request.handled_at is not None
+        row = self._db.execute(
+            "SELECT order_no, lock_expires FROM requests WHERE id = ?", (request.id,)
+        ).fetchone()
+        position = -now if forefront else now
+        if row is None:
+            self._db.execute(
+                "INSERT INTO requests (id, order_no, data) VALUES (?, ?, ?)",
+                (request.id, None if handled else position, data),
+            )
+            self._db.execute("UPDATE queue SET total = total + 1, handled = handled + ?", (int(handled),))
+            self._touch(now, client_key)
+            return RequestRegistration(request_id=request.id, was_already_present=False, was_already_handled=False)
+        order_no, lock_expires = row
+        was_handled = order_no is None
+        if handled:
+            self._db.execute(
+                "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, data = ?"
+                " WHERE id = ?",
+                (data, request.id),
+            )
+        elif lock_expires is not None and lock_expires > now:
+            self._db.execute("UPDATE requests SET data = ? WHERE id = ?", (data, request.id))
+        else:
+            self._db.execute(
+                "UPDATE requests SET order_no = ?, lock_client = NULL, lock_expires = NULL, data = ? WHERE id = ?",
+                (position, data, request.id),
+            )
+        if handled != was_handled:
+            self._db.execute("UPDATE queue SET handled = handled + ?", (1 if handled else -1,))
+        self._touch(now, client_key)
+        return RequestRegistration(
+            request_id=request.id, was_already_present=True, was_already_handled=was_handled
+        )
+
+    async def batch_add(
+        self, requests: Sequence[RequestDraft], *, client_key: str, forefront: bool = False
+    ) -> BatchAddResult:
+        """Add up to 25 requests, deduplicated by `uniqueKey` (the first of duplicates in one batch wins)."""
+        endpoint = "batch_add"
+        _check_client_key(client_key, endpoint)
+        if len(requests) > MAX_BATCH:
+            raise InvalidInputError(
+                f"a batch holds at most {MAX_BATCH} requests, got {len(requests)}", endpoint=endpoint
+            )
+        if not requests:
+            return BatchAddResult()
+        return await self._run(self._batch_add, requests, client_key, forefront, endpoint=endpoint)
+
+    def _batch_add(self, drafts: Sequence[RequestDraft], client_key: str, forefront: bool) -> BatchAddResult:
+        now = _now_us()
+        position = -now if forefront else now
+        processed: list[AddedRequest] = []
+        added = 0
+        for draft in drafts:
+            request_id = request_id_for(draft.unique_key)
+            data = {"id": request_id, "retryCount": 0, **draft.to_api()}
+            handled = data.get("handledAt") is not None
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO requests (id, order_no, data) VALUES (?, ?, ?)",
+                (request_id, None if handled else position, json.dumps(data, ensure_ascii=False)),
+            )
+            present = cursor.rowcount == 0
+            was_handled = False
+            if present:
+                row = self._db.execute("SELECT order_no FROM requests WHERE id = ?", (request_id,)).fetchone()
+                was_handled = row[0] is None
+            else:
+                added += 1
+                if handled:
+                    self._db.execute("UPDATE queue SET handled = handled + 1")
+            processed.append(
+                AddedRequest(
+                    request_id=request_id,
+                    unique_key=draft.unique_key,
+                    was_already_present=present,
+                    was_already_handled=was_handled,
+                )
+            )
+        if added:
+            self._db.execute("UPDATE queue SET total = total + ?", (added,))
+        self._touch(now, client_key)
+        return BatchAddResult(processed_requests=processed)
+
+    async def get_request(self, request_id: str) -> Request | None:
+        """Return the stored request, or None."""
+        row = await self._run(
+            lambda: self._db.execute("SELECT data FROM requests WHERE id = ?", (request_id,)).fetchone(),
+            endpoint=f"get_request {request_id}",
+            write=False,
+        )
+        return None if row is None else Request.model_validate_json(row[0])
+
+    async def get_info(self) -> QueueInfo:
+        """Return the queue's metadata and counters."""
+        return await self._run(self._info, endpoint="get_info", write=False)
+
+    def _info(self) -> QueueInfo:
+        queue_id, name, created, modified, accessed, total, handled, multiple = self._db.execute(
+            "SELECT id, name, created_at, modified_at, accessed_at, total, handled, had_multiple_clients"
+            " FROM queue"
+        ).fetchone()
+        return QueueInfo(
+            id=queue_id,
+            name=name,
+            created_at=_to_datetime(created),
+            modified_at=_to_datetime(modified),
+            accessed_at=_to_datetime(accessed),
+            total_request_count=total,
+            handled_request_count=handled,
+            pending_request_count=total - handled,
+            had_multiple_clients=bool(multiple),
+        )
+
+    async def locks(self) -> list[tuple[str, str, datetime]]:
+        """Return `(request_id, client_key, expires_at)` for every unexpired lock (for `headlock status`)."""
+
+        def read() -> list[tuple[str, str, datetime]]:
+            rows = self._db.execute(
+                "SELECT id, lock_client, lock_expires FROM requests WHERE lock_expires > ? ORDER BY lock_expires",
+                (_now_us(),),
+            ).fetchall()
+            return [(rid, holder, _to_datetime(expires)) for rid, holder, expires in rows]
+
+        return await self._run(read, endpoint="locks", write=False)
+
+    async def aclose(self) -> None:
+        """Close the connection. Idempotent."""
+        async with self._limiter:
+            self._db.close()
