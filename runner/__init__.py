@@ -1,1 +1,64 @@
-"""headlock: a worker-pool crawler runtime for request queues with locks."""
+"""headlock: a worker-pool crawler runtime for request queues with locks.
+
+A handler is `async def handle(ctx: Context) -> None`; `run()` consumes a `RequestQueue` with it.
+"""
+
+from runner.context import Context
+from runner.dataset import Dataset
+from runner.errors import (
+    ConfigError,
+    HandlerImportError,
+    HeadlockError,
+    InvalidInputError,
+    InvalidUrlError,
+    LockLostError,
+    NoRetry,
+    NotFoundError,
+    QueueError,
+    QueueUnavailableError,
+    RateLimitedError,
+    UnauthorizedError,
+)
+from runner.models import BatchAddResult, LockedHead, QueueInfo, Request, RequestDraft, RequestRegistration
+from runner.queue.protocol import RequestQueue
+from runner.queue.sqlite import SqliteQueue
+from runner.router import Handler, Router
+from runner.runtime import RunSummary, run
+from runner.settings import Settings, WorkerSettings, load_settings
+from runner.shutdown import Stopper
+from runner.uniquekey import normalize_url, request_id_for
+
+__all__ = [
+    "BatchAddResult",
+    "ConfigError",
+    "Context",
+    "Dataset",
+    "Handler",
+    "HandlerImportError",
+    "HeadlockError",
+    "InvalidInputError",
+    "InvalidUrlError",
+    "LockLostError",
+    "LockedHead",
+    "NoRetry",
+    "NotFoundError",
+    "QueueError",
+    "QueueInfo",
+    "QueueUnavailableError",
+    "RateLimitedError",
+    "Request",
+    "RequestDraft",
+    "RequestQueue",
+    "RequestRegistration",
+    "Router",
+    "RunSummary",
+    "Settings",
+    "SqliteQueue",
+    "Stopper",
+    "UnauthorizedError",
+    "WorkerSettings",
+    "load_settings",
+    "normalize_url",
+    "request_id_for",
+    "run",
+]

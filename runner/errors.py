@@ -3,6 +3,7 @@
     HeadlockError
     ├── ConfigError                 invalid settings or CLI input (the CLI exits 2)
     ├── HandlerImportError          a `module:function` handler path that does not resolve (exit 2)
+    ├── InvalidUrlError             a URL that is not absolute http(s) (also a ValueError)
     ├── QueueError                  a queue call failed; `.endpoint` names the operation
     │   ├── LockLostError           the lock is not (or no longer) ours: expired and retaken, handled, released
     │   ├── NotFoundError           unknown queue or request
@@ -23,6 +24,7 @@ __all__ = [
     "HandlerImportError",
     "HeadlockError",
     "InvalidInputError",
+    "InvalidUrlError",
     "LockLostError",
     "NoRetry",
     "NotFoundError",
@@ -43,6 +45,10 @@ class ConfigError(HeadlockError):
 
 class HandlerImportError(ConfigError):
     """A handler path (`module:function`) that cannot be imported or is not an async callable."""
+
+
+class InvalidUrlError(HeadlockError, ValueError):
+    """A URL that is not an absolute http(s) URL."""
 
 
 class QueueError(HeadlockError):

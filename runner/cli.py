@@ -1,0 +1,278 @@
+"""The `headlock` command line: run, enqueue, status, unlock, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from runner.commit import Committer, RetryPolicy
+from runner.context import make_draft
+from runner.dataset import Dataset
+from runner.errors import ConfigError, HeadlockError
+from runner.leases import Leases
+from runner.loader import load_handler
+from runner.logs import configure_logging
+from runner.open import open_queue
+from runner.runtime import RunSummary, run
+from runner.settings import Settings, load_settings, random_client_key
+from runner.shutdown import Stopper
+from runner.stats import RunStats
+
+__all__ = ["main"]
+
+log = structlog.get_logger("headlock.cli")
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `headlock` script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    try:
+        settings = load_settings(args.config, **_overrides(args))
+    except ConfigError as exc:
+        print(f"headlock: error: {exc}", file=sys.stderr)  # noqa: T201 - before logging is configured
+        return EXIT_USAGE
+    token = settings.api.token.get_secret_value() if settings.api.token else ""
+    configure_logging(fmt=settings.log_format, level=settings.log_level, secrets=[token])
+    try:
+        code: int = anyio.run(_COMMANDS[args.command], settings, args)
+    except Exception as exc:
+        error = _headlock_error(exc)
+        if error is None:
+            raise
+        if isinstance(error, ConfigError):
+            log.error("config.invalid", error=str(error))
+            return EXIT_USAGE
+        log.error("run.fatal", error=str(error), error_type=type(error).__name__)
+        return EXIT_FATAL
+    return code
+
+
+def _headlock_error(exc: BaseException) -> HeadlockError | None:
+    """The first HeadlockError in `exc`, looking inside exception groups (task groups raise those)."""
+    if isinstance(exc, HeadlockError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _headlock_error(inner)) is not None:
+                return found
+    return None
+
+
+# -- commands ------------------------------------------------------------------------------------------------
+
+
+async def _run(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.handler:
+        raise ConfigError("handler: required (set it in the config file, HEADLOCK_HANDLER or --handler)")
+    handler = load_handler(settings.handler)
+    for url in settings.start_urls:
+        make_draft(url)  # fail on a bad start URL before touching the queue
+    queue = await open_queue(settings)
+    dataset = Dataset.open(settings.storage_dir, settings.dataset)
+    stopper = Stopper()
+    received: list[int] = []
+    summary: RunSummary | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, stopper, received)
+            summary = await run(
+                queue,
+                handler,
+                dataset,
+                workers=settings.workers,
+                options=settings.handler_options,
+                start_urls=settings.start_urls,
+                stopper=stopper,
+                progress_every=settings.progress_every,
+            )
+            tg.cancel_scope.cancel()
+    finally:
+        dataset.close()
+        await queue.aclose()
+    if args.summary and summary is not None:
+        args.summary.write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    return 128 + received[0] if received else EXIT_OK
+
+
+async def _watch_signals(stopper: Stopper, received: list[int]) -> None:
+    """SIGINT/SIGTERM start the graceful stop; a second one forces it."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            received.append(signum)
+            stopper.stop(signal.Signals(signum).name)
+
+
+async def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
+    urls: list[str] = list(args.urls)
+    if args.file:
+        text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
+        urls.extend(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    if not urls:
+        raise ConfigError("enqueue: give URLs as arguments or --file FILE")
+    drafts = [make_draft(url, label=args.label) for url in urls]  # all validated before anything is sent
+    queue = await open_queue(settings)
+    try:
+        stats = RunStats()
+        committer = Committer(
+            queue,
+            Leases(),
+            Dataset.open(settings.storage_dir, settings.dataset),
+            stats,
+            client_key=settings.workers.client_key or random_client_key(),
+            policy=RetryPolicy(),
+        )
+        added = await committer.add(drafts, forefront=args.forefront)
+    finally:
+        await queue.aclose()
+    log.info("enqueue.done", given=len(drafts), added=added, already_present=len(drafts) - added)
+    return EXIT_OK
+
+
+async def _status(settings: Settings, args: argparse.Namespace) -> int:
+    queue = await open_queue(settings)
+    try:
+        info = await queue.get_info()
+        lister = getattr(queue, "locks", None)
+        locks = await lister() if lister is not None else None
+    finally:
+        await queue.aclose()
+    by_client: dict[str, int] = {}
+    for _, holder, _ in locks or []:
+        by_client[holder] = by_client.get(holder, 0) + 1
+    report: dict[str, Any] = {
+        "queue": info.name or info.id,
+        "total": info.total_request_count,
+        "handled": info.handled_request_count,
+        "pending": info.pending_request_count,
+        "had_multiple_clients": info.had_multiple_clients,
+        "locked": None if locks is None else len(locks),
+        "locks_by_client": by_client,
+    }
+    if args.json:
+        print(json.dumps(report))  # noqa: T201 - the command's output
+    else:
+        for key, value in report.items():
+            print(f"{key:>22}: {value}")  # noqa: T201 - the command's output
+    return EXIT_OK
+
+
+async def _unlock(settings: Settings, args: argparse.Namespace) -> int:
+    client_key = settings.workers.client_key
+    if not client_key:
+        raise ConfigError("unlock: --client-key is required")
+    queue = await open_queue(settings)
+    try:
+        count = await queue.unlock_requests(client_key=client_key)
+    finally:
+        await queue.aclose()
+    log.info("unlock.done", unlocked=count)
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from runner.server import serve  # noqa: PLC0415 - the server is an optional extra
+    except ImportError as exc:
+        print(f"headlock: error: serve needs the server extra: pip install 'headlock[server]' ({exc})", file=sys.stderr)  # noqa: T201
+        return EXIT_USAGE
+    serve(args.host, args.port, args.storage, token=args.token)
+    return EXIT_OK
+
+
+_COMMANDS = {"run": _run, "enqueue": _enqueue, "status": _status, "unlock": _unlock}
+
+
+# -- arguments -----------------------------------------------------------------------------------------------
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the flags given on the command line, as nested settings (so they win over file and env)."""
+    top = {"handler": "handler", "storage_dir": "storage_dir", "log_format": "log_format", "log_level": "log_level"}
+    sections = {
+        "queue": {"queue": "name", "backend": "backend", "queue_id": "id"},
+        "api": {"api_base_url": "base_url"},
+        "workers": {
+            "concurrency": "concurrency",
+            "lock_secs": "lock_secs",
+            "client_key": "client_key",
+            "keep_alive": "keep_alive",
+            "max_requests": "max_requests",
+            "grace": "grace",
+            "handler_timeout": "handler_timeout",
+            "max_retries": "max_retries",
+        },
+    }
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    result: dict[str, Any] = {field: given[flag] for flag, field in top.items() if flag in given}
+    if given.get("start_url"):
+        result["start_urls"] = given["start_url"]
+    for section, fields in sections.items():
+        values = {field: given[flag] for flag, field in fields.items() if flag in given}
+        if values:
+            result[section] = values
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headlock", description="A worker-pool crawler runtime for request queues with locks."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", type=Path, help="TOML settings file (see config/local.toml)")
+    common.add_argument("--storage-dir", type=Path, help="where embedded queues and datasets live (./storage)")
+    common.add_argument("--queue", help="queue name (default: default)")
+    common.add_argument("--backend", choices=["embedded", "apify"], help="queue backend (default: embedded)")
+    common.add_argument("--queue-id", help="API queue id (apify backend)")
+    common.add_argument("--api-base-url", help="API base URL, e.g. http://127.0.0.1:8000 for headlock serve")
+    common.add_argument("--log-format", choices=["auto", "console", "json"], help="default: console on a TTY")
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    run_cmd = commands.add_parser("run", parents=[common], help="consume the queue with a handler (the main job)")
+    run_cmd.add_argument("--handler", help="the handler as module:function, e.g. handlers.crawl:handle")
+    run_cmd.add_argument("--concurrency", type=int, help="handler workers (default 10)")
+    run_cmd.add_argument("--lock-secs", type=float, help="lock duration in seconds (default 60)")
+    run_cmd.add_argument("--handler-timeout", type=float, help="seconds per attempt (default 60)")
+    run_cmd.add_argument("--max-retries", type=int, help="retries of a failing request (default 3)")
+    run_cmd.add_argument("--client-key", help="stable worker identity, 1-32 chars (default: random)")
+    run_cmd.add_argument("--grace", type=float, help="seconds in-flight handlers get on shutdown (default 30)")
+    run_cmd.add_argument("--max-requests", type=int, help="stop after this many finished requests")
+    run_cmd.add_argument("--keep-alive", action="store_const", const=True, help="keep polling when the queue is empty")
+    run_cmd.add_argument("--start-url", action="append", help="enqueue this URL first (repeatable)")
+    run_cmd.add_argument("--summary", type=Path, help="write the final run summary as JSON to this file")
+
+    enqueue = commands.add_parser("enqueue", parents=[common], help="add URLs to the queue")
+    enqueue.add_argument("urls", nargs="*", metavar="URL")
+    enqueue.add_argument("--file", "-f", type=Path, help="read URLs from a file, one per line ('-' for stdin)")
+    enqueue.add_argument("--label", help="userData.label for the router")
+    enqueue.add_argument("--forefront", action="store_true", help="add to the head of the queue")
+    enqueue.add_argument("--client-key", help=argparse.SUPPRESS)
+
+    status = commands.add_parser("status", parents=[common], help="queue counts and who holds locks")
+    status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+
+    unlock = commands.add_parser("unlock", parents=[common], help="release every lock a client key holds")
+    unlock.add_argument("--client-key", required=True, help="the client key whose locks to release")
+
+    serve = commands.add_parser("serve", help="serve the embedded store as the Apify v2 request-queue API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--storage", type=Path, default=Path("storage"), help="storage directory")
+    serve.add_argument("--token", help="require this API token (Authorization: Bearer)")
+    return parser

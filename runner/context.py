@@ -1,0 +1,125 @@
+"""What a handler receives: `async def handle(ctx: Context) -> None`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+
+from runner.errors import InvalidUrlError
+from runner.models import Request, RequestDraft
+from runner.uniquekey import normalize_url
+
+__all__ = ["Context", "make_draft"]
+
+_SCHEMES = frozenset({"http", "https"})
+
+
+def make_draft(
+    url_or_draft: str | RequestDraft,
+    *,
+    label: str | None = None,
+    user_data: Mapping[str, Any] | None = None,
+    unique_key: str | None = None,
+) -> RequestDraft:
+    """Build a request draft for `url_or_draft`, with the normalized URL as default `uniqueKey`.
+
+    Raises:
+        InvalidUrlError: not an absolute http(s) URL.
+    """
+    if isinstance(url_or_draft, RequestDraft):
+        return url_or_draft
+    url = url_or_draft.strip()
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in _SCHEMES or not parts.hostname:
+        raise InvalidUrlError(f"not an absolute http(s) URL: {url!r}")
+    data: dict[str, Any] = dict(user_data or {})
+    if label is not None:
+        data["label"] = label
+    return RequestDraft(unique_key=unique_key or normalize_url(url), url=url, user_data=data)
+
+
+class Context:
+    """One attempt at one request.
+
+    `enqueue` and `push_data` are buffered and committed only when the handler returns normally: a failed attempt
+    leaves no results and no new requests behind.
+    """
+
+    __slots__ = ("_enqueued", "_items", "http", "log", "options", "request")
+
+    def __init__(
+        self,
+        request: Request,
+        *,
+        http: httpx.AsyncClient,
+        log: structlog.typing.FilteringBoundLogger,
+        options: Mapping[str, Any],
+    ) -> None:
+        self.request = request
+        self.http = http
+        self.log = log
+        self.options = options
+        self._enqueued: dict[bool, dict[str, RequestDraft]] = {False: {}, True: {}}
+        self._items: list[Mapping[str, Any]] = []
+
+    @property
+    def url(self) -> str:
+        """The request URL."""
+        return self.request.url
+
+    @property
+    def label(self) -> str | None:
+        """`userData.label`, used by `Router`."""
+        return self.request.label
+
+    @property
+    def user_data(self) -> dict[str, Any]:
+        """The request's `userData`."""
+        return self.request.user_data
+
+    @property
+    def retry_count(self) -> int:
+        """How many attempts failed before this one."""
+        return self.request.retry_count
+
+    async def enqueue(
+        self,
+        requests: str | RequestDraft | Iterable[str | RequestDraft],
+        *,
+        label: str | None = None,
+        user_data: Mapping[str, Any] | None = None,
+        forefront: bool = False,
+    ) -> int:
+        """Add requests (URLs or drafts) to the queue once this attempt succeeds; return how many were new here.
+
+        `label` and `user_data` apply to plain URLs. Duplicates within the attempt are dropped.
+
+        Raises:
+            InvalidUrlError: a URL that is not absolute http(s).
+        """
+        items = [requests] if isinstance(requests, str | RequestDraft) else list(requests)
+        bucket = self._enqueued[forefront]
+        before = len(bucket)
+        for item in items:
+            draft = make_draft(item, label=label, user_data=user_data)
+            bucket.setdefault(draft.unique_key, draft)
+        return len(bucket) - before
+
+    async def push_data(self, item: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
+        """Store result items (JSON-serializable mappings) once this attempt succeeds."""
+        if isinstance(item, Mapping):
+            self._items.append(item)
+        else:
+            self._items.extend(item)
+
+    def pending_enqueues(self) -> dict[bool, list[RequestDraft]]:
+        """Buffered requests by `forefront` flag (for the worker's commit)."""
+        return {flag: list(bucket.values()) for flag, bucket in self._enqueued.items() if bucket}
+
+    def pending_items(self) -> list[Mapping[str, Any]]:
+        """Buffered result items (for the worker's commit)."""
+        return self._items

@@ -1,0 +1,77 @@
+"""The fetcher: locks requests from the head, only as many as there is room for, and hands them to workers."""
+
+from __future__ import annotations
+
+import anyio
+import structlog
+from anyio.abc import ObjectSendStream
+
+from runner.backoff import Backoff
+from runner.errors import InvalidInputError, QueueError, UnauthorizedError
+from runner.leases import Lease, Leases
+from runner.queue.protocol import RequestQueue
+from runner.stats import RunStats
+
+__all__ = ["fetch"]
+
+log = structlog.get_logger("headlock.fetcher")
+
+
+async def fetch(
+    queue: RequestQueue,
+    send: ObjectSendStream[Lease],
+    leases: Leases,
+    stats: RunStats,
+    *,
+    client_key: str,
+    capacity: int,
+    batch: int,
+    lock_secs: float,
+    keep_alive: bool = False,
+    max_requests: int | None = None,
+    idle: Backoff | None = None,
+) -> None:
+    """Lock up to `min(batch, free room)` requests per call and send them; close `send` when the queue is done.
+
+    Room is `capacity` (workers + prefetch) minus the leases held. While the head is empty it waits for a local
+    change (a finished request may have enqueued work) or a jittered, growing delay, never a busy loop. It returns
+    when nothing is held here, the head is empty and no client holds a lock (unless `keep_alive`), or when
+    `max_requests` are finished or held.
+
+    Raises:
+        UnauthorizedError, InvalidInputError: the queue refuses us; retrying cannot help.
+    """
+    idle = idle or Backoff(initial=0.05, maximum=5.0 if keep_alive else 1.0)
+    errors = Backoff(initial=0.5, maximum=30.0)
+    async with send:
+        while True:
+            room = capacity - len(leases)
+            if max_requests is not None:
+                room = min(room, max_requests - stats.finished - len(leases))
+                if room <= 0 and not leases:
+                    log.info("fetch.max_requests_reached", max_requests=max_requests)
+                    return
+            if room <= 0:
+                await leases.wait_changed()
+                continue
+            started = anyio.current_time()
+            try:
+                head = await queue.lock_head(limit=min(batch, room), lock_secs=lock_secs, client_key=client_key)
+            except (UnauthorizedError, InvalidInputError):
+                raise
+            except QueueError as exc:
+                delay = errors.next()
+                log.warning("fetch.failed", error=str(exc), retry_in=round(delay, 2))
+                await anyio.sleep(delay)
+                continue
+            errors.reset()
+            for request in head.items:
+                await send.send(leases.add(request, started + lock_secs))
+            if head.items:
+                idle.reset()
+                continue
+            if not leases and not head.queue_has_locked_requests and not keep_alive:
+                log.info("fetch.queue_finished")
+                return
+            with anyio.move_on_after(idle.next()):
+                await leases.wait_changed()

@@ -1,0 +1,95 @@
+"""The heartbeat: prolongs, well before expiry, every lock this process holds (in flight and prefetched)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from runner.errors import LockLostError, NotFoundError, QueueError
+from runner.leases import Lease, Leases
+from runner.queue.protocol import RequestQueue
+from runner.stats import RunStats
+
+__all__ = ["keep_alive"]
+
+log = structlog.get_logger("headlock.heartbeat")
+
+
+async def keep_alive(
+    queue: RequestQueue,
+    leases: Leases,
+    stats: RunStats,
+    *,
+    client_key: str,
+    lock_secs: float,
+    parallel: int = 25,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Every `lock_secs / 4`, prolong each lease with less than half its lock time left.
+
+    Fast handlers finish before that and cost no prolong call. A prolong refused because the lock is gone ("lease
+    lost") cancels that request's handler. A failing prolong is retried on the next beats; if the lock expires
+    meanwhile, the lease is treated as lost, so no handler ever runs on a lock we might not hold.
+    """
+    every = lock_secs / 4
+    limiter = anyio.CapacityLimiter(parallel)
+    task_status.started()
+    while True:
+        await anyio.sleep(every)
+        due = leases.due(anyio.current_time() + lock_secs / 2)
+        if due:
+            async with anyio.create_task_group() as tg:
+                for lease in due:
+                    tg.start_soon(
+                        partial(
+                            _prolong,
+                            queue,
+                            leases=leases,
+                            stats=stats,
+                            lease=lease,
+                            client_key=client_key,
+                            lock_secs=lock_secs,
+                            limiter=limiter,
+                        )
+                    )
+
+
+async def _prolong(
+    queue: RequestQueue,
+    *,
+    leases: Leases,
+    stats: RunStats,
+    lease: Lease,
+    client_key: str,
+    lock_secs: float,
+    limiter: anyio.CapacityLimiter,
+) -> None:
+    async with limiter:
+        if lease.lost or lease.request.id not in leases:
+            return
+        started = anyio.current_time()
+        try:
+            await queue.prolong_lock(lease.request.id, lock_secs=lock_secs, client_key=client_key)
+        except (LockLostError, NotFoundError) as exc:
+            _lose(leases, stats, lease, str(exc))
+            return
+        except QueueError as exc:
+            if anyio.current_time() >= lease.expires_at:
+                _lose(leases, stats, lease, f"lock expired while prolonging failed: {exc}")
+            else:
+                log.warning("lease.prolong_failed", request_id=lease.request.id, error=str(exc))
+            return
+        leases.renew(lease, started + lock_secs)
+        stats.prolonged += 1
+
+
+def _lose(leases: Leases, stats: RunStats, lease: Lease, reason: str) -> None:
+    if lease.lost or lease.request.id not in leases:
+        return
+    log.warning("lease.lost", request_id=lease.request.id, url=lease.request.url, reason=reason)
+    if not lease.started:
+        stats.lost += 1  # a started one is counted by its worker
+    leases.lose(lease)

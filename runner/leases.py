@@ -1,0 +1,105 @@
+"""The one object that owns the locks this process holds.
+
+Transitions have one owner each: the fetcher `add`s, workers `start` and `remove` what they finish, the heartbeat
+`renew`s and `lose`s, shutdown releases what is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import anyio
+
+from runner.models import Request
+
+__all__ = ["Lease", "LeaseStatistics", "Leases"]
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    """A lock held on one request. `expires_at` is on the `anyio.current_time()` clock, conservatively early."""
+
+    request: Request
+    expires_at: float
+    scope: anyio.CancelScope | None = None
+    lost: bool = False
+    started: bool = field(default=False)
+
+
+class LeaseStatistics(NamedTuple):
+    """A snapshot of held leases."""
+
+    held: int
+    in_flight: int
+    prefetched: int
+
+
+class Leases:
+    """Registry of held leases, by request id."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, Lease] = {}
+        self._changed = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._held
+
+    def __iter__(self) -> Iterator[Lease]:
+        return iter(list(self._held.values()))
+
+    def add(self, request: Request, expires_at: float) -> Lease:
+        """Register a freshly locked request."""
+        lease = Lease(request, expires_at)
+        self._held[request.id] = lease
+        return lease
+
+    def start(self, lease: Lease, scope: anyio.CancelScope) -> bool:
+        """Mark `lease` in flight under `scope` (cancelled if the lease is lost); False if it is already lost."""
+        if lease.lost:
+            return False
+        lease.scope = scope
+        lease.started = True
+        return True
+
+    def remove(self, lease: Lease) -> None:
+        """Forget `lease` (finished or given back) and wake whoever waits for room."""
+        if self._held.get(lease.request.id) is lease:
+            del self._held[lease.request.id]
+            self._notify()
+
+    def renew(self, lease: Lease, expires_at: float) -> None:
+        """Record a successful prolong."""
+        lease.expires_at = max(lease.expires_at, expires_at)
+
+    def lose(self, lease: Lease) -> None:
+        """Drop a lease whose lock is gone and cancel its handler, if one runs."""
+        lease.lost = True
+        if lease.scope is not None:
+            lease.scope.cancel()
+        self.remove(lease)
+
+    def due(self, before: float) -> list[Lease]:
+        """Leases expiring before `before`, soonest first."""
+        return sorted((lease for lease in self._held.values() if lease.expires_at < before), key=_expiry)
+
+    async def wait_changed(self) -> None:
+        """Wait until a lease is removed (room freed, or a handler finished and may have enqueued work)."""
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def statistics(self) -> LeaseStatistics:
+        """Counts of held, in-flight and prefetched (locked, not started) leases."""
+        in_flight = sum(1 for lease in self._held.values() if lease.started)
+        return LeaseStatistics(len(self._held), in_flight, len(self._held) - in_flight)
+
+
+def _expiry(lease: Lease) -> float:
+    return lease.expires_at

@@ -1,0 +1,36 @@
+"""A progress event every few seconds."""
+
+from __future__ import annotations
+
+import anyio
+import structlog
+
+from runner.errors import QueueError
+from runner.leases import Leases
+from runner.queue.protocol import RequestQueue
+from runner.stats import RunStats
+
+__all__ = ["report_progress"]
+
+log = structlog.get_logger("headlock.progress")
+
+
+async def report_progress(queue: RequestQueue, leases: Leases, stats: RunStats, *, every: float) -> None:
+    """Log `run.progress` every `every` seconds: counters, rate, what is held here and what the queue has pending."""
+    while True:
+        await anyio.sleep(every)
+        held = leases.statistics()
+        try:
+            pending: int | None = (await queue.get_info()).pending_request_count
+        except QueueError:
+            pending = None
+        log.info(
+            "run.progress",
+            handled=stats.handled,
+            failed=stats.failed,
+            retried=stats.retried,
+            rate=round(stats.rate(), 1),
+            in_flight=held.in_flight,
+            prefetched=held.prefetched,
+            pending=pending,
+        )

@@ -1,0 +1,201 @@
+"""Wires the roles together: one task group owns the heartbeat, the progress reporter, the fetcher and the workers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import anyio
+import httpx
+import structlog
+from anyio.streams.memory import MemoryObjectSendStream
+
+from runner.commit import Committer, RetryPolicy
+from runner.context import make_draft
+from runner.dataset import Dataset
+from runner.fetcher import fetch
+from runner.heartbeat import keep_alive
+from runner.leases import Lease, Leases
+from runner.progress import report_progress
+from runner.queue.protocol import RequestQueue
+from runner.router import Handler
+from runner.settings import WorkerSettings, random_client_key
+from runner.shutdown import Stopper, drain_on_stop, release_all
+from runner.stats import RunStats
+from runner.worker import work
+
+__all__ = ["RunSummary", "run"]
+
+log = structlog.get_logger("headlock.runtime")
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """How a run ended."""
+
+    reason: str
+    """`finished` (queue done), `max_requests`, or the stop reason (e.g. `SIGTERM`)."""
+    client_key: str
+    stats: dict[str, Any]
+    released: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"reason": self.reason, "client_key": self.client_key, "released": self.released, **self.stats}
+
+
+async def run(
+    queue: RequestQueue,
+    handler: Handler,
+    dataset: Dataset,
+    *,
+    workers: WorkerSettings | None = None,
+    http: httpx.AsyncClient | None = None,
+    options: Mapping[str, Any] | None = None,
+    start_urls: Sequence[str] = (),
+    stopper: Stopper | None = None,
+    progress_every: float = 5.0,
+) -> RunSummary:
+    """Consume `queue` with `handler` until it is done or `stopper` stops it, then release every lock.
+
+    Installs no signal handlers: call `stopper.stop()` (the CLI does on SIGTERM/SIGINT).
+
+    Raises:
+        QueueError: the queue refused us (unauthorized, invalid input) or a fatal call failed.
+        InvalidUrlError: a start URL is not absolute http(s).
+    """
+    cfg = workers or WorkerSettings()
+    stopper = stopper or Stopper()
+    client_key = cfg.client_key or random_client_key()
+    leases = Leases()
+    stats = RunStats()
+    committer = Committer(
+        queue,
+        leases,
+        dataset,
+        stats,
+        client_key=client_key,
+        policy=RetryPolicy(max_retries=cfg.max_retries, backoff=cfg.retry_backoff),
+    )
+    capacity = cfg.concurrency + cfg.prefetch
+    send, receive = anyio.create_memory_object_stream[Lease](math.inf)
+    fetch_scope = anyio.CancelScope()
+    crawl_scope = anyio.CancelScope()
+    crawl_done = anyio.Event()
+    structlog.contextvars.bind_contextvars(client_key=client_key)
+    log.info("run.starting", concurrency=cfg.concurrency, lock_secs=cfg.lock_secs, keep_alive=cfg.keep_alive)
+
+    own_http = http is None
+    client = http or httpx.AsyncClient(
+        follow_redirects=True,
+        timeout=httpx.Timeout(cfg.handler_timeout),
+        limits=httpx.Limits(max_connections=cfg.concurrency * 2, max_keepalive_connections=cfg.concurrency * 2),
+    )
+    released = 0
+    try:
+        if cfg.client_key:
+            # A restarted worker with a stable key frees the locks its previous life left, instead of waiting.
+            stale = await queue.unlock_requests(client_key=client_key)
+            if stale:
+                log.info("run.released_stale_locks", count=stale)
+        if start_urls:
+            await committer.add([make_draft(url) for url in start_urls])
+
+        buffered = receive.clone()  # shutdown's handle on prefetched requests
+        workers_receive = [receive.clone() for _ in range(cfg.concurrency)]
+        receive.close()
+        async with anyio.create_task_group() as services:
+            heartbeat = partial(keep_alive, queue, leases, stats, client_key=client_key, lock_secs=cfg.lock_secs)
+            await services.start(heartbeat)
+            services.start_soon(partial(report_progress, queue, leases, stats, every=progress_every))
+            services.start_soon(
+                partial(
+                    drain_on_stop,
+                    stopper,
+                    fetch_scope=fetch_scope,
+                    buffered=buffered,
+                    crawl_scope=crawl_scope,
+                    crawl_done=crawl_done,
+                    queue=queue,
+                    leases=leases,
+                    stats=stats,
+                    client_key=client_key,
+                    grace=cfg.grace,
+                )
+            )
+            try:
+                with crawl_scope:
+                    async with anyio.create_task_group() as crawl:
+                        crawl.start_soon(
+                            partial(
+                                _fetch_until_stopped,
+                                fetch_scope,
+                                queue=queue,
+                                send=send,
+                                leases=leases,
+                                stats=stats,
+                                client_key=client_key,
+                                cfg=cfg,
+                                capacity=capacity,
+                            )
+                        )
+                        for worker_receive in workers_receive:
+                            crawl.start_soon(
+                                partial(
+                                    work,
+                                    worker_receive,
+                                    handler,
+                                    leases=leases,
+                                    committer=committer,
+                                    http=client,
+                                    options=options or {},
+                                    handler_timeout=cfg.handler_timeout,
+                                    stats=stats,
+                                )
+                            )
+            finally:
+                crawl_done.set()
+                released = await release_all(queue, leases, stats, client_key=client_key)
+                services.cancel_scope.cancel()
+    finally:
+        if own_http:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+        structlog.contextvars.unbind_contextvars("client_key")
+
+    reason = stopper.reason or (
+        "max_requests" if cfg.max_requests and stats.finished >= cfg.max_requests else "finished"
+    )
+    summary = RunSummary(reason=reason, client_key=client_key, stats=stats.as_dict(), released=released)
+    log.info("run.finished", **summary.as_dict())
+    return summary
+
+
+async def _fetch_until_stopped(
+    scope: anyio.CancelScope,
+    *,
+    queue: RequestQueue,
+    send: MemoryObjectSendStream[Lease],
+    leases: Leases,
+    stats: RunStats,
+    client_key: str,
+    cfg: WorkerSettings,
+    capacity: int,
+) -> None:
+    with scope:
+        await fetch(
+            queue,
+            send,
+            leases,
+            stats,
+            client_key=client_key,
+            capacity=capacity,
+            batch=cfg.batch,
+            lock_secs=cfg.lock_secs,
+            keep_alive=cfg.keep_alive,
+            max_requests=cfg.max_requests,
+        )
+    send.close()  # cancelled or done: no more work either way

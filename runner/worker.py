@@ -1,0 +1,99 @@
+"""Handler workers: run the user's handler on each leased request, then hand the outcome to the committer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import httpx
+import structlog
+from anyio.abc import ObjectReceiveStream
+
+from runner.commit import Committer
+from runner.context import Context
+from runner.errors import NoRetry
+from runner.leases import Lease, Leases
+from runner.router import Handler
+from runner.stats import RunStats
+
+__all__ = ["work"]
+
+log = structlog.get_logger("headlock.worker")
+
+COMMIT_TIMEOUT = 120.0
+"""Upper bound on one request's bookkeeping calls, which shutdown does not interrupt."""
+
+
+async def work(
+    receive: ObjectReceiveStream[Lease],
+    handler: Handler,
+    *,
+    leases: Leases,
+    committer: Committer,
+    http: httpx.AsyncClient,
+    options: Mapping[str, Any],
+    handler_timeout: float,
+    stats: RunStats,
+) -> None:
+    """Handle leases from `receive` until it is closed and empty.
+
+    A lease lost while its handler runs cancels the handler; the request is dropped, not marked. Cancellation of the
+    worker itself (shutdown after the grace period) leaves the lease in `leases` for shutdown to release.
+    """
+    async with receive:
+        async for lease in receive:
+            with structlog.contextvars.bound_contextvars(
+                request_id=lease.request.id, url=lease.request.url, attempt=lease.request.retry_count + 1
+            ):
+                await _attempt(
+                    lease,
+                    handler,
+                    leases=leases,
+                    committer=committer,
+                    http=http,
+                    options=options,
+                    handler_timeout=handler_timeout,
+                    stats=stats,
+                )
+
+
+async def _attempt(
+    lease: Lease,
+    handler: Handler,
+    *,
+    leases: Leases,
+    committer: Committer,
+    http: httpx.AsyncClient,
+    options: Mapping[str, Any],
+    handler_timeout: float,
+    stats: RunStats,
+) -> None:
+    ctx = Context(lease.request, http=http, log=log, options=options)
+    error: str | None = None
+    permanent = False
+    with anyio.CancelScope() as scope:
+        if not leases.start(lease, scope):
+            return  # lost while waiting in the buffer
+        try:
+            with anyio.fail_after(handler_timeout):
+                returned: object = await handler(ctx)  # type: ignore[func-returns-value]
+            if returned is not None:
+                log.warning("handler.returned_value", type=type(returned).__name__)
+        except TimeoutError:
+            error = f"handler timed out after {handler_timeout:g} s"
+        except NoRetry as exc:
+            error, permanent = f"NoRetry: {exc}", True
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    if scope.cancelled_caught or lease.lost:
+        stats.lost += 1
+        log.warning("lease.dropped", reason="lock lost while the handler ran")
+        return
+    # Bookkeeping must not be cut in half by shutdown's cancellation: a half-done commit would redo the request.
+    with anyio.CancelScope(shield=True, deadline=anyio.current_time() + COMMIT_TIMEOUT):
+        if error is None:
+            if await committer.succeed(lease, ctx.pending_enqueues(), ctx.pending_items()):
+                log.debug("request.handled")
+        else:
+            await committer.fail(lease, error, permanent=permanent)
