@@ -16,7 +16,7 @@ import structlog
 from runner.commit import Committer, RetryPolicy
 from runner.context import make_draft
 from runner.dataset import Dataset
-from runner.errors import ConfigError, HeadlockError
+from runner.errors import ConfigError, HeadlockError, InvalidUrlError
 from runner.leases import Leases
 from runner.loader import load_handler
 from runner.logs import configure_logging
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = _headlock_error(exc)
         if error is None:
             raise
-        if isinstance(error, ConfigError):
+        if isinstance(error, ConfigError | InvalidUrlError):
             log.error("config.invalid", error=str(error))
             return EXIT_USAGE
         log.error("run.fatal", error=str(error), error_type=type(error).__name__)

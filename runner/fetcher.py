@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import anyio
 import structlog
-from anyio.abc import ObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.backoff import Backoff
 from runner.errors import InvalidInputError, QueueError, UnauthorizedError
@@ -19,7 +19,7 @@ log = structlog.get_logger("headlock.fetcher")
 
 async def fetch(
     queue: RequestQueue,
-    send: ObjectSendStream[Lease],
+    send: MemoryObjectSendStream[Lease],
     leases: Leases,
     stats: RunStats,
     *,
@@ -66,7 +66,8 @@ async def fetch(
                 continue
             errors.reset()
             for request in head.items:
-                await send.send(leases.add(request, started + lock_secs))
+                # No checkpoint between registering and buffering: a lease is always either buffered or in flight.
+                send.send_nowait(leases.add(request, started + lock_secs))
             if head.items:
                 idle.reset()
                 continue

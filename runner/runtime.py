@@ -89,20 +89,10 @@ async def run(
     log.info("run.starting", concurrency=cfg.concurrency, lock_secs=cfg.lock_secs, keep_alive=cfg.keep_alive)
 
     own_http = http is None
-    client = http or httpx.AsyncClient(
-        follow_redirects=True,
-        timeout=httpx.Timeout(cfg.handler_timeout),
-        limits=httpx.Limits(max_connections=cfg.concurrency * 2, max_keepalive_connections=cfg.concurrency * 2),
-    )
+    client = http or default_http_client(cfg)
     released = 0
     try:
-        if cfg.client_key:
-            # A restarted worker with a stable key frees the locks its previous life left, instead of waiting.
-            stale = await queue.unlock_requests(client_key=client_key)
-            if stale:
-                log.info("run.released_stale_locks", count=stale)
-        if start_urls:
-            await committer.add([make_draft(url) for url in start_urls])
+        await _prepare(queue, committer, stable_key=bool(cfg.client_key), start_urls=start_urls)
 
         buffered = receive.clone()  # shutdown's handle on prefetched requests
         workers_receive = [receive.clone() for _ in range(cfg.concurrency)]
@@ -158,6 +148,7 @@ async def run(
                             )
             finally:
                 crawl_done.set()
+                buffered.close()
                 released = await release_all(queue, leases, stats, client_key=client_key)
                 services.cancel_scope.cancel()
     finally:
@@ -172,6 +163,25 @@ async def run(
     summary = RunSummary(reason=reason, client_key=client_key, stats=stats.as_dict(), released=released)
     log.info("run.finished", **summary.as_dict())
     return summary
+
+
+def default_http_client(cfg: WorkerSettings) -> httpx.AsyncClient:
+    """The client handlers share when the caller gives none: redirects followed, pool sized to the workers."""
+    return httpx.AsyncClient(
+        follow_redirects=True,
+        timeout=httpx.Timeout(cfg.handler_timeout),
+        limits=httpx.Limits(max_connections=cfg.concurrency * 2, max_keepalive_connections=cfg.concurrency * 2),
+    )
+
+
+async def _prepare(queue: RequestQueue, committer: Committer, *, stable_key: bool, start_urls: Sequence[str]) -> None:
+    if stable_key:
+        # A restarted worker with a stable key frees the locks its previous life left, instead of waiting.
+        stale = await queue.unlock_requests(client_key=committer.client_key)
+        if stale:
+            log.info("run.released_stale_locks", count=stale)
+    if start_urls:
+        await committer.add([make_draft(url) for url in start_urls])
 
 
 async def _fetch_until_stopped(

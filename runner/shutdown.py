@@ -16,7 +16,7 @@ import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from runner.errors import QueueError
+from runner.errors import LockLostError, QueueError
 from runner.leases import Lease, Leases
 from runner.queue.protocol import RequestQueue
 from runner.stats import RunStats
@@ -94,12 +94,15 @@ async def drain_on_stop(
 async def _give_back(queue: RequestQueue, leases: Leases, stats: RunStats, lease: Lease, client_key: str) -> None:
     if lease.lost:
         return
-    try:
-        await queue.delete_lock(lease.request.id, client_key=client_key, forefront=True)
-    except QueueError as exc:
-        log.warning("shutdown.give_back_failed", request_id=lease.request.id, error=str(exc))
+    # Forget it first, so the final release does not try it twice; if the call fails, unlock_requests covers it.
     leases.remove(lease)
     stats.given_back += 1
+    try:
+        await queue.delete_lock(lease.request.id, client_key=client_key, forefront=True)
+    except LockLostError:
+        pass  # already released (e.g. by the final unlock_requests racing this call)
+    except QueueError as exc:
+        log.warning("shutdown.give_back_failed", request_id=lease.request.id, error=str(exc))
 
 
 async def release_all(queue: RequestQueue, leases: Leases, stats: RunStats, *, client_key: str) -> int:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 __all__ = ["normalize_url", "request_id_for"]
 
 REQUEST_ID_LENGTH = 15
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def request_id_for(unique_key: str) -> str:
@@ -18,14 +19,25 @@ def request_id_for(unique_key: str) -> str:
 
 
 def normalize_url(url: str) -> str:
-    """Return the default unique key of `url`.
+    """Return the default unique key of `url`, as Crawlee JS computes it.
 
-    Lower-cases scheme and host, drops the fragment and `utm_*` parameters, sorts the query and drops one trailing
-    `/` from the path. Path and query keep their case (as Crawlee JS does).
+    Lower-cases scheme and host, drops the default port, the fragment and `utm_*` parameters, sorts the query by
+    key (stable, so repeated keys keep their order) and drops one trailing `/` from the path. Path and query keep
+    their case.
     """
     parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    netloc = parts.netloc.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is not None and port == _DEFAULT_PORTS.get(scheme):
+        netloc = netloc.rsplit(":", 1)[0]
     query = sorted(
-        (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not k.startswith("utm_")
+        ((k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not k.startswith("utm_")),
+        key=lambda pair: pair[0],
     )
-    path = parts.path[:-1] if parts.path.endswith("/") else parts.path
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, urlencode(query), ""))
+    path = quote(parts.path, safe="/%:@!$&'()*+,;=~")
+    path = path[:-1] if path.endswith("/") else path
+    return urlunsplit((scheme, netloc, path, urlencode(query), ""))

@@ -1,16 +1,18 @@
 """The embedded queue: one SQLite file per named queue, safe for several processes on one machine.
 
-Ordering follows the platform's model (API contract §9): each pending request has an `order_no` whose absolute value
-is a time in microseconds and whose sign says forefront (< 0) or not. Locking moves `order_no` to ±(lock expiry), so
-the available head is exactly the index range [-now, now]: lock-head reads `limit` index entries whatever the queue
-size. A handled request has `order_no` NULL and leaves the partial index.
+Ordering follows the platform's model (API contract §9): each pending request has an `order_no` whose absolute
+value is a time in microseconds and whose sign says forefront (< 0) or not. Locking moves `order_no` to
+±(lock expiry), so the available head is exactly the index range [-now, now]: lock-head reads `limit` index
+entries whatever the queue size. A handled request has `order_no` NULL and leaves the partial index.
 
 Every call runs in a worker thread, one at a time per store (one connection), inside `BEGIN IMMEDIATE` when it
-writes, so a read-then-update cannot interleave with another process's.
+writes, so a read-then-update cannot interleave with another process's. Inside that lock each write takes its
+time from a per-file clock that never repeats or goes back (`_clock`), so order numbers follow the writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -24,6 +26,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+from pydantic import ValidationError
 
 from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
 from runner.models import (
@@ -41,6 +44,11 @@ from runner.uniquekey import request_id_for
 __all__ = ["SqliteQueue", "queue_path", "validate_queue_name"]
 
 T = TypeVar("T")
+
+_MAX_LOCK_SECS = 10 * 365 * 24 * 3600
+"""Longest lock accepted: far beyond any real lease, and it keeps expiries inside SQLite's 64-bit integers."""
+_LOCK_FIELDS = ("lockExpiresAt", "lockByClient")
+"""Lock state clients echo back in request bodies (contract §9a); the store keeps it in columns only."""
 
 _NAME = re.compile(r"^([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]{0,61}[a-zA-Z0-9])$")
 
@@ -64,9 +72,21 @@ CREATE TABLE IF NOT EXISTS requests (
     lock_expires INTEGER,
     data TEXT NOT NULL
 );
+"""
+_INDEXES = """
 CREATE INDEX IF NOT EXISTS requests_head ON requests (order_no) WHERE order_no IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_locks ON requests (lock_expires) WHERE lock_expires IS NOT NULL;
 """
+# Read every column the store uses, so a SQLite file with other tables of the same names fails at open,
+# before the indexes are created on columns it may lack.
+_SCHEMA_PROBES = (
+    "SELECT one, id, name, created_at, modified_at, accessed_at, total, handled, had_multiple_clients"
+    " FROM queue LIMIT 0",
+    "SELECT client_key FROM clients LIMIT 0",
+    "SELECT id, order_no, lock_client, lock_expires, data FROM requests LIMIT 0",
+)
+# The available head is the index range [-now, now]; rowid breaks ties so one batch keeps its order.
+_HEAD_QUERY = "SELECT id, order_no, data FROM requests WHERE order_no BETWEEN ? AND ? ORDER BY order_no, rowid LIMIT ?"
 
 
 def validate_queue_name(name: str) -> str:
@@ -99,6 +119,48 @@ def _check_client_key(client_key: str, endpoint: str) -> None:
         )
 
 
+def _check_lock_secs(lock_secs: float, endpoint: str) -> None:
+    # Written so that NaN fails too: every comparison with NaN is false.
+    if not 0 < lock_secs <= _MAX_LOCK_SECS:
+        raise InvalidInputError(f"lockSecs must be > 0 and <= {_MAX_LOCK_SECS}, got {lock_secs}", endpoint=endpoint)
+
+
+def _dump(request: Request, endpoint: str) -> str:
+    """Serialize `request` for the `data` column, without echoed lock fields."""
+    try:
+        data = request.to_api()
+        for field in _LOCK_FIELDS:
+            data.pop(field, None)
+        return json.dumps(data, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"request {request.id} cannot be stored as JSON: {exc}", endpoint=endpoint) from exc
+
+
+def _load(request_id: str, data: str, endpoint: str) -> Request:
+    """Parse a stored `data` column; a row that does not parse is damage to the file, not a caller's mistake."""
+    try:
+        return Request.model_validate_json(data)
+    except ValidationError as exc:
+        raise QueueUnavailableError(f"stored request {request_id} is unreadable: {exc}", endpoint=endpoint) from exc
+
+
+def _from_draft(draft: RequestDraft, endpoint: str) -> Request:
+    """Validate a draft as the stored request it becomes, so nothing unreadable enters the queue."""
+    request_id = request_id_for(draft.unique_key)
+    body = draft.to_api()
+    supplied = body.pop("id", None)
+    if supplied is not None and supplied != request_id:
+        raise InvalidInputError(
+            f"Request ID {supplied!r} does not correspond to uniqueKey {draft.unique_key!r}",
+            endpoint=endpoint,
+            error_type="request-id-invalid",
+        )
+    try:
+        return Request.model_validate({**body, "id": request_id})
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid request {draft.unique_key!r}: {exc}", endpoint=endpoint) from exc
+
+
 class SqliteQueue:
     """A `RequestQueue` stored in one SQLite file (WAL mode)."""
 
@@ -111,16 +173,21 @@ class SqliteQueue:
         self.path = path
         self._limiter = anyio.CapacityLimiter(1)
         self._known_clients: set[str] = set()
+        endpoint = "open queue"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
-            )
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
+        except (OSError, sqlite3.Error) as exc:
+            raise QueueUnavailableError(f"cannot open queue database {path}: {exc}", endpoint=endpoint) from exc
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._write(self._init_schema, path.stem, endpoint="open queue")
-        except (OSError, sqlite3.Error) as exc:
-            raise QueueUnavailableError(f"cannot open queue database {path}: {exc}", endpoint="open") from exc
+            self._write(self._init_schema, path.stem, endpoint=endpoint)
+        except BaseException as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise QueueUnavailableError(f"cannot open queue database {path}: {exc}", endpoint=endpoint) from exc
+            raise
 
     @classmethod
     def open(cls, storage_dir: Path, name: str, *, busy_timeout: float = 30.0) -> SqliteQueue:
@@ -134,9 +201,20 @@ class SqliteQueue:
 
     def _init_schema(self, name: str) -> None:
         # executescript() would COMMIT our transaction first; run the statements one by one instead.
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                self._db.execute(statement)
+        def run(script: str) -> None:
+            for statement in script.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+
+        run(_SCHEMA)
+        try:
+            for probe in _SCHEMA_PROBES:
+                self._db.execute(probe)
+        except sqlite3.OperationalError as exc:
+            raise QueueUnavailableError(
+                f"{self.path} is not a headlock queue database: {exc}", endpoint="open queue"
+            ) from exc
+        run(_INDEXES)
         if self._db.execute("SELECT 1 FROM queue").fetchone() is None:
             now = _now_us()
             alphabet = string.ascii_letters + string.digits
@@ -156,8 +234,12 @@ class SqliteQueue:
             result = fn(*args)
             self._db.execute("COMMIT")
         except BaseException as exc:
+            # The rolled-back transaction may have recorded a client key that `_touch` already cached.
+            self._known_clients.clear()
             if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+                # A failing ROLLBACK must not hide the error that caused it.
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
                 raise self._map(exc, endpoint) from exc
             raise
@@ -177,14 +259,27 @@ class SqliteQueue:
 
         return await anyio.to_thread.run_sync(call, limiter=self._limiter)
 
-    def _touch(self, now: int, client_key: str | None) -> None:
-        """Record a modification and the client that made it (for `hadMultipleClients`)."""
-        self._db.execute("UPDATE queue SET modified_at = ?, accessed_at = ?", (now, now))
+    def _clock(self) -> int:
+        """Return the time of this write in microseconds, strictly after the previous write's.
+
+        Called inside the write lock. Writes within one microsecond, or after the wall clock stepped back,
+        still get increasing times, so FIFO and "most recently forefronted first" hold. `_touch` stores it.
+        """
+        last: int = self._db.execute("SELECT accessed_at FROM queue").fetchone()[0]
+        return max(_now_us(), last + 1)
+
+    def _touch(self, now: int, client_key: str | None, *, changed: bool = True) -> None:
+        """Record an access (a modification when `changed`) and the client key (for `hadMultipleClients`).
+
+        Every write calls it: the stored `accessed_at` is what `_clock` reads.
+        """
+        if changed:
+            self._db.execute("UPDATE queue SET modified_at = ?, accessed_at = ?", (now, now))
+        else:
+            self._db.execute("UPDATE queue SET accessed_at = ?", (now,))
         if client_key is not None and client_key not in self._known_clients:
             self._db.execute("INSERT OR IGNORE INTO clients VALUES (?)", (client_key,))
-            self._db.execute(
-                "UPDATE queue SET had_multiple_clients = 1 WHERE (SELECT count(*) FROM clients) > 1"
-            )
+            self._db.execute("UPDATE queue SET had_multiple_clients = 1 WHERE (SELECT count(*) FROM clients) > 1")
             self._known_clients.add(client_key)
 
     # -- the Protocol -------------------------------------------------------------------------------------
@@ -195,28 +290,25 @@ class SqliteQueue:
         _check_client_key(client_key, endpoint)
         if not 1 <= limit <= MAX_LOCK_LIMIT:
             raise InvalidInputError(f"limit must be 1-{MAX_LOCK_LIMIT}, got {limit}", endpoint=endpoint)
-        if lock_secs <= 0:
-            raise InvalidInputError(f"lockSecs must be > 0, got {lock_secs}", endpoint=endpoint)
+        _check_lock_secs(lock_secs, endpoint)
         return await self._run(self._lock_head, limit, lock_secs, client_key, endpoint=endpoint)
 
     def _lock_head(self, limit: int, lock_secs: float, client_key: str) -> LockedHead:
-        now = _now_us()
-        rows = self._db.execute(
-            "SELECT id, order_no, data FROM requests WHERE order_no BETWEEN ? AND ? ORDER BY order_no LIMIT ?",
-            (-now, now, limit),
-        ).fetchall()
+        now = self._clock()
+        rows = self._db.execute(_HEAD_QUERY, (-now, now, limit)).fetchall()
         expires = now + int(lock_secs * 1_000_000)
         self._db.executemany(
             "UPDATE requests SET order_no = ?, lock_client = ?, lock_expires = ? WHERE id = ?",
             [(expires if order_no > 0 else -expires, client_key, expires, rid) for rid, order_no, _ in rows],
         )
-        self._touch(now, client_key)
-        has_locks = bool(rows) or self._db.execute(
-            "SELECT EXISTS (SELECT 1 FROM requests WHERE lock_expires > ?)", (now,)
-        ).fetchone()[0]
+        self._touch(now, client_key, changed=bool(rows))
+        has_locks = (
+            bool(rows)
+            or self._db.execute("SELECT EXISTS (SELECT 1 FROM requests WHERE lock_expires > ?)", (now,)).fetchone()[0]
+        )
         multiple = self._db.execute("SELECT had_multiple_clients FROM queue").fetchone()[0]
         return LockedHead(
-            items=[Request.model_validate_json(data) for _, _, data in rows],
+            items=[_load(rid, data, "lock_head") for rid, _, data in rows],
             lock_secs=lock_secs,
             queue_has_locked_requests=bool(has_locks),
             had_multiple_clients=bool(multiple),
@@ -231,8 +323,7 @@ class SqliteQueue:
         """
         endpoint = f"prolong_lock {request_id}"
         _check_client_key(client_key, endpoint)
-        if lock_secs <= 0:
-            raise InvalidInputError(f"lockSecs must be > 0, got {lock_secs}", endpoint=endpoint)
+        _check_lock_secs(lock_secs, endpoint)
         return await self._run(self._prolong, request_id, lock_secs, client_key, forefront, endpoint=endpoint)
 
     def _owned(self, request_id: str, client_key: str, endpoint: str) -> None:
@@ -243,18 +334,18 @@ class SqliteQueue:
             raise NotFoundError("Request was not found", endpoint=endpoint, error_type="record-not-found")
         order_no, holder, expires = row
         if order_no is None:
-            raise LockLostError(
-                "request is already handled", endpoint=endpoint, error_type="request-handled-or-locked"
-            )
+            raise LockLostError("request is already handled", endpoint=endpoint, error_type="request-handled-or-locked")
         if expires is None or holder != client_key:
             raise LockLostError(
-                "request is not locked by this client", endpoint=endpoint, error_type="request-handled-or-locked"
+                "request is not locked by this client",
+                endpoint=endpoint,
+                error_type="request-handled-or-locked",
             )
 
     def _prolong(self, request_id: str, lock_secs: float, client_key: str, forefront: bool) -> datetime:
         endpoint = f"prolong_lock {request_id}"
         self._owned(request_id, client_key, endpoint)
-        now = _now_us()
+        now = self._clock()
         expires = now + int(lock_secs * 1_000_000)
         self._db.execute(
             "UPDATE requests SET order_no = ?, lock_expires = ? WHERE id = ?",
@@ -271,7 +362,7 @@ class SqliteQueue:
 
     def _delete_lock(self, request_id: str, client_key: str, forefront: bool) -> None:
         self._owned(request_id, client_key, f"delete_lock {request_id}")
-        now = _now_us()
+        now = self._clock()
         self._db.execute(
             "UPDATE requests SET order_no = ?, lock_client = NULL, lock_expires = NULL WHERE id = ?",
             (-now if forefront else now, request_id),
@@ -284,13 +375,13 @@ class SqliteQueue:
         return await self._run(self._unlock, client_key, endpoint="unlock_requests")
 
     def _unlock(self, client_key: str) -> int:
-        now = _now_us()
+        now = self._clock()
         cursor = self._db.execute(
             "UPDATE requests SET order_no = CASE WHEN order_no < 0 THEN -? ELSE ? END,"
             " lock_client = NULL, lock_expires = NULL WHERE lock_expires > ? AND lock_client = ?",
             (now, now, now, client_key),
         )
-        self._touch(now, client_key)
+        self._touch(now, client_key, changed=cursor.rowcount > 0)
         return cursor.rowcount
 
     async def update_request(
@@ -299,23 +390,26 @@ class SqliteQueue:
         """Replace the stored request (inserting it when unknown).
 
         With `handled_at` set it leaves the head and its lock is released; without it, it is pending again and
-        keeps any lock it has.
+        keeps any lock it has. Lock fields echoed in the body (`lockExpiresAt`) are not stored.
+
+        Raises:
+            InvalidInputError: the id does not match the uniqueKey, or the request cannot be stored as JSON.
         """
         endpoint = f"update_request {request.id}"
         _check_client_key(client_key, endpoint)
         if request.id != request_id_for(request.unique_key):
             raise InvalidInputError(
-                "Request ID does not correspond to uniqueKey", endpoint=endpoint, error_type="request-id-invalid"
+                "Request ID does not correspond to uniqueKey",
+                endpoint=endpoint,
+                error_type="request-id-invalid",
             )
-        return await self._run(self._update, request, client_key, forefront, endpoint=endpoint)
+        data = _dump(request, endpoint)
+        return await self._run(self._update, request, data, client_key, forefront, endpoint=endpoint)
 
-    def _update(self, request: Request, client_key: str, forefront: bool) -> RequestRegistration:
-        now = _now_us()
-        data = json.dumps(request.to_api(), ensure_ascii=False)
+    def _update(self, request: Request, data: str, client_key: str, forefront: bool) -> RequestRegistration:
+        now = self._clock()
         handled = request.handled_at is not None
-        row = self._db.execute(
-            "SELECT order_no, lock_expires FROM requests WHERE id = ?", (request.id,)
-        ).fetchone()
+        row = self._db.execute("SELECT order_no, lock_expires FROM requests WHERE id = ?", (request.id,)).fetchone()
         position = -now if forefront else now
         if row is None:
             self._db.execute(
@@ -329,8 +423,7 @@ class SqliteQueue:
         was_handled = order_no is None
         if handled:
             self._db.execute(
-                "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, data = ?"
-                " WHERE id = ?",
+                "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, data = ? WHERE id = ?",
                 (data, request.id),
             )
         elif lock_expires is not None and lock_expires > now:
@@ -343,14 +436,19 @@ class SqliteQueue:
         if handled != was_handled:
             self._db.execute("UPDATE queue SET handled = handled + ?", (1 if handled else -1,))
         self._touch(now, client_key)
-        return RequestRegistration(
-            request_id=request.id, was_already_present=True, was_already_handled=was_handled
-        )
+        return RequestRegistration(request_id=request.id, was_already_present=True, was_already_handled=was_handled)
 
     async def batch_add(
         self, requests: Sequence[RequestDraft], *, client_key: str, forefront: bool = False
     ) -> BatchAddResult:
-        """Add up to 25 requests, deduplicated by `uniqueKey` (the first of duplicates in one batch wins)."""
+        """Add up to 25 requests, deduplicated by `uniqueKey` (the first of duplicates in one batch wins).
+
+        A draft may carry `handledAt` (it is stored as handled) and extra fields, and `id` only if it matches.
+
+        Raises:
+            InvalidInputError: more than 25 drafts, a draft whose `id` does not match its uniqueKey, or a
+                draft that is not a valid request (nothing of the batch is stored then).
+        """
         endpoint = "batch_add"
         _check_client_key(client_key, endpoint)
         if len(requests) > MAX_BATCH:
@@ -359,41 +457,40 @@ class SqliteQueue:
             )
         if not requests:
             return BatchAddResult()
-        return await self._run(self._batch_add, requests, client_key, forefront, endpoint=endpoint)
+        # Validate before storing: a row that does not read back as a `Request` would break every lock_head.
+        prepared = [(request, _dump(request, endpoint)) for request in (_from_draft(d, endpoint) for d in requests)]
+        return await self._run(self._batch_add, prepared, client_key, forefront, endpoint=endpoint)
 
-    def _batch_add(self, drafts: Sequence[RequestDraft], client_key: str, forefront: bool) -> BatchAddResult:
-        now = _now_us()
+    def _batch_add(self, prepared: Sequence[tuple[Request, str]], client_key: str, forefront: bool) -> BatchAddResult:
+        now = self._clock()
         position = -now if forefront else now
         processed: list[AddedRequest] = []
-        added = 0
-        for draft in drafts:
-            request_id = request_id_for(draft.unique_key)
-            data = {"id": request_id, "retryCount": 0, **draft.to_api()}
-            handled = data.get("handledAt") is not None
+        added = handled_added = 0
+        for request, data in prepared:
+            handled = request.handled_at is not None
             cursor = self._db.execute(
                 "INSERT OR IGNORE INTO requests (id, order_no, data) VALUES (?, ?, ?)",
-                (request_id, None if handled else position, json.dumps(data, ensure_ascii=False)),
+                (request.id, None if handled else position, data),
             )
             present = cursor.rowcount == 0
             was_handled = False
             if present:
-                row = self._db.execute("SELECT order_no FROM requests WHERE id = ?", (request_id,)).fetchone()
+                row = self._db.execute("SELECT order_no FROM requests WHERE id = ?", (request.id,)).fetchone()
                 was_handled = row[0] is None
             else:
                 added += 1
-                if handled:
-                    self._db.execute("UPDATE queue SET handled = handled + 1")
+                handled_added += handled
             processed.append(
                 AddedRequest(
-                    request_id=request_id,
-                    unique_key=draft.unique_key,
+                    request_id=request.id,
+                    unique_key=request.unique_key,
                     was_already_present=present,
                     was_already_handled=was_handled,
                 )
             )
         if added:
-            self._db.execute("UPDATE queue SET total = total + ?", (added,))
-        self._touch(now, client_key)
+            self._db.execute("UPDATE queue SET total = total + ?, handled = handled + ?", (added, handled_added))
+        self._touch(now, client_key, changed=added > 0)
         return BatchAddResult(processed_requests=processed)
 
     async def get_request(self, request_id: str) -> Request | None:
@@ -403,7 +500,7 @@ class SqliteQueue:
             endpoint=f"get_request {request_id}",
             write=False,
         )
-        return None if row is None else Request.model_validate_json(row[0])
+        return None if row is None else _load(request_id, row[0], f"get_request {request_id}")
 
     async def get_info(self) -> QueueInfo:
         """Return the queue's metadata and counters."""
@@ -411,8 +508,7 @@ class SqliteQueue:
 
     def _info(self) -> QueueInfo:
         queue_id, name, created, modified, accessed, total, handled, multiple = self._db.execute(
-            "SELECT id, name, created_at, modified_at, accessed_at, total, handled, had_multiple_clients"
-            " FROM queue"
+            "SELECT id, name, created_at, modified_at, accessed_at, total, handled, had_multiple_clients FROM queue"
         ).fetchone()
         return QueueInfo(
             id=queue_id,

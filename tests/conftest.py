@@ -1,0 +1,69 @@
+"""Shared fixtures: the anyio backend, a local test site, and a way to run the real `headlock` CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from handlers.demo_site import serve_site
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Run async tests on asyncio (the backend the CLI uses)."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def site() -> Iterator[str]:
+    """Base URL of a 300-page test site on 127.0.0.1."""
+    with serve_site(300) as url:
+        yield url
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Path:
+    """A fresh storage directory."""
+    return tmp_path / "storage"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for CLI subprocesses: this checkout importable, no inherited HEADLOCK_/APIFY_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HEADLOCK_", "APIFY_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def headlock(*args: str, cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m runner ARGS` to completion; JSON logs on stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args],
+        cwd=cwd,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start_headlock(*args: str, cwd: Path, stderr: Path | None = None, **env: str) -> subprocess.Popen[str]:
+    """Start `python -m runner ARGS` in the background (stdout piped; stderr piped or written to a file)."""
+    with open(stderr, "w") if stderr else contextlib.nullcontext(subprocess.PIPE) as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "runner", *args],
+            cwd=cwd,
+            env=cli_env(**env),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )

@@ -1,0 +1,33 @@
+"""Handlers used by the CLI tests (imported by `headlock run` subprocesses as tests.sample_handlers:...)."""
+
+from __future__ import annotations
+
+import os
+
+import anyio
+
+from runner import Context
+
+
+def _record(ctx: Context, path_key: str = "attempts_file") -> None:
+    path = ctx.options.get(path_key)
+    if path:
+        # One short O_APPEND write per line: lines from several processes never interleave.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{ctx.request.id} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+
+
+async def slow(ctx: Context) -> None:
+    """Record the attempt, sleep `options.sleep` seconds, push the URL."""
+    _record(ctx)
+    await anyio.sleep(float(ctx.options.get("sleep", 0)))
+    await ctx.push_data({"url": ctx.url, "pid": os.getpid()})
+
+
+async def noop(ctx: Context) -> None:
+    """Record the attempt and push the URL."""
+    _record(ctx)
+    await ctx.push_data({"url": ctx.url, "pid": os.getpid()})

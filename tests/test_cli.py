@@ -1,0 +1,231 @@
+"""The real `headlock` CLI in subprocesses: multi-process runs, signals, status/unlock and bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import pytest
+
+from runner import SqliteQueue
+from runner.dataset import read_items
+from tests.conftest import headlock, start_headlock
+
+
+def write_urls(path: Path, count: int, prefix: str = "https://a.example/p") -> Path:
+    """A URL file with `count` URLs."""
+    path.write_text("".join(f"{prefix}{i}\n" for i in range(count)))
+    return path
+
+
+def attempts(path: Path) -> Counter[str]:
+    """Request ids recorded by tests.sample_handlers, counted."""
+    if not path.exists():
+        return Counter()
+    return Counter(line.split()[0] for line in path.read_text().splitlines() if line)
+
+
+def queue_state(storage: Path) -> tuple[int, int, list[tuple[str, str, object]]]:
+    """(total, handled, locks) of the default embedded queue."""
+
+    async def read() -> tuple[int, int, list[tuple[str, str, object]]]:
+        queue = SqliteQueue.open(storage, "default")
+        try:
+            info = await queue.get_info()
+            return info.total_request_count, info.handled_request_count, list(await queue.locks())
+        finally:
+            await queue.aclose()
+
+    return anyio.run(read)
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    """Poll `predicate()` every 50 ms until true, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_enqueue_status_unlock_round_trip(tmp_path: Path) -> None:
+    """URLs are enqueued once (dedup by normalized URL), status reports counts, unlock answers for a key."""
+    urls = write_urls(tmp_path / "urls.txt", 5)
+    first = headlock("enqueue", "--file", str(urls), "https://A.example/p0/#frag", "--log-format", "json", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    done = json.loads(first.stderr.strip().splitlines()[-1])
+    assert (done["event"], done["given"], done["added"]) == ("enqueue.done", 6, 5)
+    status = headlock("status", "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout) | {"locks_by_client": {}} == {
+        "queue": "default",
+        "total": 5,
+        "handled": 0,
+        "pending": 5,
+        "had_multiple_clients": False,
+        "locked": 0,
+        "locks_by_client": {},
+    }
+    unlock = headlock("unlock", "--client-key", "nobody", cwd=tmp_path)
+    assert unlock.returncode == 0, unlock.stderr
+
+
+@pytest.mark.slow
+def test_three_processes_on_one_queue_handle_each_request_once(tmp_path: Path) -> None:
+    """Three `headlock run` processes sharing one SQLite queue handle every request exactly once."""
+    count = 600
+    assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", count)), cwd=tmp_path).returncode == 0
+    log = tmp_path / "attempts.log"
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'handler = "tests.sample_handlers:noop"\nhandler_options = {{ attempts_file = "{log}" }}\n'
+        "[workers]\nconcurrency = 8\nbatch = 5\n"
+    )
+    procs = [start_headlock("run", "--config", str(config), cwd=tmp_path) for _ in range(3)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err[-2000:]
+    seen = attempts(log)
+    assert len(seen) == count
+    assert max(seen.values()) == 1
+    assert len(read_items(tmp_path / "storage/datasets/default.jsonl")) == count
+    assert len({line.split()[1] for line in log.read_text().splitlines()}) > 1  # the work really was shared
+    total, handled, locks = queue_state(tmp_path / "storage")
+    assert (total, handled, locks) == (count, count, [])
+
+
+@pytest.mark.slow
+def test_heartbeat_keeps_slow_requests_locked_across_processes(tmp_path: Path) -> None:
+    """Lock 2 s, handlers of 7 s, two processes: each request is processed once; the heartbeat prolonged it."""
+    count = 4
+    assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", count)), cwd=tmp_path).returncode == 0
+    log = tmp_path / "attempts.log"
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'handler = "tests.sample_handlers:slow"\nhandler_options = {{ attempts_file = "{log}", sleep = 7 }}\n'
+        "[workers]\nconcurrency = 2\nprefetch = 0\nlock_secs = 2\nhandler_timeout = 30\n"
+    )
+    summaries = [tmp_path / f"summary{i}.json" for i in range(2)]
+    procs = [start_headlock("run", "--config", str(config), "--summary", str(s), cwd=tmp_path) for s in summaries]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+    seen = attempts(log)
+    assert len(seen) == count
+    assert max(seen.values()) == 1
+    results = [json.loads(s.read_text()) for s in summaries]
+    assert sum(r["handled"] for r in results) == count
+    assert sum(r["lost"] for r in results) == 0
+    assert sum(r["prolonged"] for r in results) >= count * 2
+    assert queue_state(tmp_path / "storage") == (count, count, [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_crawl_drains_and_leaves_no_lock(tmp_path: Path, signum: signal.Signals) -> None:
+    """A signal mid-crawl: in-flight handlers finish, prefetched are given back, exit 128+signum within grace + 2 s."""
+    assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", 100)), cwd=tmp_path).returncode == 0
+    log = tmp_path / "attempts.log"
+    config = tmp_path / "c.toml"
+    grace = 4.0
+    config.write_text(
+        f'handler = "tests.sample_handlers:slow"\nhandler_options = {{ attempts_file = "{log}", sleep = 1.5 }}\n'
+        f"[workers]\nconcurrency = 5\nprefetch = 10\ngrace = {grace}\n"
+    )
+    summary = tmp_path / "summary.json"
+    proc = start_headlock("run", "--config", str(config), "--summary", str(summary), cwd=tmp_path)
+    wait_for(lambda: sum(attempts(log).values()) >= 5, 20, "five handlers to start")
+    proc.send_signal(signum)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=grace + 10)
+    elapsed = time.monotonic() - sent
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert elapsed < grace + 2
+    result = json.loads(summary.read_text())
+    assert result["reason"] == signum.name
+    assert result["handled"] >= 5  # the in-flight ones finished
+    assert result["given_back"] >= 1
+    _, handled, locks = queue_state(tmp_path / "storage")
+    assert locks == []
+    assert handled == result["handled"]
+
+
+@pytest.mark.slow
+def test_second_signal_skips_the_grace_period_and_still_unlocks(tmp_path: Path) -> None:
+    """A second SIGTERM cancels in-flight handlers at once; their locks are still released."""
+    assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", 10)), cwd=tmp_path).returncode == 0
+    log = tmp_path / "attempts.log"
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'handler = "tests.sample_handlers:slow"\nhandler_options = {{ attempts_file = "{log}", sleep = 60 }}\n'
+        "[workers]\nconcurrency = 3\ngrace = 60\n"
+    )
+    events = tmp_path / "events.jsonl"
+    proc = start_headlock("run", "--config", str(config), "--log-format", "json", cwd=tmp_path, stderr=events)
+    wait_for(lambda: sum(attempts(log).values()) >= 3, 20, "three handlers to start")
+    proc.send_signal(signal.SIGTERM)
+    # Signals of one kind coalesce while pending: send the second once the first is being handled.
+    wait_for(lambda: "shutdown.draining" in events.read_text(), 10, "the first signal to be handled")
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    proc.communicate(timeout=20)
+    assert proc.returncode == 143, events.read_text()[-2000:]
+    assert "shutdown.forced" in events.read_text()
+    assert time.monotonic() - sent < 5
+    assert queue_state(tmp_path / "storage") == (10, 0, [])
+
+
+@pytest.mark.parametrize(
+    ("config", "flags", "expected"),
+    [
+        ('handler = "x:y\n', [], "malformed TOML"),
+        ('handler = "x:y"\nbogus = 1\n', [], "bogus: unknown key"),
+        ("[workers]\nbatch = 26\n", [], "workers.batch: Input should be less than or equal to 25"),
+        ("[workers]\nlock_secs = 0\n", [], "workers.lock_secs: Input should be greater than 0"),
+        ("[workers]\nconcurrency = -1\n", [], "workers.concurrency"),
+        ("", ["--client-key", "k" * 40], "workers.client_key: Value error, must be 1-32 characters long, got 40"),
+        ("", ["--handler", "no_such_module:handle"], "cannot import module 'no_such_module'"),
+        ("", ["--handler", "handlers.fetch"], "handler must be written module:function"),
+        ("", ["--handler", "handlers.fetch:missing"], "has no 'missing'"),
+        ("", ["--handler", "json:dumps"], "is not an async function"),
+        ("", ["--handler", "handlers.fetch:handle", "--start-url", "ftp://a.example/"], "not an absolute http(s) URL"),
+        ("", [], "handler: required"),
+    ],
+)
+def test_bad_config_is_a_clear_error_with_exit_2(tmp_path: Path, config: str, flags: list[str], expected: str) -> None:
+    """Each bad setting names its key and rule and exits 2, before touching the queue."""
+    path = tmp_path / "bad.toml"
+    path.write_text(config)
+    result = headlock("run", "--config", str(path), "--log-format", "json", *flags, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "storage/request_queues").exists()
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://a.example/x", "/relative", "http://"])
+def test_enqueue_refuses_invalid_urls_and_adds_nothing(tmp_path: Path, url: str) -> None:
+    """An invalid or non-HTTP URL among valid ones is refused with exit 2; nothing at all is enqueued."""
+    result = headlock("enqueue", "https://ok.example/", url, "--log-format", "json", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "not an absolute http(s) URL" in result.stderr
+    assert not (tmp_path / "storage/request_queues").exists()
+
+
+def test_config_file_missing(tmp_path: Path) -> None:
+    """A missing config file is named in the error."""
+    result = headlock("run", "--config", "nope.toml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "config file not found: nope.toml" in result.stderr
+
+
+def test_help_everywhere(tmp_path: Path) -> None:
+    """Every command answers --help."""
+    for command in ([], ["run"], ["enqueue"], ["status"], ["unlock"], ["serve"]):
+        result = headlock(*command, "--help", cwd=tmp_path)
+        assert result.returncode == 0
+        assert "usage: headlock" in result.stdout

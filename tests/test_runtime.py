@@ -1,0 +1,333 @@
+"""The runtime end to end, in process, on a real SQLite store and a real local site."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import structlog
+
+from handlers import crawl
+from runner import (
+    Context,
+    Dataset,
+    InvalidUrlError,
+    NoRetry,
+    Request,
+    RequestDraft,
+    Router,
+    SqliteQueue,
+    Stopper,
+    WorkerSettings,
+    request_id_for,
+    run,
+)
+from runner.dataset import read_items
+from runner.models import utc_now
+
+pytestmark = pytest.mark.anyio
+
+
+def fast(**overrides: object) -> WorkerSettings:
+    """Worker settings for tests: no retry backoff, short grace."""
+    base: dict[str, object] = {"concurrency": 8, "retry_backoff": 0.0, "grace": 5.0, "handler_timeout": 10.0}
+    return WorkerSettings.model_validate(base | overrides)
+
+
+async def seed(queue: SqliteQueue, urls: list[str]) -> None:
+    """Add `urls` in batches of 25."""
+    for start in range(0, len(urls), 25):
+        drafts = [RequestDraft(unique_key=u, url=u) for u in urls[start : start + 25]]
+        await queue.batch_add(drafts, client_key="seeder")
+
+
+@pytest.fixture
+async def queue(storage: Path):  # type: ignore[no-untyped-def]
+    """An embedded queue in a fresh storage dir."""
+    q = SqliteQueue.open(storage, "default")
+    yield q
+    await q.aclose()
+
+
+@pytest.fixture
+def dataset(storage: Path):  # type: ignore[no-untyped-def]
+    """The default dataset in the fresh storage dir."""
+    ds = Dataset.open(storage, "default")
+    yield ds
+    ds.close()
+
+
+async def test_crawl_handles_every_page_exactly_once(queue: SqliteQueue, dataset: Dataset, site: str) -> None:
+    """A crawl of the 300-page site handles each page once and stores one item per page."""
+    with anyio.fail_after(60):
+        summary = await run(
+            queue,
+            crawl.handle,
+            dataset,
+            workers=fast(concurrency=20),
+            options={"max_depth": 10},
+            start_urls=[f"{site}/page/0"],
+        )
+    items = read_items(dataset.path)
+    urls = Counter(item["url"] for item in items)
+    assert len(urls) == 300
+    assert max(urls.values()) == 1
+    assert {item["status"] for item in items} == {200}
+    info = await queue.get_info()
+    assert (info.total_request_count, info.handled_request_count, info.pending_request_count) == (300, 300, 0)
+    assert summary.reason == "finished"
+    assert summary.stats["handled"] == 300
+    assert await queue.locks() == []
+
+
+async def test_failing_twice_then_succeeding_is_handled_with_its_errors(queue: SqliteQueue, dataset: Dataset) -> None:
+    """A handler that fails twice then succeeds ends handled, with retryCount 2 and both errors kept."""
+    attempts: Counter[str] = Counter()
+
+    async def flaky(ctx: Context) -> None:
+        attempts[ctx.url] += 1
+        if attempts[ctx.url] <= 2:
+            raise RuntimeError(f"boom {attempts[ctx.url]}")
+        await ctx.push_data({"url": ctx.url})
+
+    await seed(queue, ["https://a.example/1"])
+    with anyio.fail_after(20):
+        summary = await run(queue, flaky, dataset, workers=fast())
+    request = await queue.get_request(ONLY_ID)
+    assert request is not None
+    assert request.handled_at is not None
+    assert request.retry_count == 2
+    assert request.error_messages == ["RuntimeError: boom 1", "RuntimeError: boom 2"]
+    assert summary.stats["handled"] == 1
+    assert summary.stats["retried"] == 2
+    assert len(read_items(dataset.path)) == 1
+
+
+ONLY_ID = request_id_for("https://a.example/1")
+
+
+async def test_always_failing_ends_handled_as_failed(queue: SqliteQueue, dataset: Dataset) -> None:
+    """After max_retries the request is marked handled as failed and keeps every error message."""
+
+    async def broken(ctx: Context) -> None:
+        raise ValueError("nope")
+
+    await seed(queue, ["https://a.example/1"])
+    with anyio.fail_after(20):
+        summary = await run(queue, broken, dataset, workers=fast(max_retries=2))
+    request = await queue.get_request(ONLY_ID)
+    assert request is not None
+    assert request.handled_at is not None
+    assert request.retry_count == 3
+    assert request.error_messages == ["ValueError: nope"] * 3
+    assert summary.stats["failed"] == 1
+    assert read_items(dataset.path) == []
+
+
+async def test_no_retry_fails_at_once(queue: SqliteQueue, dataset: Dataset) -> None:
+    """A handler raising NoRetry fails the request on its first attempt."""
+
+    async def refuse(ctx: Context) -> None:
+        raise NoRetry("not for us")
+
+    await seed(queue, ["https://a.example/1"])
+    with anyio.fail_after(20):
+        summary = await run(queue, refuse, dataset, workers=fast())
+    request = await queue.get_request(ONLY_ID)
+    assert request is not None
+    assert request.error_messages == ["NoRetry: not for us"]
+    assert summary.stats["failed"] == 1
+    assert summary.stats["retried"] == 0
+
+
+async def test_retry_backoff_holds_the_lock_and_the_run_waits_for_it(queue: SqliteQueue, dataset: Dataset) -> None:
+    """A retried request stays locked during its backoff, and the run does not finish before it is retried."""
+    attempts: Counter[str] = Counter()
+
+    async def once_failing(ctx: Context) -> None:
+        attempts[ctx.url] += 1
+        if attempts[ctx.url] == 1:
+            raise RuntimeError("first")
+
+    await seed(queue, ["https://a.example/1"])
+    with anyio.fail_after(20):
+        summary = await run(queue, once_failing, dataset, workers=fast(retry_backoff=0.5))
+    assert attempts["https://a.example/1"] == 2
+    assert summary.stats["handled"] == 1
+
+
+async def test_timeouts_garbage_and_errors_do_not_stop_the_pool(queue: SqliteQueue, dataset: Dataset) -> None:
+    """A hanging handler times out and is retried; one returning garbage still counts as handled."""
+
+    async def misbehave(ctx: Context) -> object:
+        if ctx.url.endswith("/hang") and ctx.retry_count == 0:
+            await anyio.sleep(60)
+        if ctx.url.endswith("/garbage"):
+            return {"not": "None"}
+        if ctx.url.endswith("/error"):
+            raise KeyError("missing")
+        return None
+
+    await seed(queue, [f"https://a.example/{n}" for n in ("hang", "garbage", "error", "fine")])
+    with structlog.testing.capture_logs() as logs, anyio.fail_after(30):
+        summary = await run(
+            queue,
+            misbehave,
+            dataset,
+            workers=fast(handler_timeout=0.5, max_retries=1),  # type: ignore[arg-type]
+        )
+    assert summary.stats["handled"] == 3  # hang (second attempt), garbage, fine
+    assert summary.stats["failed"] == 1  # error, after one retry
+    hang = await queue.get_request(request_id_for("https://a.example/hang"))
+    assert hang is not None
+    assert hang.error_messages == ["handler timed out after 0.5 s"]
+    assert any(e["event"] == "handler.returned_value" for e in logs)
+
+
+async def test_enqueues_and_items_of_a_failed_attempt_are_not_committed(queue: SqliteQueue, dataset: Dataset) -> None:
+    """Results and links of a failed attempt are dropped; only the successful attempt's are committed."""
+
+    async def handler(ctx: Context) -> None:
+        if ctx.url.endswith("/start"):
+            await ctx.enqueue(f"https://a.example/from-attempt-{ctx.retry_count}")
+            await ctx.push_data({"attempt": ctx.retry_count})
+            if ctx.retry_count == 0:
+                raise RuntimeError("first attempt fails after enqueueing")
+
+    await seed(queue, ["https://a.example/start"])
+    with anyio.fail_after(20):
+        await run(queue, handler, dataset, workers=fast())
+    info = await queue.get_info()
+    assert info.total_request_count == 2
+    assert read_items(dataset.path) == [{"attempt": 1}]
+    assert await queue.get_request(request_id_for("https://a.example/from-attempt-0")) is None
+    assert await queue.get_request(request_id_for("https://a.example/from-attempt-1")) is not None
+
+
+async def test_a_handler_enqueueing_ten_thousand_links(queue: SqliteQueue, dataset: Dataset) -> None:
+    """10,000 links from one handler are added in batches and then all handled."""
+
+    async def fan_out(ctx: Context) -> None:
+        if ctx.url.endswith("/root"):
+            await ctx.enqueue([f"https://a.example/leaf/{i}" for i in range(10_000)])
+
+    await seed(queue, ["https://a.example/root"])
+    with anyio.fail_after(120):
+        summary = await run(queue, fan_out, dataset, workers=fast(concurrency=50))
+    info = await queue.get_info()
+    assert (info.total_request_count, info.handled_request_count) == (10_001, 10_001)
+    assert summary.stats["enqueued"] == 10_000
+
+
+async def test_lost_lease_cancels_the_handler_and_the_new_holder_wins(
+    storage: Path, queue: SqliteQueue, dataset: Dataset
+) -> None:
+    """A lock taken away behind the worker's back cancels its handler; it is not marked; the new holder's stands."""
+    started = anyio.Event()
+    finished_normally = []
+
+    async def blocking(ctx: Context) -> None:
+        started.set()
+        await anyio.sleep(30)
+        finished_normally.append(ctx.url)
+
+    await seed(queue, ["https://a.example/1"])
+    thief = SqliteQueue.open(storage, "default")
+    stopper = Stopper()
+
+    async def steal() -> None:
+        await started.wait()
+        # Behind the worker's back: its locks are released (as a restart with its key would) and retaken.
+        await thief.unlock_requests(client_key="victim")
+        head = await thief.lock_head(limit=1, lock_secs=30, client_key="thief")
+        assert [r.url for r in head.items] == ["https://a.example/1"]
+        await thief.update_request(
+            head.items[0].model_copy(update={"handled_at": utc_now()}),
+            client_key="thief",
+        )
+
+    with structlog.testing.capture_logs() as logs, anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(steal)
+            summary = await run(
+                queue, blocking, dataset, workers=fast(client_key="victim", lock_secs=1.0), stopper=stopper
+            )
+    await thief.aclose()
+    assert finished_normally == []
+    assert any(e["event"] == "lease.lost" for e in logs)
+    assert summary.stats["lost"] == 1
+    assert summary.stats["handled"] == 0
+    info = await queue.get_info()
+    assert info.handled_request_count == 1
+
+
+async def test_graceful_stop_gives_back_prefetched_and_finishes_in_flight(queue: SqliteQueue, dataset: Dataset) -> None:
+    """On stop, prefetched requests are released at once, in-flight ones finish, and no lock is left."""
+    in_flight = 0
+    all_started = anyio.Event()
+    release = anyio.Event()
+
+    async def handler(ctx: Context) -> None:
+        nonlocal in_flight
+        in_flight += 1
+        if in_flight == 4:
+            all_started.set()
+        await release.wait()
+        await ctx.push_data({"url": ctx.url})
+
+    await seed(queue, [f"https://a.example/{i}" for i in range(40)])
+    stopper = Stopper()
+
+    async def stop_when_busy() -> None:
+        await all_started.wait()
+        stopper.stop("test")
+        release.set()
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_when_busy)
+            summary = await run(queue, handler, dataset, workers=fast(concurrency=4, prefetch=10), stopper=stopper)
+    assert summary.reason == "test"
+    assert summary.stats["handled"] == 4
+    assert summary.stats["given_back"] == 10
+    assert await queue.locks() == []
+    assert (await queue.get_info()).handled_request_count == 4
+
+
+async def test_router_dispatches_on_label(queue: SqliteQueue, dataset: Dataset) -> None:
+    """The router calls the handler of each request's label and fails unknown labels without retrying."""
+    router = Router()
+    seen: list[tuple[str, str | None]] = []
+
+    @router.route("detail")
+    async def detail(ctx: Context) -> None:
+        seen.append(("detail", ctx.label))
+
+    await queue.batch_add(
+        [
+            RequestDraft(unique_key="d", url="https://a.example/d", user_data={"label": "detail"}),
+            RequestDraft(unique_key="x", url="https://a.example/x", user_data={"label": "unknown"}),
+        ],
+        client_key="seeder",
+    )
+    with anyio.fail_after(20):
+        summary = await run(queue, router, dataset, workers=fast())
+    assert seen == [("detail", "detail")]
+    assert summary.stats["failed"] == 1
+
+
+async def test_enqueue_refuses_non_http_urls(queue: SqliteQueue) -> None:
+    """ctx.enqueue raises InvalidUrlError for relative, file:// and ftp:// URLs."""
+    ctx = Context(
+        Request(id="x", unique_key="x", url="https://a.example/"),
+        http=httpx.AsyncClient(),
+        log=structlog.get_logger(),
+        options={},
+    )
+    for bad in ("/relative", "file:///etc/passwd", "ftp://a.example/f", "not a url"):
+        with pytest.raises(InvalidUrlError):
+            await ctx.enqueue(bad)
+    await ctx.http.aclose()

@@ -1,0 +1,717 @@
+"""Contract tests of the embedded SQLite store (API contract §2, §4, §7, §8, §9) on real files in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+
+from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
+from runner.models import Request, RequestDraft
+from runner.queue.protocol import RequestQueue
+from runner.queue.sqlite import _HEAD_QUERY, SqliteQueue, queue_path, validate_queue_name
+from runner.uniquekey import normalize_url, request_id_for
+
+A = "client-a"
+B = "client-b"
+LONG = 60.0  # a lock that outlives any test
+SHORT = 0.3  # a lock the test waits out by polling
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteQueue]:
+    queue = SqliteQueue(tmp_path / "q.sqlite")
+    yield queue
+    await queue.aclose()
+
+
+def url(n: int | str) -> str:
+    return f"http://example.com/{n}"
+
+
+def draft(n: int | str, **extra: object) -> RequestDraft:
+    return RequestDraft(unique_key=url(n), url=url(n), user_data={"n": str(n)}, **extra)
+
+
+def stored(n: int | str, **fields: object) -> Request:
+    return Request(id=request_id_for(url(n)), unique_key=url(n), url=url(n), **fields)
+
+
+async def add(queue: SqliteQueue, *keys: int | str, forefront: bool = False, client_key: str = A) -> list[str]:
+    result = await queue.batch_add([draft(k) for k in keys], client_key=client_key, forefront=forefront)
+    return [p.request_id for p in result.processed_requests]
+
+
+async def lock_keys(queue: SqliteQueue, client_key: str = A, *, limit: int = 25) -> list[str]:
+    """Lock the head and return the locked requests' `userData.n` in head order."""
+    head = await queue.lock_head(limit=limit, lock_secs=LONG, client_key=client_key)
+    return [r.user_data["n"] for r in head.items]
+
+
+async def poll_lock_head(queue: SqliteQueue, client_key: str) -> list[Request]:
+    """Lock the head until it yields something; bounded by a deadline and a number of tries."""
+    with anyio.fail_after(5):
+        for _ in range(250):
+            head = await queue.lock_head(limit=25, lock_secs=LONG, client_key=client_key)
+            if head.items:
+                return head.items
+            await anyio.sleep(0.02)
+    pytest.fail("lock_head never returned the request")
+
+
+async def handle(queue: SqliteQueue, n: int | str, client_key: str = A) -> None:
+    request = await queue.get_request(request_id_for(url(n)))
+    assert request is not None
+    request.handled_at = datetime.now(UTC)
+    await queue.update_request(request, client_key=client_key)
+
+
+# -- ids and unique keys (§7) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("unique_key", "request_id"),
+    [
+        ("http://example.com", "8OamqXBCpPHxyH9"),
+        ("http://example.com/a/b", "ZJAoqlRijenMQIn"),
+        ("http://example.com/c/d", "hAhkwyk5oOBHKQC"),
+    ],
+)
+def test_request_id_is_platform_hash_of_unique_key(unique_key: str, request_id: str) -> None:
+    """The request id is the first 15 chars of base64(sha256(uniqueKey)) without +/=, as in the OAS examples."""
+    assert request_id_for(unique_key) == request_id
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        ("HTTP://www.EXAMPLE.com/something/", "http://www.example.com/something"),
+        ("https://example.com/?b=2&a=1&utm_source=x#frag", "https://example.com?a=1&b=2"),
+        ("https://Example.com:443/A%20b/Path?q=hello world&Z=1", "https://example.com/A%20b/Path?Z=1&q=hello+world"),
+        ("https://example.com/?a=2&a=1", "https://example.com?a=2&a=1"),
+        ("http://example.com:8080/a b/", "http://example.com:8080/a%20b"),
+    ],
+)
+def test_normalize_url_matches_crawlee_js(raw: str, normalized: str) -> None:
+    """normalize_url gives the contract §7.2 results (Crawlee JS normalizeUrl)."""
+    assert normalize_url(raw) == normalized
+
+
+# -- the Protocol and the file -----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_store_implements_protocol(store: SqliteQueue) -> None:
+    """SqliteQueue satisfies the RequestQueue Protocol."""
+    assert isinstance(store, RequestQueue)
+
+
+@pytest.mark.parametrize("name", ["a", "Q1", "my-queue", "a" * 63])
+def test_valid_queue_names_are_accepted(name: str) -> None:
+    """DNS-safe names of 1-63 chars are valid and map to request_queues/<name>.sqlite."""
+    assert validate_queue_name(name) == name
+    assert queue_path(Path("/s"), name) == Path("/s/request_queues") / f"{name}.sqlite"
+
+
+@pytest.mark.parametrize("name", ["", "-a", "a-", "a_b", "a.b", "a/b", "../etc", "a b", "a" * 64])
+def test_invalid_queue_names_are_rejected(name: str, tmp_path: Path) -> None:
+    """Names outside the DNS-safe rule raise InvalidInputError and create no file."""
+    with pytest.raises(InvalidInputError, match="invalid queue name"):
+        validate_queue_name(name)
+    with pytest.raises(InvalidInputError):
+        SqliteQueue.open(tmp_path, name)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_open_by_name_creates_named_queue(tmp_path: Path) -> None:
+    """SqliteQueue.open creates request_queues/<name>.sqlite and names the queue after it."""
+    queue = SqliteQueue.open(tmp_path, "shop-1")
+    try:
+        info = await queue.get_info()
+    finally:
+        await queue.aclose()
+    assert (tmp_path / "request_queues" / "shop-1.sqlite").is_file()
+    assert info.name == "shop-1"
+    assert len(info.id) == 17
+    assert (info.total_request_count, info.handled_request_count, info.pending_request_count) == (0, 0, 0)
+
+
+def test_corrupt_file_raises_queue_unavailable_naming_path(tmp_path: Path) -> None:
+    """A file that is not SQLite raises QueueUnavailableError naming the path, not a raw sqlite3 error."""
+    path = tmp_path / "q.sqlite"
+    path.write_bytes(b"definitely not a database\x00\xff" * 64)
+    with pytest.raises(QueueUnavailableError, match=re.escape(str(path))) as caught:
+        SqliteQueue(path)
+    assert "not a database" in str(caught.value)
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+
+def test_foreign_sqlite_file_raises_queue_unavailable(tmp_path: Path) -> None:
+    """A SQLite file with a different `requests` table is refused at open, naming the path."""
+    path = tmp_path / "q.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE requests (id TEXT PRIMARY KEY, body TEXT)")
+    db.close()
+    with pytest.raises(QueueUnavailableError, match=re.escape(f"{path} is not a headlock queue database")):
+        SqliteQueue(path)
+
+
+@pytest.mark.anyio
+async def test_unreadable_row_raises_queue_unavailable_and_changes_nothing(store: SqliteQueue) -> None:
+    """A stored row that does not parse raises QueueUnavailableError; the failed lock_head leaves no trace."""
+    [rid] = await add(store, 1)
+    raw = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        raw.execute("UPDATE requests SET data = ? WHERE id = ?", ('{"id": 1}', rid))
+        with pytest.raises(QueueUnavailableError, match=f"stored request {rid} is unreadable"):
+            await store.lock_head(limit=1, lock_secs=LONG, client_key=B)
+        with pytest.raises(QueueUnavailableError):
+            await store.get_request(rid)
+        assert await store.locks() == []
+        assert not (await store.get_info()).had_multiple_clients
+        raw.execute("UPDATE requests SET data = ? WHERE id = ?", (json.dumps(stored(1).to_api()), rid))
+    finally:
+        raw.close()
+    head = await store.lock_head(limit=1, lock_secs=LONG, client_key=B)
+    assert [r.id for r in head.items] == [rid]
+    assert head.had_multiple_clients
+
+
+@pytest.mark.anyio
+async def test_closed_store_raises_queue_unavailable(tmp_path: Path) -> None:
+    """After aclose (idempotent) every call raises QueueUnavailableError."""
+    queue = SqliteQueue(tmp_path / "q.sqlite")
+    await queue.aclose()
+    await queue.aclose()
+    with pytest.raises(QueueUnavailableError):
+        await queue.get_info()
+    with pytest.raises(QueueUnavailableError):
+        await add(queue, 1)
+
+
+# -- ordering (§9) ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_normal_adds_are_fifo(store: SqliteQueue) -> None:
+    """Requests added without forefront come out in the order they were added, across and within batches."""
+    await add(store, 1, 2, 3)
+    await add(store, 4)
+    await add(store, 5, 6)
+    assert await lock_keys(store) == ["1", "2", "3", "4", "5", "6"]
+
+
+@pytest.mark.anyio
+async def test_forefront_batches_come_first_most_recent_first(store: SqliteQueue) -> None:
+    """Forefront adds precede normal ones; the latest forefront batch is first, each batch in its own order."""
+    await add(store, "n1", "n2")
+    await add(store, "f1", "f2", forefront=True)
+    await add(store, "n3")
+    await add(store, "g1", "g2", forefront=True)
+    assert await lock_keys(store) == ["g1", "g2", "f1", "f2", "n1", "n2", "n3"]
+
+
+@pytest.mark.anyio
+async def test_lock_head_returns_complete_requests_up_to_limit(store: SqliteQueue) -> None:
+    """lock_head locks at most `limit` requests and returns them with userData and the lock duration."""
+    await add(store, 1, 2, 3)
+    head = await store.lock_head(limit=2, lock_secs=LONG, client_key=A)
+    assert [r.user_data for r in head.items] == [{"n": "1"}, {"n": "2"}]
+    assert [r.id for r in head.items] == [request_id_for(url(1)), request_id_for(url(2))]
+    assert head.lock_secs == LONG
+    assert await lock_keys(store) == ["3"]
+
+
+@pytest.mark.parametrize(("forefront", "order"), [(True, ["1", "2", "3"]), (False, ["2", "3", "1"])])
+@pytest.mark.anyio
+async def test_delete_lock_puts_request_at_head_or_end(store: SqliteQueue, forefront: bool, order: list[str]) -> None:
+    """delete_lock(forefront=True) puts the request at the head; the default puts it at the end."""
+    await add(store, 1, 2, 3)
+    assert await lock_keys(store, limit=1) == ["1"]
+    await store.delete_lock(request_id_for(url(1)), client_key=A, forefront=forefront)
+    assert await lock_keys(store) == order
+
+
+@pytest.mark.anyio
+async def test_forefront_delete_lock_goes_before_forefront_adds(store: SqliteQueue) -> None:
+    """A request released with forefront after a forefront add is the newest forefront item, so it is first."""
+    await add(store, 1, 2)
+    assert await lock_keys(store, limit=1) == ["1"]
+    await add(store, "f", forefront=True)
+    await store.delete_lock(request_id_for(url(1)), client_key=A, forefront=True)
+    assert await lock_keys(store) == ["1", "f", "2"]
+
+
+# -- dedup (§2.2 (9), (10)) ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_batch_add_dedups_by_unique_key(store: SqliteQueue) -> None:
+    """A repeated uniqueKey returns the existing id with wasAlreadyPresent, and wasAlreadyHandled once handled."""
+    first = await store.batch_add([draft(1)], client_key=A)
+    again = await store.batch_add([draft(1)], client_key=A)
+    await handle(store, 1)
+    late = await store.batch_add([draft(1)], client_key=A)
+    flags = [
+        (r.request_id, r.unique_key, r.was_already_present, r.was_already_handled)
+        for result in (first, again, late)
+        for r in result.processed_requests
+    ]
+    rid = request_id_for(url(1))
+    assert flags == [(rid, url(1), False, False), (rid, url(1), True, False), (rid, url(1), True, True)]
+    info = await store.get_info()
+    assert (info.total_request_count, info.handled_request_count) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_duplicate_within_one_batch_is_stored_once(store: SqliteQueue) -> None:
+    """Two drafts with one uniqueKey in a batch: the first is added, the second reports wasAlreadyPresent."""
+    result = await store.batch_add([draft(1), draft(2), draft(1)], client_key=A)
+    assert [(r.unique_key, r.was_already_present) for r in result.processed_requests] == [
+        (url(1), False),
+        (url(2), False),
+        (url(1), True),
+    ]
+    assert result.unprocessed_requests == []
+    assert (await store.get_info()).total_request_count == 2
+    assert await lock_keys(store) == ["1", "2"]
+
+
+@pytest.mark.anyio
+async def test_forefront_add_of_present_request_does_not_move_it(store: SqliteQueue) -> None:
+    """Re-adding an already present request with forefront leaves it where it is (as memory-storage does)."""
+    await add(store, 1, 2)
+    await add(store, 2, forefront=True)
+    assert await lock_keys(store) == ["1", "2"]
+
+
+@pytest.mark.anyio
+async def test_batch_add_with_handled_at_is_stored_handled(store: SqliteQueue) -> None:
+    """A draft carrying handledAt is stored handled: counted, never in the head."""
+    await store.batch_add([draft(1, handledAt="2024-01-01T00:00:00Z"), draft(2)], client_key=A)
+    info = await store.get_info()
+    assert (info.total_request_count, info.handled_request_count, info.pending_request_count) == (2, 1, 1)
+    assert await lock_keys(store) == ["2"]
+    request = await store.get_request(request_id_for(url(1)))
+    assert request is not None
+    assert request.handled_at == datetime(2024, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.anyio
+async def test_batch_add_with_mismatched_id_is_refused(store: SqliteQueue) -> None:
+    """A draft whose id does not match its uniqueKey raises request-id-invalid and stores nothing."""
+    with pytest.raises(InvalidInputError) as caught:
+        await store.batch_add([draft(1), draft(2, id="AAAAAAAAAAAAAAA")], client_key=A)
+    assert caught.value.error_type == "request-id-invalid"
+    assert (await store.get_info()).total_request_count == 0
+    matching = await store.batch_add([draft(3, id=request_id_for(url(3)))], client_key=A)
+    assert matching.processed_requests[0].request_id == request_id_for(url(3))
+
+
+@pytest.mark.anyio
+async def test_invalid_draft_is_refused_and_head_stays_usable(store: SqliteQueue) -> None:
+    """A draft that is not a valid request raises InvalidInputError up front instead of poisoning the head."""
+    await add(store, 1)
+    with pytest.raises(InvalidInputError, match="invalid request"):
+        await store.batch_add([draft(2, retryCount="many")], client_key=A)
+    with pytest.raises(InvalidInputError):
+        await store.batch_add([draft(3, handledAt="yesterday")], client_key=A)
+    assert await lock_keys(store) == ["1"]
+    assert (await store.get_info()).total_request_count == 1
+
+
+@pytest.mark.anyio
+async def test_empty_batch_adds_nothing(store: SqliteQueue) -> None:
+    """An empty batch returns an empty result."""
+    result = await store.batch_add([], client_key=A)
+    assert (result.processed_requests, result.unprocessed_requests) == ([], [])
+
+
+# -- limits (§2.1, §4.2) -------------------------------------------------------------------------------------------
+
+Call = Callable[[SqliteQueue], Awaitable[object]]
+INVALID_CALLS: dict[str, Call] = {
+    "lock_head limit 0": lambda q: q.lock_head(limit=0, lock_secs=LONG, client_key=A),
+    "lock_head limit 26": lambda q: q.lock_head(limit=26, lock_secs=LONG, client_key=A),
+    "lock_head lockSecs 0": lambda q: q.lock_head(limit=1, lock_secs=0, client_key=A),
+    "lock_head lockSecs -1": lambda q: q.lock_head(limit=1, lock_secs=-1, client_key=A),
+    "lock_head lockSecs nan": lambda q: q.lock_head(limit=1, lock_secs=float("nan"), client_key=A),
+    "lock_head lockSecs inf": lambda q: q.lock_head(limit=1, lock_secs=float("inf"), client_key=A),
+    "lock_head clientKey empty": lambda q: q.lock_head(limit=1, lock_secs=LONG, client_key=""),
+    "lock_head clientKey 33": lambda q: q.lock_head(limit=1, lock_secs=LONG, client_key="k" * 33),
+    "batch of 26": lambda q: q.batch_add([draft(n) for n in range(26)], client_key=A),
+    "batch_add clientKey empty": lambda q: q.batch_add([draft(1)], client_key=""),
+    "batch_add clientKey 33": lambda q: q.batch_add([draft(1)], client_key="k" * 33),
+    "prolong lockSecs 0": lambda q: q.prolong_lock(request_id_for(url(0)), lock_secs=0, client_key=A),
+    "prolong lockSecs nan": lambda q: q.prolong_lock(request_id_for(url(0)), lock_secs=float("nan"), client_key=A),
+    "prolong clientKey 33": lambda q: q.prolong_lock(request_id_for(url(0)), lock_secs=LONG, client_key="k" * 33),
+    "delete_lock clientKey empty": lambda q: q.delete_lock(request_id_for(url(0)), client_key=""),
+    "unlock clientKey 33": lambda q: q.unlock_requests(client_key="k" * 33),
+    "update clientKey empty": lambda q: q.update_request(stored(1), client_key=""),
+}
+
+
+@pytest.mark.parametrize("call", INVALID_CALLS.values(), ids=INVALID_CALLS.keys())
+@pytest.mark.anyio
+async def test_out_of_range_arguments_raise_invalid_input(store: SqliteQueue, call: Call) -> None:
+    """Arguments outside the contract's limits raise InvalidInputError and change nothing."""
+    await add(store, 0)
+    with pytest.raises(InvalidInputError):
+        await call(store)
+    info = await store.get_info()
+    assert (info.total_request_count, info.handled_request_count) == (1, 0)
+    assert await lock_keys(store) == ["0"]
+
+
+@pytest.mark.anyio
+async def test_limits_at_the_edges_are_accepted(store: SqliteQueue) -> None:
+    """A batch of 25, limit 25 and client keys of 1 and 32 chars are accepted."""
+    await store.batch_add([draft(n) for n in range(25)], client_key="k")
+    head = await store.lock_head(limit=25, lock_secs=LONG, client_key="k" * 32)
+    assert len(head.items) == 25
+
+
+# -- lock ownership (§2.2 (16), (17); §4.2) -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_other_client_cannot_prolong_or_delete_lock(store: SqliteQueue) -> None:
+    """Only the holder may prolong or delete a lock; another client key gets LockLostError."""
+    [rid] = await add(store, 1)
+    await lock_keys(store, A)
+    with pytest.raises(LockLostError) as caught:
+        await store.prolong_lock(rid, lock_secs=LONG, client_key=B)
+    assert caught.value.error_type == "request-handled-or-locked"
+    with pytest.raises(LockLostError):
+        await store.delete_lock(rid, client_key=B)
+    assert await lock_keys(store, B) == []
+    await store.delete_lock(rid, client_key=A)
+    assert await lock_keys(store, B) == ["1"]
+
+
+@pytest.mark.anyio
+async def test_lock_ops_on_unknown_request_raise_not_found(store: SqliteQueue) -> None:
+    """Prolonging or deleting the lock of an unknown id raises NotFoundError; get_request returns None."""
+    rid = request_id_for(url("missing"))
+    with pytest.raises(NotFoundError):
+        await store.prolong_lock(rid, lock_secs=LONG, client_key=A)
+    with pytest.raises(NotFoundError):
+        await store.delete_lock(rid, client_key=A)
+    assert await store.get_request(rid) is None
+
+
+@pytest.mark.anyio
+async def test_lock_ops_on_handled_request_raise_lock_lost(store: SqliteQueue) -> None:
+    """Once a request is handled its former holder's prolong and delete_lock raise LockLostError."""
+    [rid] = await add(store, 1)
+    await lock_keys(store, A)
+    await handle(store, 1)
+    with pytest.raises(LockLostError, match="handled"):
+        await store.prolong_lock(rid, lock_secs=LONG, client_key=A)
+    with pytest.raises(LockLostError):
+        await store.delete_lock(rid, client_key=A)
+
+
+@pytest.mark.anyio
+async def test_released_lock_cannot_be_prolonged(store: SqliteQueue) -> None:
+    """After delete_lock the former holder no longer owns the request."""
+    [rid] = await add(store, 1)
+    await lock_keys(store, A)
+    await store.delete_lock(rid, client_key=A)
+    with pytest.raises(LockLostError):
+        await store.prolong_lock(rid, lock_secs=LONG, client_key=A)
+
+
+@pytest.mark.anyio
+async def test_holder_prolongs_lock_to_now_plus_lock_secs(store: SqliteQueue) -> None:
+    """prolong_lock returns now + lockSecs and keeps the request locked for that long."""
+    [rid] = await add(store, 1)
+    await store.lock_head(limit=1, lock_secs=SHORT, client_key=A)
+    before = datetime.now(UTC)
+    expires = await store.prolong_lock(rid, lock_secs=3600, client_key=A)
+    after = datetime.now(UTC)
+    assert before + timedelta(seconds=3600) <= expires <= after + timedelta(seconds=3600)
+    assert [(lock_id, holder) for lock_id, holder, _ in await store.locks()] == [(rid, A)]
+    assert await lock_keys(store, B) == []
+
+
+@pytest.mark.anyio
+async def test_expired_lock_retaken_by_other_client_is_lost(store: SqliteQueue) -> None:
+    """When a lock expires and another client locks the request, the old holder's prolong raises LockLostError."""
+    [rid] = await add(store, 1)
+    await store.lock_head(limit=1, lock_secs=SHORT, client_key=A)
+    assert [r.id for r in await poll_lock_head(store, B)] == [rid]
+    with pytest.raises(LockLostError):
+        await store.prolong_lock(rid, lock_secs=LONG, client_key=A)
+    with pytest.raises(LockLostError):
+        await store.delete_lock(rid, client_key=A)
+    await store.prolong_lock(rid, lock_secs=LONG, client_key=B)
+
+
+# -- lock expiry and queueHasLockedRequests (§8, §9) --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_locked_request_comes_back_after_lock_expires(store: SqliteQueue) -> None:
+    """A locked request is not handed out again until its lock expires; then lock_head returns it."""
+    await add(store, 1)
+    await store.lock_head(limit=1, lock_secs=SHORT, client_key=A)
+    blocked = await store.lock_head(limit=25, lock_secs=LONG, client_key=B)
+    assert blocked.items == []
+    assert blocked.queue_has_locked_requests
+    assert [r.user_data["n"] for r in await poll_lock_head(store, B)] == ["1"]
+
+
+@pytest.mark.anyio
+async def test_queue_has_locked_requests_tracks_any_live_lock(store: SqliteQueue) -> None:
+    """queueHasLockedRequests is true while anyone (the caller included) holds a lock, false when none is held."""
+    empty = await store.lock_head(limit=1, lock_secs=LONG, client_key=A)
+    assert (empty.items, empty.queue_has_locked_requests) == ([], False)
+    await add(store, 1, 2)
+    locked = await store.lock_head(limit=1, lock_secs=LONG, client_key=A)
+    assert locked.queue_has_locked_requests
+    await handle(store, 1)
+    assert (await store.lock_head(limit=1, lock_secs=LONG, client_key=A)).queue_has_locked_requests
+    own = await store.lock_head(limit=1, lock_secs=LONG, client_key=A)
+    assert (own.items, own.queue_has_locked_requests) == ([], True)
+    await handle(store, 2)
+    done = await store.lock_head(limit=1, lock_secs=LONG, client_key=A)
+    assert (done.items, done.queue_has_locked_requests) == ([], False)
+
+
+# -- update_request (§2.2 (14)) -----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_update_with_handled_at_marks_handled_and_releases_lock(store: SqliteQueue) -> None:
+    """handledAt moves the counters pending->handled, removes the request from the head and releases its lock."""
+    [rid, _] = await add(store, 1, 2)
+    await lock_keys(store, A, limit=1)
+    request = await store.get_request(rid)
+    assert request is not None
+    request.handled_at = datetime.now(UTC)
+    registration = await store.update_request(request, client_key=A)
+    assert (registration.request_id, registration.was_already_present, registration.was_already_handled) == (
+        rid,
+        True,
+        False,
+    )
+    info = await store.get_info()
+    assert (info.total_request_count, info.handled_request_count, info.pending_request_count) == (2, 1, 1)
+    assert await store.locks() == []
+    head = await store.lock_head(limit=25, lock_secs=LONG, client_key=B)
+    assert [r.user_data["n"] for r in head.items] == ["2"]
+    stored_request = await store.get_request(rid)
+    assert stored_request is not None
+    assert stored_request.handled_at is not None
+
+
+@pytest.mark.anyio
+async def test_handled_lock_release_clears_queue_has_locked_requests(store: SqliteQueue) -> None:
+    """After the only locked request is marked handled, no lock remains in the queue."""
+    await add(store, 1)
+    await lock_keys(store, A)
+    await handle(store, 1, client_key=A)
+    head = await store.lock_head(limit=25, lock_secs=LONG, client_key=B)
+    assert (head.items, head.queue_has_locked_requests) == ([], False)
+
+
+@pytest.mark.anyio
+async def test_update_without_handled_at_keeps_lock(store: SqliteQueue) -> None:
+    """An update without handledAt stores the new body but the holder keeps the lock."""
+    [rid] = await add(store, 1)
+    await lock_keys(store, A)
+    await store.update_request(stored(1, user_data={"n": "1", "seen": True}, retry_count=1), client_key=A)
+    blocked = await store.lock_head(limit=25, lock_secs=LONG, client_key=B)
+    assert (blocked.items, blocked.queue_has_locked_requests) == ([], True)
+    await store.prolong_lock(rid, lock_secs=LONG, client_key=A)
+    request = await store.get_request(rid)
+    assert request is not None
+    assert (request.user_data, request.retry_count) == ({"n": "1", "seen": True}, 1)
+
+
+@pytest.mark.anyio
+async def test_update_of_unknown_id_inserts(store: SqliteQueue) -> None:
+    """update_request of an id not in the queue inserts it (wasAlreadyPresent false), pending or handled."""
+    pending = await store.update_request(stored(1, user_data={"n": "1"}), client_key=A)
+    handled = await store.update_request(stored(2, handled_at=datetime.now(UTC)), client_key=A)
+    assert [(r.was_already_present, r.was_already_handled) for r in (pending, handled)] == [(False, False)] * 2
+    info = await store.get_info()
+    assert (info.total_request_count, info.handled_request_count) == (2, 1)
+    assert await lock_keys(store) == ["1"]
+
+
+@pytest.mark.anyio
+async def test_update_with_mismatched_id_is_refused(store: SqliteQueue) -> None:
+    """An id that does not match the uniqueKey raises request-id-invalid and stores nothing."""
+    bad = Request(id=request_id_for(url(2)), unique_key=url(1), url=url(1))
+    with pytest.raises(InvalidInputError) as caught:
+        await store.update_request(bad, client_key=A)
+    assert caught.value.error_type == "request-id-invalid"
+    assert (await store.get_info()).total_request_count == 0
+
+
+@pytest.mark.anyio
+async def test_update_clearing_handled_at_makes_request_pending(store: SqliteQueue) -> None:
+    """A PUT without handledAt on a handled request makes it pending again and reports wasAlreadyHandled."""
+    await add(store, 1)
+    await handle(store, 1)
+    registration = await store.update_request(stored(1, user_data={"n": "1"}), client_key=A)
+    assert registration.was_already_handled
+    info = await store.get_info()
+    assert (info.handled_request_count, info.pending_request_count) == (0, 1)
+    assert await lock_keys(store) == ["1"]
+
+
+@pytest.mark.anyio
+async def test_update_does_not_store_echoed_lock_fields(store: SqliteQueue) -> None:
+    """Lock fields a client echoes in the body are not stored; lock state lives only in the store."""
+    [rid] = await add(store, 1)
+    echoed = stored(1, lockExpiresAt="2030-01-01T00:00:00.000Z", lockByClient=B, extraField=1)
+    await store.update_request(echoed, client_key=A)
+    request = await store.get_request(rid)
+    assert request is not None
+    assert request.model_extra == {"extraField": 1}
+
+
+# -- unlock_requests and hadMultipleClients (§2.2 (12), §8) -------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_unlock_requests_releases_only_callers_locks(store: SqliteQueue) -> None:
+    """unlock_requests releases the calling client's live locks only and returns how many."""
+    await add(store, 1, 2, 3)
+    assert await lock_keys(store, A, limit=2) == ["1", "2"]
+    assert await lock_keys(store, B, limit=1) == ["3"]
+    assert await store.unlock_requests(client_key=A) == 2
+    assert await store.unlock_requests(client_key=A) == 0
+    assert [holder for _, holder, _ in await store.locks()] == [B]
+    assert await lock_keys(store, "client-c") == ["1", "2"]
+    assert await store.unlock_requests(client_key=B) == 1
+
+
+@pytest.mark.anyio
+async def test_had_multiple_clients_counts_client_keys(tmp_path: Path) -> None:
+    """hadMultipleClients stays false for one client key (even over two connections) and turns true on a second."""
+    path = tmp_path / "q.sqlite"
+    first, second = SqliteQueue(path), SqliteQueue(path)
+    try:
+        await add(first, 1, 2)
+        assert not (await second.lock_head(limit=1, lock_secs=LONG, client_key=A)).had_multiple_clients
+        assert not (await first.get_info()).had_multiple_clients
+        assert (await second.lock_head(limit=1, lock_secs=LONG, client_key=B)).had_multiple_clients
+        assert (await first.get_info()).had_multiple_clients
+        assert (await first.lock_head(limit=1, lock_secs=LONG, client_key=A)).had_multiple_clients
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+@pytest.mark.anyio
+async def test_counters_track_total_handled_pending(store: SqliteQueue) -> None:
+    """totalRequestCount counts distinct requests; handled + pending = total."""
+    await add(store, 1, 2, 3)
+    await add(store, 3, 4)
+    await handle(store, 2)
+    await handle(store, 4)
+    await handle(store, 4)
+    info = await store.get_info()
+    assert (info.total_request_count, info.handled_request_count, info.pending_request_count) == (4, 2, 2)
+    assert info.created_at <= info.modified_at <= datetime.now(UTC)
+
+
+# -- several connections on one file ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_two_stores_never_lock_the_same_request(tmp_path: Path) -> None:
+    """Two stores on one file (like two processes), four lockers each, lock every request exactly once."""
+    path = tmp_path / "q.sqlite"
+    stores = [SqliteQueue(path), SqliteQueue(path)]
+    expected: set[str] = set()
+    locked: list[str] = []
+
+    async def locker(queue: SqliteQueue, client_key: str) -> None:
+        while items := (await queue.lock_head(limit=5, lock_secs=LONG, client_key=client_key)).items:
+            locked.extend(r.id for r in items)
+
+    try:
+        for start in range(0, 500, 25):
+            expected.update(await add(stores[0], *range(start, start + 25)))
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for s, queue in enumerate(stores):
+                    for w in range(4):
+                        tg.start_soon(locker, queue, f"store{s}-worker{w}")
+    finally:
+        for queue in stores:
+            await queue.aclose()
+    assert len(expected) == 500
+    assert Counter(locked) == Counter(expected)
+
+
+@pytest.mark.anyio
+async def test_lock_head_uses_head_index_on_large_queue(store: SqliteQueue) -> None:
+    """With 200,000 pending and 50,000 handled rows the lock-head query is an index range search, not a scan."""
+    # Seeded inside SQLite (ids need not be uniqueKey hashes here): rows 0..199,999 pending in order, the rest handled.
+    seed = """
+        WITH RECURSIVE seq(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM seq WHERE n < 249999)
+        INSERT INTO requests (id, order_no, data)
+        SELECT printf('seed%011d', n), CASE WHEN n < 200000 THEN n + 1 END,
+               json_object('id', printf('seed%011d', n), 'uniqueKey', ?1 || n, 'url', ?1 || n)
+        FROM seq
+    """
+    raw = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        raw.execute("BEGIN")
+        raw.execute(seed, (url(""),))
+        raw.execute("UPDATE queue SET total = 250000, handled = 50000")
+        raw.execute("COMMIT")
+        plan = [row[3] for row in raw.execute("EXPLAIN QUERY PLAN " + _HEAD_QUERY, (-(10**16), 10**16, 25))]
+    finally:
+        raw.close()
+    assert len(plan) == 1
+    assert "USING INDEX requests_head" in plan[0]
+    assert not any("SCAN" in step or "TEMP B-TREE" in step for step in plan)
+    head = await store.lock_head(limit=25, lock_secs=LONG, client_key=A)
+    assert [r.url for r in head.items] == [url(n) for n in range(25)]
+    info = await store.get_info()
+    assert (info.total_request_count, info.pending_request_count) == (250_000, 200_000)
+
+
+@pytest.mark.anyio
+async def test_locked_database_raises_queue_unavailable_and_loses_nothing(tmp_path: Path) -> None:
+    """A write blocked past busy_timeout raises QueueUnavailableError; after the lock goes, the store works."""
+    path = tmp_path / "q.sqlite"
+    queue = SqliteQueue(path, busy_timeout=0.2)
+    raw = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        await add(queue, 1)
+        raw.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(QueueUnavailableError, match="locked") as caught:
+            await add(queue, 2)
+        assert re.search(re.escape(str(path)), str(caught.value))
+        with pytest.raises(QueueUnavailableError):
+            await queue.lock_head(limit=1, lock_secs=LONG, client_key=A)
+        raw.execute("ROLLBACK")
+        assert (await queue.get_info()).total_request_count == 1
+        await add(queue, 2)
+        assert await lock_keys(queue) == ["1", "2"]
+        info = await queue.get_info()
+        assert (info.total_request_count, info.pending_request_count) == (2, 2)
+    finally:
+        raw.close()
+        await queue.aclose()
