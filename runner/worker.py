@@ -84,7 +84,7 @@ async def _attempt(
             error = f"handler timed out after {handler_timeout:g} s"
         except NoRetry as exc:
             error, permanent = f"NoRetry: {exc}", True
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any handler error is recorded on the request and retried
             error = f"{type(exc).__name__}: {exc}"
     if scope.cancelled_caught or lease.lost:
         stats.lost += 1
