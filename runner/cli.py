@@ -190,8 +190,20 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"headlock: error: serve needs the server extra: pip install 'headlock[server]' ({exc})", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
-    serve(args.host, args.port, args.storage, token=args.token)
+    # stdout carries only the address line (scripts read the port from it); events go to stderr, token scrubbed.
+    configure_logging(fmt=args.log_format or "auto", level=args.log_level or "warning", secrets=[args.token or ""])
+    try:
+        serve(
+            args.host, args.port, args.storage, token=args.token, log_level=args.log_level or "warning", ready=_announce
+        )
+    except OSError as exc:
+        print(f"headlock: error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_FATAL
     return EXIT_OK
+
+
+def _announce(url: str) -> None:
+    print(f"listening on {url}", flush=True)  # noqa: T201 - the first line tells scripts the bound port
 
 
 _COMMANDS = {"run": _run, "enqueue": _enqueue, "status": _status, "unlock": _unlock}
@@ -272,7 +284,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the embedded store as the Apify v2 request-queue API")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
     serve.add_argument("--storage", type=Path, default=Path("storage"), help="storage directory")
     serve.add_argument("--token", help="require this API token (Authorization: Bearer)")
+    serve.add_argument("--log-format", choices=["auto", "console", "json"])
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return parser

@@ -72,7 +72,12 @@ async def _prolong(
             return
         started = anyio.current_time()
         try:
-            await queue.prolong_lock(lease.request.id, lock_secs=lock_secs, client_key=client_key)
+            # A call still retrying when the lock runs out could only succeed too late: someone else may hold it.
+            with anyio.fail_after(max(lease.expires_at - started, 0)):
+                await queue.prolong_lock(lease.request.id, lock_secs=lock_secs, client_key=client_key)
+        except TimeoutError:
+            _lose(leases, stats, lease, "lock expired before a prolong succeeded")
+            return
         except (LockLostError, NotFoundError) as exc:
             _lose(leases, stats, lease, str(exc))
             return

@@ -90,6 +90,12 @@ async def _attempt(
         stats.lost += 1
         log.warning("lease.dropped", reason="lock lost while the handler ran")
         return
+    if anyio.current_time() >= lease.expires_at:
+        # The heartbeat could not confirm the lock in time: another worker may hold it now, so commit nothing.
+        leases.lose(lease)
+        stats.lost += 1
+        log.warning("lease.dropped", reason="lock expired before the handler finished")
+        return
     # Bookkeeping must not be cut in half by shutdown's cancellation: a half-done commit would redo the request.
     with anyio.CancelScope(shield=True, deadline=anyio.current_time() + COMMIT_TIMEOUT):
         if error is None:

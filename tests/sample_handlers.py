@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import anyio
 
@@ -21,9 +22,10 @@ def _record(ctx: Context, path_key: str = "attempts_file") -> None:
 
 
 async def slow(ctx: Context) -> None:
-    """Record the attempt, sleep `options.sleep` seconds, push the URL."""
+    """Record the attempt, sleep `options.sleep` (+ up to `options.sleep_jitter`) seconds, push the URL."""
     _record(ctx)
-    await anyio.sleep(float(ctx.options.get("sleep", 0)))
+    jitter = float(ctx.options.get("sleep_jitter", 0)) * random.random()
+    await anyio.sleep(float(ctx.options.get("sleep", 0)) + jitter)
     await ctx.push_data({"url": ctx.url, "pid": os.getpid()})
 
 

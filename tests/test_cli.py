@@ -29,18 +29,19 @@ def attempts(path: Path) -> Counter[str]:
     return Counter(line.split()[0] for line in path.read_text().splitlines() if line)
 
 
-def queue_state(storage: Path) -> tuple[int, int, list[tuple[str, str, object]]]:
-    """(total, handled, locks) of the default embedded queue."""
+async def read_queue_state(storage: Path, name: str = "default") -> tuple[int, int, list[tuple[str, str, object]]]:
+    """(total, handled, locks) of an embedded queue."""
+    queue = SqliteQueue.open(storage, name)
+    try:
+        info = await queue.get_info()
+        return info.total_request_count, info.handled_request_count, list(await queue.locks())
+    finally:
+        await queue.aclose()
 
-    async def read() -> tuple[int, int, list[tuple[str, str, object]]]:
-        queue = SqliteQueue.open(storage, "default")
-        try:
-            info = await queue.get_info()
-            return info.total_request_count, info.handled_request_count, list(await queue.locks())
-        finally:
-            await queue.aclose()
 
-    return anyio.run(read)
+def queue_state(storage: Path, name: str = "default") -> tuple[int, int, list[tuple[str, str, object]]]:
+    """(total, handled, locks) of an embedded queue, from synchronous code."""
+    return anyio.run(read_queue_state, storage, name)
 
 
 def wait_for(predicate: object, timeout: float, what: str) -> None:

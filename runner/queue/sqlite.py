@@ -20,6 +20,7 @@ import sqlite3
 import string
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -41,7 +42,7 @@ from runner.models import (
 from runner.queue.protocol import MAX_BATCH, MAX_CLIENT_KEY, MAX_LOCK_LIMIT
 from runner.uniquekey import request_id_for
 
-__all__ = ["SqliteQueue", "queue_path", "validate_queue_name"]
+__all__ = ["Head", "SqliteQueue", "queue_path", "validate_queue_name"]
 
 T = TypeVar("T")
 
@@ -159,6 +160,18 @@ def _from_draft(draft: RequestDraft, endpoint: str) -> Request:
         return Request.model_validate({**body, "id": request_id})
     except ValidationError as exc:
         raise InvalidInputError(f"invalid request {draft.unique_key!r}: {exc}", endpoint=endpoint) from exc
+
+
+_HEAD_FIELDS = ("id", "uniqueKey", "url", "method", "retryCount")
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The first unhandled requests (locked ones included) and the queue's state, for GET /head."""
+
+    items: list[dict[str, Any]]
+    queue_modified_at: datetime
+    had_multiple_clients: bool
 
 
 class _Write(Generic[T]):
@@ -559,6 +572,46 @@ class SqliteQueue:
             self._db.execute("UPDATE queue SET total = total + ?, handled = handled + ?", (added, handled_added))
         self._touch(now, client_key, changed=added > 0)
         return BatchAddResult(processed_requests=processed)
+
+    async def list_head(self, limit: int) -> Head:
+        """The first `limit` unhandled requests in queue order, locked ones included, without `userData`."""
+        return await self._run(self._list_head, limit, endpoint="list_head", write=False)
+
+    def _list_head(self, limit: int) -> Head:
+        # One read transaction, so the items and the queue row are one snapshot.
+        self._db.execute("BEGIN")
+        try:
+            rows = self._db.execute(
+                "SELECT data FROM requests WHERE order_no IS NOT NULL ORDER BY order_no, rowid LIMIT ?", (limit,)
+            ).fetchall()
+            modified, multiple = self._db.execute("SELECT modified_at, had_multiple_clients FROM queue").fetchone()
+        finally:
+            self._db.execute("COMMIT")
+        items = []
+        for (data,) in rows:
+            request = json.loads(data)
+            items.append({key: request[key] for key in _HEAD_FIELDS if key in request})
+        return Head(items=items, queue_modified_at=_to_datetime(modified), had_multiple_clients=bool(multiple))
+
+    async def delete_requests(self, request_ids: Sequence[str], *, client_key: str) -> list[str]:
+        """Delete these requests, locked or not; return the ids that existed."""
+        _check_client_key(client_key, "delete_requests")
+        return await self._run(self._delete, request_ids, client_key, endpoint="delete_requests")
+
+    def _delete(self, request_ids: Sequence[str], client_key: str) -> list[str]:
+        now = self._clock()
+        deleted: list[str] = []
+        handled = 0
+        for request_id in request_ids:
+            row = self._db.execute("SELECT order_no FROM requests WHERE id = ?", (request_id,)).fetchone()
+            if row is None:
+                continue
+            self._db.execute("DELETE FROM requests WHERE id = ?", (request_id,))
+            deleted.append(request_id)
+            handled += row[0] is None
+        self._db.execute("UPDATE queue SET total = total - ?, handled = handled - ?", (len(deleted), handled))
+        self._touch(now, client_key, changed=bool(deleted))
+        return deleted
 
     async def get_request(self, request_id: str) -> Request | None:
         """Return the stored request, or None."""

@@ -1,0 +1,706 @@
+"""The `RequestQueue` over HTTP: the Apify API v2 request-queue endpoints (the platform or `headlock serve`).
+
+Layers, each with one job: `_call` sends one request with rate limiting, per-attempt timeouts and retries (429,
+5xx, network errors); `_check`/`_fetch` map the answer to `runner.errors` at this boundary and parse it; the
+Protocol methods on top add the request cache that makes `lock_head` return complete requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import gzip
+import json
+import math
+import random
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Literal, NamedTuple, NoReturn, Self, TypedDict, TypeVar, Unpack
+from urllib.parse import quote
+
+import anyio
+import httpx
+import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from runner.errors import (
+    ConfigError,
+    InvalidInputError,
+    LockLostError,
+    NotFoundError,
+    QueueError,
+    QueueUnavailableError,
+    RateLimitedError,
+    UnauthorizedError,
+)
+from runner.models import (
+    BatchAddResult,
+    LockedHead,
+    QueueInfo,
+    Request,
+    RequestDraft,
+    RequestRegistration,
+    parse_datetime,
+)
+from runner.queue.protocol import MAX_BATCH
+
+__all__ = ["ApiQueue", "ApiQueueOptions", "ApiRetryPolicy", "CallTimeouts", "RateLimits"]
+
+M = TypeVar("M", bound=BaseModel)
+
+_log = structlog.get_logger("headlock.queue.api")
+
+GZIP_MIN_BYTES = 1024
+"""Bodies of this size or more are sent gzipped (as the official v3 client does)."""
+
+_Tier = Literal["short", "medium", "long"]
+_RateClass = Literal["batch", "single", "other"]
+
+
+# -- configuration value objects ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRetryPolicy:
+    """When and how long to retry 429, 5xx and network errors.
+
+    The delay after failed attempt k (0-based) is `base_delay * 2**k * U(1, 2)`, capped near `max_delay`; a
+    `Retry-After` header replaces it (capped at `max_retry_after`). `unprocessed_retries` is how often a batch add
+    resends the items the API reported as unprocessed.
+    """
+
+    max_retries: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    max_retry_after: float = 60.0
+    unprocessed_retries: int = 3
+
+    def delay(self, attempt: int, retry_after: str | None = None) -> float:
+        """Seconds to wait after failed attempt `attempt` (0-based)."""
+        requested = _parse_retry_after(retry_after)
+        if requested is not None:
+            return min(requested, self.max_retry_after)
+        delay = self.base_delay * 2.0**attempt * random.uniform(1, 2)
+        # Jitter the cap too, so clients that all reached it do not retry in lockstep.
+        return min(delay, self.max_delay * random.uniform(0.75, 1))
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+@dataclass(frozen=True, slots=True)
+class CallTimeouts:
+    """Per-attempt timeouts in seconds by tier (as the official client's); each retry doubles it, up to `long`."""
+
+    short: float = 5.0
+    medium: float = 30.0
+    long: float = 360.0
+
+    @classmethod
+    def uniform(cls, seconds: float) -> CallTimeouts:
+        """Every call starts at `seconds`; retries double it up to the larger of `seconds` and 360 s."""
+        return cls(short=seconds, medium=seconds, long=max(seconds, cls().long))
+
+    def for_attempt(self, tier: _Tier, attempt: int) -> httpx.Timeout:
+        """The timeout of attempt `attempt` (0-based) of a call in `tier`."""
+        base = {"short": self.short, "medium": self.medium, "long": self.long}[tier]
+        return httpx.Timeout(min(base * 2.0**attempt, max(self.long, base)))
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """Client-side calls per second by endpoint class (the platform's per-queue limits, contract §6)."""
+
+    batch: float = 40.0
+    """head/lock and batch add."""
+    single: float = 400.0
+    """get/update one request, prolong and delete a lock."""
+    other: float = 60.0
+    """everything else."""
+
+
+class ApiQueueOptions(TypedDict, total=False):
+    """Optional settings of `ApiQueue`."""
+
+    retry: ApiRetryPolicy
+    max_retries: int
+    """Shortcut: replaces `retry.max_retries`."""
+    timeouts: CallTimeouts
+    timeout: float
+    """Shortcut: `CallTimeouts.uniform(timeout)` when `timeouts` is not given."""
+    rate_limits: RateLimits
+    cache_size: int
+    """How many complete requests (added or updated by this instance) to keep for `lock_head`; default 50 000."""
+    fetch_concurrency: int
+    """How many GETs `lock_head` runs at once for requests not in the cache; default 16."""
+
+
+class _RateLimiter:
+    """A GCRA limiter: `rate` calls per second with bursts of up to `burst`; waits by sleeping, never spins."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._interval = 1.0 / rate
+        self._tolerance = (burst - 1) * self._interval
+        self._tat = -math.inf  # theoretical arrival time of the next call
+
+    def reserve(self, now: float) -> float:
+        """Take the next slot; return how long to wait for it."""
+        tat = max(self._tat, now)
+        self._tat = tat + self._interval
+        return max(0.0, tat - self._tolerance - now)
+
+    async def acquire(self) -> None:
+        """Wait for the next slot."""
+        wait = self.reserve(anyio.current_time())
+        if wait > 0:
+            await anyio.sleep(wait)
+
+
+# -- endpoints and wire shapes ------------------------------------------------------------------------------
+
+
+class _Endpoint(NamedTuple):
+    method: str
+    template: str  # under /v2/request-queues/{queueId}; "" for the queue itself
+    rate: _RateClass
+    tier: _Tier
+    lock_op: bool = False
+    collection: bool = False
+
+    @property
+    def label(self) -> str:
+        """How errors name the endpoint, e.g. `PUT /v2/request-queues/{queueId}/requests/{id}/lock`."""
+        if self.collection:
+            return f"{self.method} /v2/request-queues"
+        return f"{self.method} /v2/request-queues/{{queueId}}{self.template}"
+
+    def counter(self, status: str) -> str:
+        """The key in `ApiQueue.calls`, e.g. `POST /head/lock 201`."""
+        path = "/v2/request-queues" if self.collection else self.template or "/"
+        return f"{self.method} {path} {status}"
+
+
+_GET_OR_CREATE = _Endpoint("POST", "", "other", "short", collection=True)
+_GET_QUEUE = _Endpoint("GET", "", "other", "short")
+_LOCK_HEAD = _Endpoint("POST", "/head/lock", "batch", "medium")
+_BATCH_ADD = _Endpoint("POST", "/requests/batch", "batch", "medium")
+_UNLOCK = _Endpoint("POST", "/requests/unlock", "other", "long")
+_GET_REQUEST = _Endpoint("GET", "/requests/{id}", "single", "short")
+_UPDATE_REQUEST = _Endpoint("PUT", "/requests/{id}", "single", "medium")
+_PROLONG_LOCK = _Endpoint("PUT", "/requests/{id}/lock", "single", "medium", lock_op=True)
+_DELETE_LOCK = _Endpoint("DELETE", "/requests/{id}/lock", "single", "short", lock_op=True)
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class _HeadItem(_Wire):
+    id: str
+    unique_key: str
+    url: str
+    method: str = "GET"
+    retry_count: int = 0
+
+
+class _LockedHeadData(_Wire):
+    items: list[_HeadItem]
+    lock_secs: float
+    queue_has_locked_requests: bool = False
+    had_multiple_clients: bool = False
+
+
+class _LockInfo(_Wire):
+    lock_expires_at: datetime
+
+    _parse = field_validator("lock_expires_at", mode="before")(parse_datetime)
+
+
+class _UnlockResult(_Wire):
+    unlocked_count: int
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _error_payload(response: httpx.Response) -> tuple[str | None, str]:
+    """`error.type` and `error.message` of an error answer, or the start of its body when it has none."""
+    try:
+        error = response.json().get("error")
+        return str(error["type"]), str(error.get("message", ""))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None, f"unexpected answer: {response.text[:200]!r}"
+
+
+_STATUS_ERRORS: dict[int, type[QueueError]] = {
+    400: InvalidInputError,
+    401: UnauthorizedError,
+    403: UnauthorizedError,
+    404: NotFoundError,
+    413: InvalidInputError,
+    415: InvalidInputError,
+    429: RateLimitedError,
+}
+
+
+def _error_class(endpoint: _Endpoint, status: int, error_type: str | None) -> type[QueueError]:
+    if error_type == "request-handled-or-locked" or (endpoint.lock_op and status in (403, 409)):
+        return LockLostError
+    if status >= 500:
+        return QueueUnavailableError
+    return _STATUS_ERRORS.get(status, QueueError)
+
+
+def _retryable(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+# Transport errors a retry cannot fix.
+_PERMANENT = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
+
+
+# -- the queue ----------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Secret:
+    """The API token: only ever put in the `Authorization` header."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+class ApiQueue:
+    """A `RequestQueue` served over the request-queue API.
+
+    `lock_head` returns complete requests although the API's head items lack `userData`, `headers` and
+    `payload`: requests this instance added or updated come from a bounded cache, the others are fetched with
+    GET (concurrently). `calls` counts every HTTP attempt as `"METHOD path-template status"` (status `error` for a
+    network failure). The token goes in the `Authorization` header only, never in URLs, logs, errors or `repr`.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient | None = None,
+        *,
+        base_url: str,
+        queue_id: str,
+        token: str | None,
+        **options: Unpack[ApiQueueOptions],
+    ) -> None:
+        """Use `queue_id` (an id or `~name`) at `base_url` (e.g. `https://api.apify.com`; `/v2` is added).
+
+        A `client` given here is used as is and not closed by `aclose`. See `ApiQueueOptions` for the rest.
+        """
+        base = base_url.rstrip("/")
+        self._base = base if base.endswith("/v2") else f"{base}/v2"
+        self._queue_id = queue_id
+        self._token = _Secret(token) if token else None
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.AsyncClient(headers={"Accept": "application/json"})
+        self._closed = False
+        retry = options.get("retry") or ApiRetryPolicy()
+        if (max_retries := options.get("max_retries")) is not None:
+            retry = dataclasses.replace(retry, max_retries=max_retries)
+        self._retry = retry
+        timeout = options.get("timeout")
+        self._timeouts = options.get("timeouts") or (CallTimeouts.uniform(timeout) if timeout else CallTimeouts())
+        limits = options.get("rate_limits") or RateLimits()
+        self._limiters = {
+            name: _RateLimiter(rate, burst=max(1, int(rate / 10)))
+            for name, rate in (("batch", limits.batch), ("single", limits.single), ("other", limits.other))
+        }
+        self._cache: OrderedDict[str, Request] = OrderedDict()
+        self._cache_size = options.get("cache_size", 50_000)
+        self._fetch_concurrency = options.get("fetch_concurrency", 16)
+        self.calls: Counter[str] = Counter()
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        base_url: str,
+        token: str | None,
+        queue_id: str | None = None,
+        name: str | None = None,
+        client: httpx.AsyncClient | None = None,
+        **options: Unpack[ApiQueueOptions],
+    ) -> ApiQueue:
+        """Open a queue by `queue_id`, or by `name`, creating it when missing (`POST /v2/request-queues?name=`).
+
+        Raises:
+            ConfigError: not exactly one of `queue_id` and `name` is given.
+            QueueError: the get-or-create call failed.
+        """
+        if (queue_id is None) == (name is None):
+            raise ConfigError("give exactly one of queue_id and name")
+        queue = cls(client, base_url=base_url, queue_id=queue_id or "", token=token, **options)
+        if name is not None:
+            try:
+                info = await queue._fetch(_GET_OR_CREATE, QueueInfo, params={"name": name})
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await queue.aclose()
+                raise
+            queue._queue_id = info.id
+        return queue
+
+    @property
+    def queue_id(self) -> str:
+        """The queue's id (or the `~name` it was opened with)."""
+        return self._queue_id
+
+    def __repr__(self) -> str:
+        token = "'***'" if self._token else "None"
+        return f"ApiQueue(base_url={self._base!r}, queue_id={self._queue_id!r}, token={token})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # -- transport ------------------------------------------------------------------------------------------
+
+    def _url(self, endpoint: _Endpoint, request_id: str | None) -> str:
+        if endpoint.collection:
+            return f"{self._base}/request-queues"
+        path = endpoint.template.format(id=quote(request_id or "", safe=""))
+        return f"{self._base}/request-queues/{quote(self._queue_id, safe='~')}{path}"
+
+    def _encode(
+        self, endpoint: _Endpoint, body: Request | Sequence[RequestDraft] | None
+    ) -> tuple[dict[str, str], bytes | None]:
+        """Headers and content of a call; bodies of 1 KiB or more gzipped.
+
+        Raises:
+            InvalidInputError: the body cannot be written as JSON (e.g. an arbitrary object in `userData`).
+        """
+        headers = {"Authorization": f"Bearer {self._token.value}"} if self._token else {}
+        if body is None:
+            return headers, None
+        try:
+            data = body.to_api() if isinstance(body, Request) else [draft.to_api() for draft in body]
+            content = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"the body cannot be sent as JSON: {exc}", endpoint=endpoint.label) from exc
+        headers["Content-Type"] = "application/json"
+        if len(content) >= GZIP_MIN_BYTES:
+            content = gzip.compress(content, compresslevel=5)
+            headers["Content-Encoding"] = "gzip"
+        return headers, content
+
+    def _scrub(self, text: str) -> str:
+        """Remove the token from text that came from elsewhere (an error body could echo it)."""
+        return text.replace(self._token.value, "***") if self._token else text
+
+    async def _call(
+        self,
+        endpoint: _Endpoint,
+        *,
+        request_id: str | None = None,
+        params: dict[str, str | int] | None = None,
+        body: Request | Sequence[RequestDraft] | None = None,
+    ) -> httpx.Response:
+        """Send one API call, retrying 429, 5xx and network errors; return the first other answer.
+
+        Raises:
+            RateLimitedError: 429 on every attempt.
+            QueueUnavailableError: 5xx or network errors on every attempt.
+        """
+        url = self._url(endpoint, request_id)
+        headers, content = self._encode(endpoint, body)
+        attempts = self._retry.max_retries + 1
+        for attempt in range(attempts):
+            await self._limiters[endpoint.rate].acquire()
+            try:
+                response = await self._client.request(
+                    endpoint.method,
+                    url,
+                    params=params,
+                    content=content,
+                    headers=headers,
+                    timeout=self._timeouts.for_attempt(endpoint.tier, attempt),
+                )
+            except httpx.RequestError as exc:
+                self.calls[endpoint.counter("error")] += 1
+                if isinstance(exc, _PERMANENT) or attempt + 1 == attempts:
+                    self._give_up(endpoint, exc, attempt + 1, request_id)
+                reason, retry_after = f"{type(exc).__name__}: {self._scrub(str(exc))}", None
+            else:
+                self.calls[endpoint.counter(str(response.status_code))] += 1
+                if not _retryable(response.status_code):
+                    return response
+                if attempt + 1 == attempts:
+                    self._check(endpoint, response, request_id, attempts=attempts)
+                reason, retry_after = f"HTTP {response.status_code}", response.headers.get("retry-after")
+            delay = self._retry.delay(attempt, retry_after)
+            _log.warning(
+                "queue.api.retry", endpoint=endpoint.label, attempt=attempt + 1, delay=round(delay, 3), reason=reason
+            )
+            await anyio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises
+
+    def _give_up(self, endpoint: _Endpoint, exc: httpx.RequestError, attempts: int, request_id: str | None) -> NoReturn:
+        where = f" (request {request_id})" if request_id else ""
+        message = f"no answer after {attempts} attempt(s){where}: {type(exc).__name__}: {self._scrub(str(exc))}"
+        raise QueueUnavailableError(message, endpoint=endpoint.label) from exc
+
+    def _check(
+        self, endpoint: _Endpoint, response: httpx.Response, request_id: str | None, *, attempts: int = 1
+    ) -> None:
+        """Raise the `runner.errors` type for a non-2xx answer."""
+        if response.is_success:
+            return
+        status = response.status_code
+        error_type, message = _error_payload(response)
+        where = f" (request {request_id})" if request_id else ""
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        raise _error_class(endpoint, status, error_type)(
+            self._scrub(f"{message}{where}{tries}"), endpoint=endpoint.label, status=status, error_type=error_type
+        )
+
+    def _parse(self, endpoint: _Endpoint, response: httpx.Response, model: type[M]) -> M:
+        """The `data` of a 2xx answer as `model`.
+
+        Raises:
+            QueueUnavailableError: the answer is not JSON or not the documented shape.
+        """
+        try:
+            payload = response.json()
+        except ValueError as exc:
+            raise QueueUnavailableError(
+                f"malformed JSON in the answer: {response.text[:100]!r}",
+                endpoint=endpoint.label,
+                status=response.status_code,
+            ) from exc
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(data, dict):
+            raise QueueUnavailableError(
+                "the answer has no `data` object", endpoint=endpoint.label, status=response.status_code
+            )
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise QueueUnavailableError(
+                f"unexpected answer shape: {where}: {first['msg']}",
+                endpoint=endpoint.label,
+                status=response.status_code,
+            ) from None
+
+    async def _fetch(
+        self,
+        endpoint: _Endpoint,
+        model: type[M],
+        *,
+        request_id: str | None = None,
+        params: dict[str, str | int] | None = None,
+        body: Request | Sequence[RequestDraft] | None = None,
+    ) -> M:
+        response = await self._call(endpoint, request_id=request_id, params=params, body=body)
+        self._check(endpoint, response, request_id)
+        return self._parse(endpoint, response, model)
+
+    # -- the request cache ----------------------------------------------------------------------------------
+
+    def _remember(self, request: Request) -> None:
+        self._cache[request.id] = request
+        self._cache.move_to_end(request.id)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _remember_added(self, drafts: Sequence[RequestDraft], result: BatchAddResult) -> None:
+        """Cache what the queue now stores for each draft it newly added (as the server builds it)."""
+        by_key = {draft.unique_key: draft for draft in drafts}
+        for added in result.processed_requests:
+            draft = by_key.get(added.unique_key)
+            if draft is None or added.was_already_present:
+                continue  # an existing request may differ from our draft
+            stored = {"id": added.request_id, "retryCount": 0, **draft.to_api()}
+            if stored.get("handledAt") is not None:
+                continue  # it will not come out of the head
+            stored["id"] = added.request_id
+            try:
+                self._remember(Request.model_validate(stored))
+            except ValidationError:
+                continue
+
+    async def _complete(self, items: Sequence[_HeadItem]) -> list[Request]:
+        """Full requests for head items: from the cache, else fetched concurrently (one GET each)."""
+        found: dict[str, Request | None] = {}
+        missing: list[str] = []
+        for item in items:
+            cached = self._cache.get(item.id)
+            if cached is None:
+                missing.append(item.id)
+                continue
+            self._cache.move_to_end(item.id)
+            # The head's retryCount is the queue's; the cached copy may predate a retry by another client.
+            found[item.id] = cached.model_copy(update={"retry_count": item.retry_count}, deep=True)
+        failures: list[QueueError] = []
+        if missing:
+            limiter = anyio.CapacityLimiter(self._fetch_concurrency)
+
+            async def fetch(request_id: str, scope: anyio.CancelScope) -> None:
+                async with limiter:
+                    try:
+                        found[request_id] = await self.get_request(request_id)
+                    except QueueError as exc:
+                        failures.append(exc)
+                        scope.cancel()
+
+            async with anyio.create_task_group() as group:
+                for request_id in missing:
+                    group.start_soon(fetch, request_id, group.cancel_scope)
+        if failures:
+            raise failures[0]
+        complete = []
+        for item in items:
+            request = found.get(item.id)
+            if request is None:
+                _log.warning("queue.api.head_item_missing", request_id=item.id)  # deleted since the lock
+                continue
+            complete.append(request)
+        return complete
+
+    # -- the Protocol ---------------------------------------------------------------------------------------
+
+    async def lock_head(self, *, limit: int, lock_secs: float, client_key: str) -> LockedHead:
+        """Lock up to `limit` (≤ 25) requests and return them complete.
+
+        If fetching a request fails, the call raises and the locks it took expire after `lock_secs`.
+        """
+        params: dict[str, str | int] = {"lockSecs": _number(lock_secs), "limit": limit, "clientKey": client_key}
+        head = await self._fetch(_LOCK_HEAD, _LockedHeadData, params=params)
+        return LockedHead(
+            items=await self._complete(head.items),
+            lock_secs=head.lock_secs,
+            queue_has_locked_requests=head.queue_has_locked_requests,
+            had_multiple_clients=head.had_multiple_clients,
+        )
+
+    async def prolong_lock(
+        self, request_id: str, *, lock_secs: float, client_key: str, forefront: bool = False
+    ) -> datetime:
+        """Extend this client's lock to now + `lock_secs`; return the new expiry.
+
+        Raises:
+            LockLostError: another client holds the lock, or the request is handled.
+        """
+        params: dict[str, str | int] = {
+            "lockSecs": _number(lock_secs),
+            "clientKey": client_key,
+            "forefront": _bool(forefront),
+        }
+        info = await self._fetch(_PROLONG_LOCK, _LockInfo, request_id=request_id, params=params)
+        return info.lock_expires_at
+
+    async def delete_lock(self, request_id: str, *, client_key: str, forefront: bool = False) -> None:
+        """Release this client's lock; the request goes to the head (`forefront`) or the end.
+
+        Raises:
+            LockLostError: another client holds the lock, or the request is handled.
+        """
+        params: dict[str, str | int] = {"clientKey": client_key, "forefront": _bool(forefront)}
+        response = await self._call(_DELETE_LOCK, request_id=request_id, params=params)
+        self._check(_DELETE_LOCK, response, request_id)
+
+    async def unlock_requests(self, *, client_key: str) -> int:
+        """Release every lock `client_key` holds; return how many."""
+        result = await self._fetch(_UNLOCK, _UnlockResult, params={"clientKey": client_key})
+        return result.unlocked_count
+
+    async def update_request(
+        self, request: Request, *, client_key: str, forefront: bool = False
+    ) -> RequestRegistration:
+        """Replace the stored request (see the Protocol); a pending one is cached as sent."""
+        params: dict[str, str | int] = {"clientKey": client_key, "forefront": _bool(forefront)}
+        registration = await self._fetch(
+            _UPDATE_REQUEST, RequestRegistration, request_id=request.id, params=params, body=request
+        )
+        if request.handled_at is None:
+            self._remember(request.model_copy(deep=True))
+        else:
+            self._cache.pop(request.id, None)
+        return registration
+
+    async def batch_add(
+        self, requests: Sequence[RequestDraft], *, client_key: str, forefront: bool = False
+    ) -> BatchAddResult:
+        """Add up to 25 requests; items the API reports unprocessed are resent with backoff a few times.
+
+        Raises:
+            InvalidInputError: more than 25 requests (no call is made).
+        """
+        if len(requests) > MAX_BATCH:
+            raise InvalidInputError(
+                f"a batch holds at most {MAX_BATCH} requests, got {len(requests)}", endpoint=_BATCH_ADD.label
+            )
+        params: dict[str, str | int] = {"clientKey": client_key, "forefront": _bool(forefront)}
+        pending = list(requests)
+        processed = []
+        result = BatchAddResult()
+        for attempt in range(self._retry.unprocessed_retries + 1):
+            if not pending:
+                break
+            result = await self._fetch(_BATCH_ADD, BatchAddResult, params=params, body=pending)
+            processed.extend(result.processed_requests)
+            self._remember_added(pending, result)
+            unprocessed = {item.unique_key for item in result.unprocessed_requests}
+            pending = [draft for draft in pending if draft.unique_key in unprocessed]
+            if pending and attempt < self._retry.unprocessed_retries:
+                delay = self._retry.delay(attempt)
+                _log.warning("queue.api.unprocessed", count=len(pending), attempt=attempt + 1, delay=round(delay, 3))
+                await anyio.sleep(delay)
+        return BatchAddResult(processed_requests=processed, unprocessed_requests=result.unprocessed_requests)
+
+    async def get_request(self, request_id: str) -> Request | None:
+        """Return the stored request, or None on 404."""
+        response = await self._call(_GET_REQUEST, request_id=request_id)
+        if response.status_code == 404:
+            return None
+        self._check(_GET_REQUEST, response, request_id)
+        return self._parse(_GET_REQUEST, response, Request)
+
+    async def get_info(self) -> QueueInfo:
+        """Return the queue's metadata and counters.
+
+        Raises:
+            NotFoundError: the queue does not exist.
+        """
+        return await self._fetch(_GET_QUEUE, QueueInfo)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this queue created it. Idempotent."""
+        if self._owns_client and not self._closed:
+            self._closed = True
+            await self._client.aclose()

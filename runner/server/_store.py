@@ -1,0 +1,137 @@
+"""The server's queues: one `SqliteQueue` per queue file, opened on first use, and an index of queue ids."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from runner.errors import InvalidInputError, NotFoundError
+from runner.queue.sqlite import SqliteQueue, queue_path, validate_queue_name
+
+__all__ = ["OpenQueue", "QueueRegistry"]
+
+T = TypeVar("T")
+
+_log = structlog.get_logger("headlock.server")
+
+_HEAD_FIELDS = ("id", "uniqueKey", "url", "method", "retryCount")
+
+
+@dataclass(frozen=True, slots=True)
+class OpenQueue:
+    """One served queue."""
+
+    name: str
+    store: SqliteQueue
+
+
+def _read_id(path: Path) -> str | None:
+    """The queue id stored in the file at `path`, or None when it is not (yet) a queue database."""
+    try:
+        db = sqlite3.connect(path, timeout=5.0)
+        try:
+            row = db.execute("SELECT id FROM queue").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    return None if row is None else str(row[0])
+
+
+def _not_found() -> NotFoundError:
+    return NotFoundError("Request Queue was not found", error_type="record-not-found")
+
+
+class QueueRegistry:
+    """The queues of one storage directory, owned by one app: opened on first use, closed by `aclose`."""
+
+    def __init__(self, storage_dir: Path) -> None:
+        """Serve the queues under `storage_dir/request_queues/`."""
+        self._storage_dir = storage_dir
+        self._open: dict[str, OpenQueue] = {}
+        self._ids: dict[str, str] = {}  # queue id -> queue name (file stem)
+        self._lock = anyio.Lock()
+
+    async def index(self) -> None:
+        """Learn the ids of queue files not indexed yet (created before start-up or by other processes)."""
+        known = set(self._ids.values())
+        directory = self._storage_dir / "request_queues"
+        paths = [p for p in sorted(directory.glob("*.sqlite")) if p.stem not in known]
+        for path in paths:
+            queue_id = await anyio.to_thread.run_sync(_read_id, path)
+            if queue_id is None:
+                _log.warning("server.queue_file_skipped", path=str(path))
+                continue
+            self._ids[queue_id] = path.stem
+
+    async def resolve(self, ref: str) -> OpenQueue:
+        """Find a queue by id, name, `~name` or `username~name`.
+
+        Raises:
+            NotFoundError: there is no such queue.
+        """
+        if "~" in ref:
+            return await self._existing(ref.split("~", 1)[1])
+        name = self._ids.get(ref)
+        if name is None:
+            await self.index()
+            name = self._ids.get(ref, ref)
+        return await self._existing(name)
+
+    async def _existing(self, name: str) -> OpenQueue:
+        if name in self._open:
+            return self._open[name]
+        try:
+            path = queue_path(self._storage_dir, name)
+        except InvalidInputError:
+            raise _not_found() from None
+        if not path.exists():
+            raise _not_found()
+        queue, _ = await self._get(name)
+        return queue
+
+    async def get_or_create(self, name: str | None) -> tuple[OpenQueue, bool]:
+        """Open the queue `name`, creating it when missing; True when it was created.
+
+        Without a name a new queue is created under a generated name (`unnamed-...`).
+
+        Raises:
+            InvalidInputError: `name` is not a valid queue name.
+        """
+        if name is None:
+            alphabet = string.ascii_lowercase + string.digits
+            name = "unnamed-" + "".join(secrets.choice(alphabet) for _ in range(16))
+        validate_queue_name(name)
+        return await self._get(name)
+
+    async def _get(self, name: str) -> tuple[OpenQueue, bool]:
+        async with self._lock:
+            if name in self._open:
+                return self._open[name], False
+            created = not queue_path(self._storage_dir, name).exists()
+            store = await anyio.to_thread.run_sync(SqliteQueue.open, self._storage_dir, name)
+            try:
+                info = await store.get_info()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await store.aclose()
+                raise
+            queue = OpenQueue(name=name, store=store)
+            self._open[name] = queue
+            self._ids[info.id] = name
+            return queue, created
+
+    async def aclose(self) -> None:
+        """Close every open queue. Idempotent."""
+        async with self._lock:
+            queues, self._open = list(self._open.values()), {}
+        for queue in queues:
+            await queue.store.aclose()

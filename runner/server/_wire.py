@@ -1,0 +1,277 @@
+"""Wire details of the emulated API: query parameters, request bodies, envelopes and the error-to-status map."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import secrets
+import zlib
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from runner.errors import (
+    InvalidInputError,
+    LockLostError,
+    NotFoundError,
+    QueueError,
+    QueueUnavailableError,
+    RateLimitedError,
+    UnauthorizedError,
+)
+from runner.queue.protocol import MAX_CLIENT_KEY
+
+__all__ = [
+    "MAX_LOCK_SECS",
+    "MAX_PAYLOAD_BYTES",
+    "client_key",
+    "data_response",
+    "error_body",
+    "error_response",
+    "flag",
+    "format_datetime",
+    "limit",
+    "lock_secs",
+    "rate_limit_for",
+    "read_json",
+    "validate",
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+MAX_PAYLOAD_BYTES = 9_437_184
+"""The platform's `MAX_PAYLOAD_SIZE_BYTES`; applied to the raw and to the decompressed body."""
+MAX_LOCK_SECS = 10 * 365 * 24 * 3600.0
+"""Longest lock granted (the store's bound). The platform documents none; this keeps expiries in SQLite's integers."""
+
+# Status and `error.type` for each error class, the most specific class first. An error raised with its own
+# `status`/`error_type` (413, 415, invalid-client-key, request-id-invalid) keeps them.
+_STATUS: tuple[tuple[type[QueueError], int, str], ...] = (
+    (LockLostError, 403, "request-handled-or-locked"),
+    (NotFoundError, 404, "record-not-found"),
+    (InvalidInputError, 400, "invalid-input"),
+    (UnauthorizedError, 401, "invalid-token"),
+    (RateLimitedError, 429, "rate-limit-exceeded"),
+    (QueueUnavailableError, 503, "service-unavailable"),
+)
+
+_TRUE = frozenset({"true", "1"})
+_FALSE = frozenset({"false", "0"})
+
+
+def _bare_message(exc: QueueError) -> str:
+    """The message without the `endpoint status type: ` prefix `QueueError` puts in front of it."""
+    text = str(exc)
+    parts = [p for p in (exc.endpoint, str(exc.status) if exc.status is not None else "", exc.error_type or "") if p]
+    prefix = f"{' '.join(parts)}: "
+    return text.removeprefix(prefix) if parts else text
+
+
+def error_body(error_type: str, message: str) -> dict[str, Any]:
+    """The API's error envelope."""
+    return {"error": {"type": error_type, "message": message}}
+
+
+def error_response(exc: QueueError) -> JSONResponse:
+    """Map a `QueueError` to its HTTP answer (the one place where statuses are decided)."""
+    status, error_type = 500, "internal-error"
+    for cls, cls_status, cls_type in _STATUS:
+        if isinstance(exc, cls):
+            status, error_type = cls_status, cls_type
+            break
+    return JSONResponse(error_body(exc.error_type or error_type, _bare_message(exc)), status_code=exc.status or status)
+
+
+def data_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """The API's success envelope; None gives an empty 204."""
+    if data is None:
+        return Response(status_code=204, headers=headers)
+    return JSONResponse({"data": data}, status_code=status, headers=headers)
+
+
+def format_datetime(value: datetime) -> str:
+    """ISO-8601 UTC with milliseconds and `Z`, as the platform writes timestamps."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _invalid(message: str, error_type: str = "invalid-input") -> InvalidInputError:
+    return InvalidInputError(message, status=400, error_type=error_type)
+
+
+# -- query parameters ---------------------------------------------------------------------------------------
+
+
+def flag(request: Request, name: str) -> bool:
+    """A boolean query parameter: `true`/`false`/`1`/`0` (what the v3 and the v2/JS clients send)."""
+    value = request.query_params.get(name)
+    if value is None:
+        return False
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise _invalid(f"Invalid input: {name} must be true, false, 1 or 0, got {value!r}")
+
+
+def client_key(request: Request) -> str | None:
+    """The `clientKey` parameter, None when absent."""
+    value = request.query_params.get("clientKey")
+    if value is not None and not 1 <= len(value) <= MAX_CLIENT_KEY:
+        raise _invalid(
+            f"clientKey must be a string between 1 and {MAX_CLIENT_KEY} characters long", "invalid-client-key"
+        )
+    return value
+
+
+def anonymous_client_key() -> str:
+    """A fresh identity for a call without `clientKey`: the platform counts each such call as a new client."""
+    return f"anonymous-{secrets.token_hex(8)}"
+
+
+def lock_secs(request: Request) -> float:
+    """The required `lockSecs` parameter: a positive number of seconds."""
+    value = request.query_params.get("lockSecs")
+    if value is None:
+        raise _invalid("Invalid input: lockSecs is required")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise _invalid(f"Invalid input: lockSecs must be a number, got {value!r}") from None
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_LOCK_SECS:
+        raise _invalid(f"Invalid input: lockSecs must be > 0 and <= {MAX_LOCK_SECS:.0f}, got {value!r}")
+    return seconds
+
+
+def limit(request: Request, *, default: int, maximum: int) -> int:
+    """The `limit` parameter: a whole number in 1..maximum (over the maximum is refused, not clamped)."""
+    value = request.query_params.get("limit")
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise _invalid(f"Invalid input: limit must be a number, got {value!r}") from None
+    if not number.is_integer() or not 1 <= number <= maximum:
+        raise _invalid(f"Invalid input: limit must be a whole number from 1 to {maximum}, got {value!r}")
+    return int(number)
+
+
+def rate_limit_for(method: str, path: str) -> int:
+    """The per-queue rate limit of the endpoint at `path`, for the `X-RateLimit-Limit` header (contract §6)."""
+    sub = path.strip("/").split("/")[3:]  # after v2/request-queues/{queueId}
+    if sub in (["head", "lock"], ["requests", "batch"]):
+        return 40
+    if sub[:1] == ["requests"] and (len(sub) >= 2 or method == "POST") and sub[1:2] != ["unlock"]:
+        return 400
+    return 60
+
+
+# -- bodies -------------------------------------------------------------------------------------------------
+
+
+def _too_large(actual: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"The POST payload is too large (limit: {MAX_PAYLOAD_BYTES} bytes, actual length: {actual} bytes).",
+        status=413,
+        error_type="request-too-large",
+    )
+
+
+def _inflate(data: bytes, wbits: int) -> bytes:
+    """Decompress zlib/gzip data (every gzip member), refusing output over the payload limit."""
+    out = bytearray()
+    while data:
+        decompressor = zlib.decompressobj(wbits)
+        out += decompressor.decompress(data, MAX_PAYLOAD_BYTES + 1 - len(out))
+        if len(out) > MAX_PAYLOAD_BYTES or decompressor.unconsumed_tail:
+            raise _too_large(f"more than {MAX_PAYLOAD_BYTES}")
+        if not decompressor.eof:
+            raise zlib.error("truncated compressed data")
+        data = decompressor.unused_data
+    return bytes(out)
+
+
+def _deflate(data: bytes) -> bytes:
+    # HTTP "deflate" is zlib-wrapped, but some clients send raw deflate; accept both.
+    try:
+        return _inflate(data, zlib.MAX_WBITS)
+    except zlib.error:
+        return _inflate(data, -zlib.MAX_WBITS)
+
+
+def _decoders() -> dict[str, Callable[[bytes], bytes]]:
+    decoders: dict[str, Callable[[bytes], bytes]] = {
+        "gzip": lambda data: _inflate(data, 16 + zlib.MAX_WBITS),
+        "x-gzip": lambda data: _inflate(data, 16 + zlib.MAX_WBITS),
+        "deflate": _deflate,
+    }
+    try:
+        brotli: Any = importlib.import_module("brotli")
+    except ImportError:
+        return decoders
+    decoders["br"] = lambda data: bytes(brotli.decompress(data))
+    return decoders
+
+
+_DECODERS = _decoders()
+
+
+def _decode(data: bytes, content_encoding: str | None) -> bytes:
+    encodings = [e.strip().lower() for e in (content_encoding or "").split(",") if e.strip()]
+    for encoding in reversed(encodings):  # the last encoding applied is undone first
+        if encoding == "identity":
+            continue
+        decoder = _DECODERS.get(encoding)
+        if decoder is None:
+            raise InvalidInputError(
+                f"Content-Encoding {encoding!r} is not supported (supported: {', '.join(sorted(_DECODERS))})",
+                status=415,
+                error_type="unsupported-content-encoding",
+            )
+        try:
+            data = decoder(data)
+        except zlib.error as exc:
+            raise _invalid(f"Invalid input: the {encoding} body cannot be decompressed ({exc})") from exc
+        if len(data) > MAX_PAYLOAD_BYTES:
+            raise _too_large(str(len(data)))
+    return data
+
+
+async def read_json(request: Request) -> Any:
+    """Read, decompress and parse the JSON body, within the payload limit.
+
+    Raises:
+        InvalidInputError: 413 request-too-large, 415 unsupported-content-encoding, 400 invalid-input.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    # Read the whole body even when it is too large: answering before the client finished sending makes it see
+    # a broken connection instead of the 413.
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_PAYLOAD_BYTES:
+            chunks.append(chunk)
+    if size > MAX_PAYLOAD_BYTES:
+        raise _too_large(str(size))
+    body = _decode(b"".join(chunks), request.headers.get("content-encoding"))
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _invalid(f"Invalid input: the request body is not valid JSON ({exc})") from exc
+
+
+def validate(model: type[M], value: Any, what: str) -> M:
+    """Validate `value` as `model`, turning a pydantic error into a 400 that says what is wrong."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or what}: {err['msg']}" for err in exc.errors()[:3]
+        )
+        raise _invalid(f"Invalid input: {what}: {problems}") from None

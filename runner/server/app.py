@@ -1,0 +1,440 @@
+"""The Apify API v2 request-queue endpoints, served over the embedded SQLite store.
+
+Contract points the platform leaves open are decided here (see `docs` of each handler): lock ops by another client
+or on a handled request answer 403 `request-handled-or-locked`; `limit` over the maximum, a batch over 25 and a bad
+`lockSecs` answer 400 `invalid-input`; a bad `clientKey` answers 400 `invalid-client-key`; unknown requests answer
+404 on GET, DELETE and lock ops, while PUT inserts them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from runner.errors import InvalidInputError, NotFoundError, QueueError
+from runner.models import QueueInfo, RequestDraft, utc_now
+from runner.models import Request as QueueRequest
+from runner.queue.protocol import MAX_BATCH, MAX_LOCK_LIMIT
+from runner.server import _wire as wire
+from runner.server._store import OpenQueue, QueueRegistry
+from runner.uniquekey import request_id_for
+
+__all__ = ["create_app", "serve"]
+
+_log = structlog.get_logger("headlock.server")
+
+MAX_HEAD_LIMIT = 1000
+"""Most items GET head returns (the platform's `REQUEST_QUEUE_HEAD_MAX_LIMIT`)."""
+DEFAULT_HEAD_LIMIT = 100
+# Lock state is the server's: a PUT body echoing what a client last read must not set it (contract §9a).
+_SERVER_FIELDS = ("lockExpiresAt", "lockByClient")
+
+
+def _whole(value: float) -> float | int:
+    """`60.0` as `60`: the official client types `lockSecs` as an integer."""
+    return int(value) if value.is_integer() else value
+
+
+def _queue_object(info: QueueInfo, base_url: str) -> dict[str, Any]:
+    data = info.to_api()
+    data["name"] = info.name
+    data["createdAt"] = wire.format_datetime(info.created_at)
+    data["modifiedAt"] = wire.format_datetime(info.modified_at)
+    data["accessedAt"] = wire.format_datetime(info.accessed_at)
+    data["userId"] = "local"
+    data["consoleUrl"] = f"{base_url}/v2/request-queues/{info.id}"
+    return data
+
+
+def _draft(item: Any) -> RequestDraft:
+    """A request to add; an `id` it carries must be the one its `uniqueKey` gives."""
+    if not isinstance(item, dict):
+        raise InvalidInputError("Invalid input: a request must be a JSON object", status=400)
+    fields = dict(item)
+    supplied = fields.pop("id", None)
+    draft = wire.validate(RequestDraft, fields, "request")
+    if supplied is not None and supplied != request_id_for(draft.unique_key):
+        raise InvalidInputError(
+            "Request ID does not correspond to uniqueKey", status=400, error_type="request-id-invalid"
+        )
+    return draft
+
+
+class _Endpoints:
+    """The route handlers, sharing the app's queue registry."""
+
+    def __init__(self, registry: QueueRegistry) -> None:
+        self._registry = registry
+
+    async def _queue(self, request: Request) -> OpenQueue:
+        return await self._registry.resolve(request.path_params["queue_id"])
+
+    @staticmethod
+    def _base_url(request: Request) -> str:
+        return str(request.base_url).rstrip("/")
+
+    async def create_queue(self, request: Request) -> Response:
+        """POST /v2/request-queues[?name=]: get-or-create; 201 with `Location` when new, 200 when it exists."""
+        queue, created = await self._registry.get_or_create(request.query_params.get("name") or None)
+        info = await queue.store.get_info()
+        base = self._base_url(request)
+        if not created:
+            return wire.data_response(_queue_object(info, base))
+        location = {"Location": f"{base}/v2/request-queues/{info.id}"}
+        return wire.data_response(_queue_object(info, base), 201, location)
+
+    async def get_queue(self, request: Request) -> Response:
+        """GET /v2/request-queues/Q."""
+        queue = await self._queue(request)
+        return wire.data_response(_queue_object(await queue.store.get_info(), self._base_url(request)))
+
+    async def get_head(self, request: Request) -> Response:
+        """GET head: pending requests in order, locked ones included, without `userData`. Read-only."""
+        wire.client_key(request)
+        limit = wire.limit(request, default=DEFAULT_HEAD_LIMIT, maximum=MAX_HEAD_LIMIT)
+        head = await (await self._queue(request)).store.list_head(limit)
+        return wire.data_response(
+            {
+                "limit": limit,
+                "queueModifiedAt": wire.format_datetime(head.queue_modified_at),
+                "hadMultipleClients": head.had_multiple_clients,
+                "items": head.items,
+            }
+        )
+
+    async def lock_head(self, request: Request) -> Response:
+        """POST head/lock: 201; items carry `lockExpiresAt` and no `userData`."""
+        key = wire.client_key(request)
+        limit = wire.limit(request, default=MAX_LOCK_LIMIT, maximum=MAX_LOCK_LIMIT)
+        lock_secs = wire.lock_secs(request)
+        queue = await self._queue(request)
+        # The store does not return the expiry it set; the time before the call gives one no later than it.
+        expires = wire.format_datetime(utc_now() + timedelta(seconds=lock_secs))
+        head = await queue.store.lock_head(
+            limit=limit, lock_secs=lock_secs, client_key=key or wire.anonymous_client_key()
+        )
+        info = await queue.store.get_info()
+        data: dict[str, Any] = {
+            "limit": limit,
+            "lockSecs": _whole(lock_secs),
+            "queueModifiedAt": wire.format_datetime(info.modified_at),
+            "hadMultipleClients": head.had_multiple_clients,
+            "queueHasLockedRequests": head.queue_has_locked_requests,
+            "items": [
+                {
+                    "id": item.id,
+                    "uniqueKey": item.unique_key,
+                    "url": item.url,
+                    "method": item.method,
+                    "retryCount": item.retry_count,
+                    "lockExpiresAt": expires,
+                }
+                for item in head.items
+            ],
+        }
+        if key is not None:
+            data["clientKey"] = key
+        return wire.data_response(data, 201)
+
+    async def add_request(self, request: Request) -> Response:
+        """POST requests: 201 `{requestId, wasAlreadyPresent, wasAlreadyHandled}`."""
+        key = wire.client_key(request)
+        forefront = wire.flag(request, "forefront")
+        queue = await self._queue(request)
+        draft = _draft(await wire.read_json(request))
+        result = await queue.store.batch_add(
+            [draft], client_key=key or wire.anonymous_client_key(), forefront=forefront
+        )
+        added = result.processed_requests[0].to_api()
+        del added["uniqueKey"]
+        return wire.data_response(added, 201)
+
+    async def batch_add(self, request: Request) -> Response:
+        """POST requests/batch: 201; more than 25 items is a 400, duplicates in one batch are deduplicated."""
+        key = wire.client_key(request)
+        forefront = wire.flag(request, "forefront")
+        queue = await self._queue(request)
+        body = await wire.read_json(request)
+        if not isinstance(body, list):
+            raise InvalidInputError("Invalid input: the body must be a JSON array of requests", status=400)
+        if len(body) > MAX_BATCH:
+            raise InvalidInputError(
+                f"Invalid input: a batch holds at most {MAX_BATCH} requests, got {len(body)}", status=400
+            )
+        drafts = [_draft(item) for item in body]
+        result = await queue.store.batch_add(drafts, client_key=key or wire.anonymous_client_key(), forefront=forefront)
+        data = result.to_api()
+        data.setdefault("processedRequests", [])
+        data.setdefault("unprocessedRequests", [])
+        return wire.data_response(data, 201)
+
+    async def batch_delete(self, request: Request) -> Response:
+        """DELETE requests/batch: 200; items are `{id}` or `{uniqueKey}`; unknown ones count as processed."""
+        key = wire.client_key(request) or wire.anonymous_client_key()
+        queue = await self._queue(request)
+        body = await wire.read_json(request)
+        if not isinstance(body, list) or len(body) > MAX_BATCH:
+            raise InvalidInputError(
+                f"Invalid input: the body must be a JSON array of at most {MAX_BATCH} items", status=400
+            )
+        processed: list[dict[str, str]] = []
+        for item in body:
+            if not isinstance(item, dict) or not isinstance(item.get("id", item.get("uniqueKey")), str):
+                raise InvalidInputError("Invalid input: each item needs an id or a uniqueKey", status=400)
+            request_id = item.get("id") or request_id_for(item["uniqueKey"])
+            processed.append({"id": request_id, **({"uniqueKey": item["uniqueKey"]} if "uniqueKey" in item else {})})
+        await queue.store.delete_requests([p["id"] for p in processed], client_key=key)
+        return wire.data_response({"processedRequests": processed, "unprocessedRequests": []})
+
+    async def unlock(self, request: Request) -> Response:
+        """POST requests/unlock: 200 `{unlockedCount}` for the locks this `clientKey` holds."""
+        key = wire.client_key(request)
+        queue = await self._queue(request)
+        count = await queue.store.unlock_requests(client_key=key or wire.anonymous_client_key())
+        return wire.data_response({"unlockedCount": count})
+
+    async def get_request(self, request: Request) -> Response:
+        """GET requests/R: the full request, 404 when unknown."""
+        queue = await self._queue(request)
+        stored = await queue.store.get_request(request.path_params["request_id"])
+        if stored is None:
+            raise NotFoundError("Request was not found", error_type="record-not-found")
+        return wire.data_response(stored.to_api())
+
+    async def update_request(self, request: Request) -> Response:
+        """PUT requests/R: 200; a full replacement, inserting an unknown request. Not refused under another's lock."""
+        key = wire.client_key(request)
+        forefront = wire.flag(request, "forefront")
+        queue = await self._queue(request)
+        body = await wire.read_json(request)
+        if not isinstance(body, dict):
+            raise InvalidInputError("Invalid input: the body must be a JSON object", status=400)
+        request_id = request.path_params["request_id"]
+        fields = {k: v for k, v in body.items() if k not in _SERVER_FIELDS}
+        if fields.setdefault("id", request_id) != request_id:
+            raise InvalidInputError("Invalid input: the body's id differs from the one in the path", status=400)
+        stored = wire.validate(QueueRequest, fields, "request")
+        registration = await queue.store.update_request(
+            stored, client_key=key or wire.anonymous_client_key(), forefront=forefront
+        )
+        return wire.data_response(registration.to_api())
+
+    async def delete_request(self, request: Request) -> Response:
+        """DELETE requests/R: 204, 404 when unknown; a lock on it does not prevent the delete."""
+        key = wire.client_key(request) or wire.anonymous_client_key()
+        queue = await self._queue(request)
+        if not await queue.store.delete_requests([request.path_params["request_id"]], client_key=key):
+            raise NotFoundError("Request was not found", error_type="record-not-found")
+        return wire.data_response(None)
+
+    async def prolong_lock(self, request: Request) -> Response:
+        """PUT requests/R/lock: 200 `{lockExpiresAt}`; the new expiry is now + lockSecs."""
+        key = wire.client_key(request)
+        lock_secs = wire.lock_secs(request)
+        forefront = wire.flag(request, "forefront")
+        queue = await self._queue(request)
+        expires = await queue.store.prolong_lock(
+            request.path_params["request_id"],
+            lock_secs=lock_secs,
+            client_key=key or wire.anonymous_client_key(),
+            forefront=forefront,
+        )
+        return wire.data_response({"lockExpiresAt": wire.format_datetime(expires)})
+
+    async def delete_lock(self, request: Request) -> Response:
+        """DELETE requests/R/lock: 204; the request goes to the head (`forefront`) or the end."""
+        key = wire.client_key(request)
+        forefront = wire.flag(request, "forefront")
+        queue = await self._queue(request)
+        await queue.store.delete_lock(
+            request.path_params["request_id"], client_key=key or wire.anonymous_client_key(), forefront=forefront
+        )
+        return wire.data_response(None)
+
+
+def _routes(endpoints: _Endpoints) -> list[Route]:
+    q = "/v2/request-queues/{queue_id}"
+    r = q + "/requests/{request_id}"
+    # Fixed segments (batch, unlock) come before `{request_id}`, which would match them too.
+    return [
+        Route("/v2/request-queues", endpoints.create_queue, methods=["POST"]),
+        Route(q, endpoints.get_queue, methods=["GET"]),
+        Route(q + "/head", endpoints.get_head, methods=["GET"]),
+        Route(q + "/head/lock", endpoints.lock_head, methods=["POST"]),
+        Route(q + "/requests", endpoints.add_request, methods=["POST"]),
+        Route(q + "/requests/batch", endpoints.batch_add, methods=["POST"]),
+        Route(q + "/requests/batch", endpoints.batch_delete, methods=["DELETE"]),
+        Route(q + "/requests/unlock", endpoints.unlock, methods=["POST"]),
+        Route(r, endpoints.get_request, methods=["GET"]),
+        Route(r, endpoints.update_request, methods=["PUT"]),
+        Route(r, endpoints.delete_request, methods=["DELETE"]),
+        Route(r + "/lock", endpoints.prolong_lock, methods=["PUT"]),
+        Route(r + "/lock", endpoints.delete_lock, methods=["DELETE"]),
+    ]
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    response = JSONResponse(body, status_code=status)
+    await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:  # pragma: no cover - a JSONResponse never reads
+    return {"type": "http.disconnect"}
+
+
+class _RateLimitHeader:
+    """Adds `X-RateLimit-Limit` to every answer and turns an unexpected exception into a 500 envelope."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = str(wire.rate_limit_for(scope["method"], scope["path"]))
+        started = False
+
+        async def send_with_header(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                MutableHeaders(scope=message)["X-RateLimit-Limit"] = limit
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_header)
+        except Exception:
+            if started:
+                raise
+            _log.exception("server.internal_error", method=scope["method"], path=scope["path"])
+            await _send_json(send_with_header, 500, wire.error_body("internal-error", "Internal server error"))
+
+
+class _TokenAuth:
+    """Requires the token as `Authorization: Bearer ...` or `?token=`."""
+
+    def __init__(self, app: ASGIApp, *, token: str) -> None:
+        self.app = app
+        self._token = token.encode()
+
+    def __repr__(self) -> str:
+        return "_TokenAuth(token='***')"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        given = request.query_params.get("token")
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and credentials:
+            given = credentials.strip()
+        if given is None:
+            await _send_json(send, 401, wire.error_body("token-not-provided", "Authentication token was not provided"))
+        elif not hmac.compare_digest(given.encode(), self._token):
+            await _send_json(send, 401, wire.error_body("invalid-token", "Authentication token is not valid"))
+        else:
+            await self.app(scope, receive, send)
+
+
+async def _queue_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, QueueError)  # noqa: S101 - registered for QueueError only
+    return wire.error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)  # noqa: S101 - registered for HTTPException only
+    error_type = {404: "page-not-found", 405: "method-not-allowed"}.get(exc.status_code, "invalid-request")
+    return JSONResponse(wire.error_body(error_type, exc.detail), status_code=exc.status_code, headers=exc.headers)
+
+
+def create_app(storage_dir: Path, *, token: str | None = None, middleware: Sequence[Middleware] = ()) -> Starlette:
+    """Build the API app over the queues in `storage_dir/request_queues/`.
+
+    Queue files are indexed at start-up and opened on first use; all are closed at shutdown. `middleware` is
+    placed outermost (inside the rate-limit header), for tests that inject faults.
+    """
+    registry = QueueRegistry(storage_dir)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await registry.index()
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await registry.aclose()
+
+    stack = [Middleware(_RateLimitHeader), *middleware]
+    if token is not None:
+        stack.append(Middleware(_TokenAuth, token=token))
+    app = Starlette(
+        routes=_routes(_Endpoints(registry)),
+        middleware=stack,
+        exception_handlers={QueueError: _queue_error, HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.registry = registry
+    return app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        # Listening now lets clients connect (and wait in the backlog) as soon as the address is announced.
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(
+    host: str,
+    port: int,
+    storage_dir: Path,
+    token: str | None = None,
+    *,
+    log_level: str = "warning",
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve the API until SIGINT/SIGTERM (blocking). `port` 0 picks a free port; `ready` gets the base URL.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    sock = _bind(host, port)
+    with sock:
+        bound_port = sock.getsockname()[1]
+        url = f"http://[{host}]:{bound_port}" if ":" in host else f"http://{host}:{bound_port}"
+        config = uvicorn.Config(
+            create_app(storage_dir, token=token),
+            log_level=log_level,
+            access_log=False,  # the access log would print `?token=` query strings
+            lifespan="on",
+            server_header=False,
+        )
+        if ready is not None:
+            ready(url)
+        uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,69 @@
+"""Start the API server on an ephemeral port for tests: as `python -m runner.server`, or in-process."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import anyio
+import uvicorn
+from starlette.types import ASGIApp
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+
+
+def _read_first_line(proc: subprocess.Popen[bytes]) -> str:
+    """The server's first stdout line, waiting at most START_TIMEOUT seconds."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout=START_TIMEOUT):
+            raise RuntimeError(f"the server printed nothing within {START_TIMEOUT} s")
+    line = proc.stdout.readline().decode().strip()
+    if not line.startswith("listening on "):
+        raise RuntimeError(f"the server did not start (exit code {proc.poll()}): {line!r}")
+    return line.removeprefix("listening on ")
+
+
+@contextmanager
+def running_server(storage: Path, *, token: str | None = None) -> Iterator[str]:
+    """Run the API server over `storage` on 127.0.0.1; yield its base URL; stop it with SIGTERM on exit."""
+    command = [sys.executable, "-m", "runner.server", "--host", "127.0.0.1", "--port", "0", "--storage", str(storage)]
+    if token is not None:
+        command += ["--token", token]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, env=env, cwd=REPO) as proc:
+        try:
+            yield _read_first_line(proc)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@asynccontextmanager
+async def serving_app(app: ASGIApp) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn in this event loop on 127.0.0.1 (for apps built with test middleware)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    # Listening before the server task starts: clients that connect early wait in the backlog.
+    sock.listen()
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+    with sock:
+        async with anyio.create_task_group() as group:
+            group.start_soon(server.serve, [sock])
+            try:
+                yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+            finally:
+                server.should_exit = True
