@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
 import signal
+import socket
+import sqlite3
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import headlock, start_headlock
+from tests._server import running_server
+from tests.conftest import cli_env, headlock, start_headlock
 from tests.test_cli import attempts, queue_state, wait_for, write_urls
 
 pytestmark = pytest.mark.slow
 
 
-def config(path: Path, handler: str, attempts_file: Path, **workers: object) -> Path:
-    """Write a run config with `tests.sample_handlers:<handler>` and the given worker settings."""
+def config(path: Path, handler: str, attempts_file: Path, api: str | None = None, **workers: object) -> Path:
+    """Write a run config with `tests.sample_handlers:<handler>` and the given worker settings.
+
+    With `api` (a base URL) the queue is the `default` queue of that API server instead of the embedded one.
+    """
     options = workers.pop("options", {})
     opts = ", ".join(f"{k} = {json.dumps(v)}" for k, v in {"attempts_file": str(attempts_file), **options}.items())
-    lines = [f'handler = "tests.sample_handlers:{handler}"', f"handler_options = {{ {opts} }}", "[workers]"]
+    lines = [f'handler = "tests.sample_handlers:{handler}"', f"handler_options = {{ {opts} }}"]
+    if api is not None:
+        lines += ["[queue]", 'backend = "apify"', "[api]", f'base_url = "{api}"']
+    lines += ["[workers]"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in workers.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -34,12 +48,32 @@ def pids(log: Path) -> dict[str, list[int]]:
     return result
 
 
-def test_kill_9_loses_nothing_and_only_the_dead_workers_requests_run_twice(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def backend(kind: str, tmp_path: Path) -> Iterator[tuple[str | None, Path]]:
+    """Yield (API base URL or None, the storage dir holding the queue file) for the embedded store or serve."""
+    if kind == "embedded":
+        yield None, tmp_path / "storage"
+    else:
+        with running_server(tmp_path / "server") as url:
+            yield url, tmp_path / "server"
+
+
+@pytest.mark.parametrize("kind", ["embedded", "serve"])
+def test_kill_9_loses_nothing_and_only_the_dead_workers_requests_run_twice(tmp_path: Path, kind: str) -> None:
     """One of three workers is SIGKILLed mid-crawl: everything ends handled, repeats are its in-flight ones only."""
     count = 120
-    assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", count)), cwd=tmp_path).returncode == 0
+    with backend(kind, tmp_path) as (api, storage):
+        _kill_one_of_three(tmp_path, api, storage, count)
+
+
+def _kill_one_of_three(tmp_path: Path, api: str | None, storage: Path, count: int) -> None:
     log = tmp_path / "attempts.log"
-    cfg = config(tmp_path / "c.toml", "slow", log, concurrency=4, prefetch=4, lock_secs=2, options={"sleep": 0.3})
+    cfg = config(
+        tmp_path / "c.toml", "slow", log, api=api, concurrency=4, prefetch=4, lock_secs=2, options={"sleep": 0.3}
+    )
+    urls = write_urls(tmp_path / "u.txt", count)
+    added = headlock("enqueue", "--config", str(cfg), "--file", str(urls), cwd=tmp_path)
+    assert added.returncode == 0, added.stderr
     procs = [start_headlock("run", "--config", str(cfg), cwd=tmp_path) for _ in range(3)]
     victim = procs[0]
     wait_for(lambda: log.exists() and str(victim.pid) in log.read_text(), 20, "the victim to start handlers")
@@ -53,7 +87,7 @@ def test_kill_9_loses_nothing_and_only_the_dead_workers_requests_run_twice(tmp_p
     repeated = {rid: who for rid, who in attempted.items() if len(who) > 1}
     assert all(who[0] == victim.pid and victim.pid not in who[1:] for who in repeated.values()), repeated
     assert len(repeated) <= 4  # at most the victim's in-flight requests
-    assert queue_state(tmp_path / "storage") == (count, count, [])
+    assert queue_state(storage) == (count, count, [])
 
 
 def test_restart_with_the_same_client_key_frees_its_stale_locks_at_once(tmp_path: Path) -> None:
@@ -132,3 +166,145 @@ def test_slow_handlers_with_short_locks_are_never_processed_twice(tmp_path: Path
     assert len(seen) == count
     assert max(seen.values()) == 1
     assert queue_state(tmp_path / "storage") == (count, count, [])
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(storage: Path, port: int) -> subprocess.Popen[str]:
+    """`headlock serve` on a fixed port; returns once it prints its address."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "serve", "--port", str(port), "--storage", str(storage)],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("listening on "), "the server did not start"
+    return proc
+
+
+def test_queue_server_down_for_10_seconds_the_run_still_completes(tmp_path: Path) -> None:
+    """The API server stops for 10 s mid-run and comes back: the worker retries, finishes, nothing lost or doubled."""
+    count = 60
+    port = free_port()
+    server = start_server(tmp_path / "server", port)
+    log = tmp_path / "attempts.log"
+    cfg = config(
+        tmp_path / "c.toml", "slow", log, api=f"http://127.0.0.1:{port}", concurrency=4, options={"sleep": 0.2}
+    )
+    try:
+        added = headlock(
+            "enqueue", "--config", str(cfg), "--file", str(write_urls(tmp_path / "u.txt", count)), cwd=tmp_path
+        )
+        assert added.returncode == 0, added.stderr
+        events = tmp_path / "events.jsonl"
+        worker = start_headlock("run", "--config", str(cfg), "--log-format", "json", cwd=tmp_path, stderr=events)
+        wait_for(lambda: sum(attempts(log).values()) >= 8, 20, "the worker to get going")
+        server.terminate()
+        server.communicate(timeout=10)
+        outage_ends = time.monotonic() + 10  # the scenario itself: the queue is away for ten seconds
+        wait_for(
+            lambda: "queue.api.retry" in events.read_text() or worker.poll() is not None, 10, "the worker to retry"
+        )
+        assert worker.poll() is None, "the worker must not give up while the queue is away"
+        time.sleep(max(0.0, outage_ends - time.monotonic()))
+        assert worker.poll() is None
+        server = start_server(tmp_path / "server", port)
+        worker.communicate(timeout=90)
+        assert worker.returncode == 0, events.read_text()[-3000:]
+    finally:
+        server.terminate()
+        server.communicate(timeout=10)
+    seen = attempts(log)
+    assert len(seen) == count
+    assert max(seen.values()) == 1
+    assert queue_state(tmp_path / "server") == (count, count, [])
+
+
+def _limit_file_size(limit: int) -> None:
+    """In the child: writes past `limit` bytes fail with EFBIG, as on a full disk."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_full_disk_gives_a_clear_error_and_no_corrupted_queue(tmp_path: Path) -> None:
+    """An enqueue that runs out of disk fails with one clear line; the queue file stays consistent."""
+    assert headlock("enqueue", "https://a.example/first", cwd=tmp_path).returncode == 0
+    urls = write_urls(tmp_path / "u.txt", 20_000, prefix="https://a.example/" + "x" * 200 + "/")
+    db = tmp_path / "storage/request_queues/default.sqlite"
+    limit = db.stat().st_size + 256 * 1024
+    result = subprocess.run(
+        [sys.executable, "-m", "runner", "enqueue", "--file", str(urls), "--log-format", "json"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: _limit_file_size(limit),
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = json.loads(result.stderr.strip().splitlines()[-1])
+    assert last["event"] == "run.fatal"
+    assert last["error_type"] == "QueueUnavailableError"
+    assert "full" in last["error"] or "I/O" in last["error"]
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        rows = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+        total = conn.execute("SELECT total FROM queue").fetchone()[0]
+    assert rows == total  # counters and rows moved together: whole batches, or nothing
+    status = headlock("status", "--json", cwd=tmp_path)
+    assert status.returncode == 0
+    assert json.loads(status.stdout)["total"] == total
+
+
+def test_the_token_never_appears_in_output(tmp_path: Path) -> None:
+    """A wrong token fails with a clear 401 naming the endpoint; neither token shows in any output."""
+    right, wrong = "right-token-5f1c9e", "wrong-token-77ab21"
+    with running_server(tmp_path / "server", token=right) as url:
+        refused = headlock(
+            "run",
+            "--backend",
+            "apify",
+            "--api-base-url",
+            url,
+            "--handler",
+            "tests.sample_handlers:noop",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            cwd=tmp_path,
+            HEADLOCK_API__TOKEN=wrong,
+        )
+        assert refused.returncode == 1
+        assert "401" in refused.stderr
+        assert "UnauthorizedError" in refused.stderr
+        accepted = headlock(
+            "run",
+            "--backend",
+            "apify",
+            "--api-base-url",
+            url,
+            "--handler",
+            "tests.sample_handlers:noop",
+            "--start-url",
+            "https://a.example/",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            cwd=tmp_path,
+            APIFY_TOKEN=right,
+        )
+        assert accepted.returncode == 0, accepted.stderr[-2000:]
+    for result in (refused, accepted):
+        for text in (result.stdout, result.stderr):
+            assert right not in text
+            assert wrong not in text

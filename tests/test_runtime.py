@@ -10,7 +10,7 @@ import httpx
 import pytest
 import structlog
 
-from handlers import crawl
+from handlers import crawl, fetch
 from runner import (
     Context,
     Dataset,
@@ -331,3 +331,19 @@ async def test_enqueue_refuses_non_http_urls(queue: SqliteQueue) -> None:
         with pytest.raises(InvalidUrlError):
             await ctx.enqueue(bad)
     await ctx.http.aclose()
+
+
+async def test_fetch_handler_refuses_non_http_urls_without_retrying(queue: SqliteQueue, dataset: Dataset) -> None:
+    """file:// and ftp:// requests already in the queue fail at once with a clear error, without retries."""
+    await queue.batch_add(
+        [RequestDraft(unique_key=u, url=u) for u in ("file:///etc/passwd", "ftp://a.example/f")],
+        client_key="seeder",
+    )
+    with anyio.fail_after(20):
+        summary = await run(queue, fetch.handle, dataset, workers=fast())
+    assert summary.stats["failed"] == 2
+    assert summary.stats["retried"] == 0
+    stored = await queue.get_request(request_id_for("file:///etc/passwd"))
+    assert stored is not None
+    assert stored.error_messages == ["NoRetry: unsupported URL scheme 'file': only http and https are fetched"]
+    assert read_items(dataset.path) == []
