@@ -19,6 +19,7 @@ from runner.errors import (
     RateLimitedError,
     UnauthorizedError,
 )
+from runner.metrics import Metrics, PrometheusMetrics
 from runner.models import BatchAddResult, LockedHead, QueueInfo, Request, RequestDraft, RequestRegistration
 from runner.queue.protocol import RequestQueue
 from runner.queue.sqlite import SqliteQueue
@@ -40,8 +41,10 @@ __all__ = [
     "InvalidUrlError",
     "LockLostError",
     "LockedHead",
+    "Metrics",
     "NoRetry",
     "NotFoundError",
+    "PrometheusMetrics",
     "QueueError",
     "QueueInfo",
     "QueueUnavailableError",

@@ -1,12 +1,13 @@
-"""The `headlock` command line: run, enqueue, status, unlock, serve."""
+"""The `headlock` command line: run, enqueue, status, unlock, health, serve."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,14 @@ from runner.commit import Committer, RetryPolicy
 from runner.context import make_draft
 from runner.dataset import Dataset
 from runner.errors import ConfigError, HeadlockError, InvalidUrlError
+from runner.health import DEFAULT_MAX_AGE, check_health
 from runner.leases import Leases
 from runner.loader import load_handler
 from runner.logs import configure_logging
+from runner.metrics import Metrics, PrometheusMetrics
 from runner.open import open_queue
+from runner.queue.protocol import RequestQueue
+from runner.router import Handler
 from runner.runtime import RunSummary, run
 from runner.settings import Settings, load_settings, random_client_key
 from runner.shutdown import Stopper
@@ -41,10 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "health":
+        return _health(args)
     try:
         settings = load_settings(args.config, **_overrides(args))
     except ConfigError as exc:
         print(f"headlock: error: {exc}", file=sys.stderr)  # noqa: T201 - before logging is configured
+        if getattr(args, "summary", None) is not None:
+            _write_summary(args.summary, _failure_summary(exc, client_key=None))
         return EXIT_USAGE
     token = settings.api.token.get_secret_value() if settings.api.token else ""
     configure_logging(fmt=settings.log_format, level=settings.log_level, secrets=[token])
@@ -77,20 +86,68 @@ def _headlock_error(exc: BaseException) -> HeadlockError | None:
 
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
+    """`headlock run`; with `--summary`, the summary file is written on every way out (a `reason` always)."""
+    try:
+        summary, code = await _crawl(settings)
+    except BaseException as exc:
+        if args.summary is not None:
+            _write_summary(args.summary, _failure_summary(exc, client_key=settings.workers.client_key))
+        raise
+    if args.summary is not None:
+        _write_summary(args.summary, {**summary.as_dict(), "exit_code": code})
+    return code
+
+
+async def _crawl(settings: Settings) -> tuple[RunSummary, int]:
     if not settings.handler:
         raise ConfigError("handler: required (set it in the config file, HEADLOCK_HANDLER or --handler)")
     handler = load_handler(settings.handler)
     for url in settings.start_urls:
         make_draft(url)  # fail on a bad start URL before touching the queue
-    queue = await open_queue(settings)
-    dataset = Dataset.open(settings.storage_dir, settings.dataset)
+    metrics = _metrics(settings)
     stopper = Stopper()
     received: list[int] = []
-    summary: RunSummary | None = None
-    try:
+    with _serving_metrics(metrics, settings):
         async with anyio.create_task_group() as tg:
+            # Signals are watched from before the queue is opened: a stop while the API is still being reached
+            # (a container stopped at start) ends the run at once instead of killing the process.
             tg.start_soon(_watch_signals, stopper, received)
-            summary = await run(
+            queue = await _open_unless_stopped(settings, stopper, metrics)
+            if queue is None:
+                summary = RunSummary(
+                    reason=stopper.reason or "stopped",
+                    client_key=settings.workers.client_key or "",
+                    stats=RunStats().as_dict(),
+                    released=0,
+                )
+            else:
+                summary = await _consume(queue, handler, settings, stopper, metrics)
+            tg.cancel_scope.cancel()
+    return summary, 128 + received[0] if received else EXIT_OK
+
+
+async def _open_unless_stopped(settings: Settings, stopper: Stopper, metrics: Metrics) -> RequestQueue | None:
+    """Open the configured queue; None if a stop request comes first."""
+    queue: RequestQueue | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def cancel_on_stop() -> None:
+            await stopper.graceful.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(cancel_on_stop)
+        queue = await open_queue(settings, metrics=metrics)  # closes what it opened if cancelled
+        tg.cancel_scope.cancel()
+    return queue
+
+
+async def _consume(
+    queue: RequestQueue, handler: Handler, settings: Settings, stopper: Stopper, metrics: Metrics
+) -> RunSummary:
+    try:
+        dataset = Dataset.open(settings.storage_dir, settings.dataset)
+        try:
+            return await run(
                 queue,
                 handler,
                 dataset,
@@ -99,14 +156,84 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
                 start_urls=settings.start_urls,
                 stopper=stopper,
                 progress_every=settings.progress_every,
+                metrics=metrics,
+                health_file=settings.health_path(),
             )
-            tg.cancel_scope.cancel()
+        finally:
+            dataset.close()
     finally:
-        dataset.close()
         await queue.aclose()
-    if args.summary and summary is not None:
-        args.summary.write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
-    return 128 + received[0] if received else EXIT_OK
+
+
+def _metrics(settings: Settings) -> Metrics:
+    """Prometheus metrics when `metrics_port` is set, else the disabled instance.
+
+    Raises:
+        ConfigError: a port is set but prometheus-client is not installed.
+    """
+    if not settings.metrics_port:
+        return Metrics()
+    try:
+        return PrometheusMetrics()
+    except ImportError as exc:
+        raise ConfigError(f"metrics_port: needs the metrics extra: pip install 'headlock[metrics]' ({exc})") from exc
+
+
+@contextlib.contextmanager
+def _serving_metrics(metrics: Metrics, settings: Settings) -> Iterator[None]:
+    """Serve `/metrics` while the block runs, if a port is set.
+
+    Raises:
+        ConfigError: the address cannot be bound.
+    """
+    with contextlib.ExitStack() as stack:
+        if settings.metrics_port:
+            address = f"{settings.metrics_host}:{settings.metrics_port}"
+            try:
+                url = stack.enter_context(metrics.serve(settings.metrics_host, settings.metrics_port))
+            except OSError as exc:
+                raise ConfigError(f"metrics_port: cannot serve metrics on {address}: {exc}") from exc
+            log.info("metrics.serving", url=url)
+        yield
+
+
+def _failure_summary(exc: BaseException, *, client_key: str | None) -> dict[str, Any]:
+    """The summary of a run that ended with `exc`: why (`reason`), the error and the exit code."""
+    error = _headlock_error(exc)
+    shown: BaseException = error if error is not None else _first_leaf(exc)
+    if isinstance(shown, KeyboardInterrupt):
+        reason, code = "SIGINT", 128 + signal.SIGINT
+    elif error is None:
+        reason, code = "crashed", EXIT_FATAL  # a bug: the traceback follows on stderr
+    elif isinstance(error, ConfigError | InvalidUrlError):
+        reason, code = "invalid_config", EXIT_USAGE
+    else:
+        reason, code = "fatal", EXIT_FATAL
+    return {
+        "reason": reason,
+        "error": str(shown),
+        "error_type": type(shown).__name__,
+        "exit_code": code,
+        "client_key": client_key,
+    }
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    """The first non-group exception in `exc` (task groups wrap what they raise)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _write_summary(path: Path, data: dict[str, Any]) -> None:
+    """Write the summary JSON next to where it goes, then rename: a reader never sees half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(json.dumps(data, indent=2) + "\n")
+        partial.replace(path)
+    except OSError as exc:
+        log.error("summary.write_failed", path=str(path), error=str(exc))
 
 
 async def _watch_signals(stopper: Stopper, received: list[int]) -> None:
@@ -184,6 +311,21 @@ async def _unlock(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 if the heartbeat touched the health file less than `--max-age` seconds ago, else 1; one line either way.
+
+    Never 2, even for a bad configuration: Docker reserves that code in health checks.
+    """
+    try:
+        settings = load_settings(args.config, **_overrides(args))
+    except ConfigError as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)  # noqa: T201 - the command's output
+        return EXIT_FATAL
+    healthy, line = check_health(settings.health_path(), max_age=args.max_age)
+    print(line, file=sys.stdout if healthy else sys.stderr)
+    return EXIT_OK if healthy else EXIT_FATAL
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         from runner.server import serve  # noqa: PLC0415 - the server is an optional extra
@@ -214,7 +356,15 @@ _COMMANDS = {"run": _run, "enqueue": _enqueue, "status": _status, "unlock": _unl
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Only the flags given on the command line, as nested settings (so they win over file and env)."""
-    top = {"handler": "handler", "storage_dir": "storage_dir", "log_format": "log_format", "log_level": "log_level"}
+    top = {
+        "handler": "handler",
+        "storage_dir": "storage_dir",
+        "log_format": "log_format",
+        "log_level": "log_level",
+        "metrics_port": "metrics_port",
+        "metrics_host": "metrics_host",
+        "health_file": "health_file",
+    }
     sections = {
         "queue": {"queue": "name", "backend": "backend", "queue_id": "id"},
         "api": {"api_base_url": "base_url"},
@@ -267,7 +417,10 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--max-requests", type=int, help="stop after this many finished requests")
     run_cmd.add_argument("--keep-alive", action="store_const", const=True, help="keep polling when the queue is empty")
     run_cmd.add_argument("--start-url", action="append", help="enqueue this URL first (repeatable)")
-    run_cmd.add_argument("--summary", type=Path, help="write the final run summary as JSON to this file")
+    run_cmd.add_argument("--summary", type=Path, help="write the run summary as JSON to this file, however it ends")
+    run_cmd.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    run_cmd.add_argument("--metrics-host", help="address for --metrics-port (default 127.0.0.1)")
+    run_cmd.add_argument("--health-file", type=Path, help="touched by the heartbeat (default STORAGE/headlock.health)")
 
     enqueue = commands.add_parser("enqueue", parents=[common], help="add URLs to the queue")
     enqueue.add_argument("urls", nargs="*", metavar="URL")
@@ -282,6 +435,17 @@ def _parser() -> argparse.ArgumentParser:
     unlock = commands.add_parser("unlock", parents=[common], help="release every lock a client key holds")
     unlock.add_argument("--client-key", required=True, help="the client key whose locks to release")
 
+    health = commands.add_parser("health", help="exit 0 if a running `headlock run` beat recently, else 1")
+    health.add_argument("--config", "-c", type=Path, help="TOML settings file (for health_file / storage_dir)")
+    health.add_argument("--storage-dir", type=Path, help="where the default health file lives (./storage)")
+    health.add_argument("--health-file", type=Path, help="the file `headlock run` touches (default: from settings)")
+    health.add_argument(
+        "--max-age",
+        type=_positive,
+        default=DEFAULT_MAX_AGE,
+        help=f"seconds since the last beat still healthy (default {DEFAULT_MAX_AGE:g}: three beats)",
+    )
+
     serve = commands.add_parser("serve", help="serve the embedded store as the Apify v2 request-queue API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
@@ -290,3 +454,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["auto", "console", "json"])
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return parser
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value

@@ -1,14 +1,20 @@
-"""The heartbeat: prolongs, well before expiry, every lock this process holds (in flight and prefetched)."""
+"""The heartbeat: prolongs, well before expiry, every lock this process holds (in flight and prefetched).
+
+It also beats for liveness: it touches the health file at least every `LIVENESS_EVERY` seconds, whatever the lock
+duration and whether or not anything is due for a prolong (`headlock health` checks the file's age).
+"""
 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import anyio
 import structlog
 from anyio.abc import TaskStatus
 
 from runner.errors import LockLostError, NotFoundError, QueueError
+from runner.health import liveness_interval, touch
 from runner.leases import Lease, Leases
 from runner.queue.protocol import RequestQueue
 from runner.stats import RunStats
@@ -26,6 +32,7 @@ async def keep_alive(
     client_key: str,
     lock_secs: float,
     parallel: int = 25,
+    health_file: Path | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Every `lock_secs / 4`, prolong each lease with less than half its lock time left.
@@ -33,28 +40,58 @@ async def keep_alive(
     Fast handlers finish before that and cost no prolong call. A prolong refused because the lock is gone ("lease
     lost") cancels that request's handler. A failing prolong is retried on the next beats; if the lock expires
     meanwhile, the lease is treated as lost, so no handler ever runs on a lock we might not hold.
+
+    With `health_file`, a liveness beat touches it now and then every `min(lock_secs / 4, LIVENESS_EVERY)` s, on
+    its own cadence so that slow prolong calls (bounded by the lock's expiry) never delay it.
     """
     every = lock_secs / 4
     limiter = anyio.CapacityLimiter(parallel)
+    async with anyio.create_task_group() as beats:
+        if health_file is not None:
+            await beats.start(_beat_liveness, health_file, liveness_interval(lock_secs))
+        task_status.started()
+        while True:
+            await anyio.sleep(every)
+            due = leases.due(anyio.current_time() + lock_secs / 2)
+            if due:
+                async with anyio.create_task_group() as tg:
+                    for lease in due:
+                        tg.start_soon(
+                            partial(
+                                _prolong,
+                                queue,
+                                leases=leases,
+                                stats=stats,
+                                lease=lease,
+                                client_key=client_key,
+                                lock_secs=lock_secs,
+                                limiter=limiter,
+                            )
+                        )
+
+
+async def _beat_liveness(
+    path: Path, every: float, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Touch `path` now, report started, then touch it every `every` seconds; a failing write is logged, not fatal."""
+    failing = _touch_health(path, failing=False)
     task_status.started()
     while True:
         await anyio.sleep(every)
-        due = leases.due(anyio.current_time() + lock_secs / 2)
-        if due:
-            async with anyio.create_task_group() as tg:
-                for lease in due:
-                    tg.start_soon(
-                        partial(
-                            _prolong,
-                            queue,
-                            leases=leases,
-                            stats=stats,
-                            lease=lease,
-                            client_key=client_key,
-                            lock_secs=lock_secs,
-                            limiter=limiter,
-                        )
-                    )
+        failing = _touch_health(path, failing=failing)
+
+
+def _touch_health(path: Path, *, failing: bool) -> bool:
+    """Touch the health file; log when writing it starts or stops failing. True while it fails."""
+    try:
+        touch(path)  # one utime call: cheaper than a thread hop
+    except OSError as exc:
+        if not failing:
+            log.warning("health.write_failed", path=str(path), error=str(exc))
+        return True
+    if failing:
+        log.info("health.write_recovered", path=str(path))
+    return False
 
 
 async def _prolong(

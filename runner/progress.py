@@ -7,6 +7,7 @@ import structlog
 
 from runner.errors import QueueError
 from runner.leases import Leases
+from runner.metrics import Metrics
 from runner.queue.protocol import RequestQueue
 from runner.stats import RunStats
 
@@ -15,8 +16,14 @@ __all__ = ["report_progress"]
 log = structlog.get_logger("headlock.progress")
 
 
-async def report_progress(queue: RequestQueue, leases: Leases, stats: RunStats, *, every: float) -> None:
-    """Log `run.progress` every `every` seconds: counters, rate, what is held here and what the queue has pending."""
+async def report_progress(
+    queue: RequestQueue, leases: Leases, stats: RunStats, *, every: float, metrics: Metrics | None = None
+) -> None:
+    """Log `run.progress` every `every` seconds: counters, rate, what is held here and what the queue has pending.
+
+    The pending count also goes to `metrics` (its `headlock_queue_pending` gauge is as fresh as this report).
+    """
+    metrics = metrics or Metrics()
     while True:
         await anyio.sleep(every)
         held = leases.statistics()
@@ -24,6 +31,7 @@ async def report_progress(queue: RequestQueue, leases: Leases, stats: RunStats, 
             pending: int | None = (await queue.get_info()).pending_request_count
         except QueueError:
             pending = None
+        metrics.queue_pending(pending)
         log.info(
             "run.progress",
             handled=stats.handled,

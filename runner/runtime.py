@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ from runner.dataset import Dataset
 from runner.fetcher import fetch
 from runner.heartbeat import keep_alive
 from runner.leases import Lease, Leases
+from runner.metrics import Metrics
 from runner.progress import report_progress
 from runner.queue.protocol import RequestQueue
 from runner.router import Handler
@@ -58,10 +60,14 @@ async def run(
     start_urls: Sequence[str] = (),
     stopper: Stopper | None = None,
     progress_every: float = 5.0,
+    metrics: Metrics | None = None,
+    health_file: Path | None = None,
 ) -> RunSummary:
     """Consume `queue` with `handler` until it is done or `stopper` stops it, then release every lock.
 
-    Installs no signal handlers: call `stopper.stop()` (the CLI does on SIGTERM/SIGINT).
+    Installs no signal handlers: call `stopper.stop()` (the CLI does on SIGTERM/SIGINT). `metrics` (disabled by
+    default) reports the run's counters while it runs; the heartbeat touches `health_file`, if given, every few
+    seconds (see `runner.health`).
 
     Raises:
         QueueError: the queue refused us (unauthorized, invalid input) or a fatal call failed.
@@ -70,8 +76,10 @@ async def run(
     cfg = workers or WorkerSettings()
     stopper = stopper or Stopper()
     client_key = cfg.client_key or random_client_key()
+    metrics = metrics or Metrics()
     leases = Leases()
     stats = RunStats()
+    metrics.track(stats, leases)
     committer = Committer(
         queue,
         leases,
@@ -98,9 +106,17 @@ async def run(
         workers_receive = [receive.clone() for _ in range(cfg.concurrency)]
         receive.close()
         async with anyio.create_task_group() as services:
-            heartbeat = partial(keep_alive, queue, leases, stats, client_key=client_key, lock_secs=cfg.lock_secs)
+            heartbeat = partial(
+                keep_alive,
+                queue,
+                leases,
+                stats,
+                client_key=client_key,
+                lock_secs=cfg.lock_secs,
+                health_file=health_file,
+            )
             await services.start(heartbeat)
-            services.start_soon(partial(report_progress, queue, leases, stats, every=progress_every))
+            services.start_soon(partial(report_progress, queue, leases, stats, every=progress_every, metrics=metrics))
             services.start_soon(
                 partial(
                     drain_on_stop,
@@ -144,6 +160,7 @@ async def run(
                                     options=options or {},
                                     handler_timeout=cfg.handler_timeout,
                                     stats=stats,
+                                    metrics=metrics,
                                 )
                             )
             finally:

@@ -93,9 +93,20 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     progress_every: float = Field(5.0, gt=0)
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve Prometheus metrics on this port; 0 or unset: off."
+    )
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="Metrics address; 0.0.0.0 in a container.")
+    health_file: Path | None = Field(
+        None, description="Touched by the heartbeat, read by `headlock health`; default <storage_dir>/headlock.health."
+    )
     queue: QueueSettings = Field(default_factory=QueueSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    def health_path(self) -> Path:
+        """The liveness file: `health_file`, or `headlock.health` in the storage directory."""
+        return self.health_file or self.storage_dir / "headlock.health"
 
     @classmethod
     def settings_customise_sources(

@@ -194,6 +194,7 @@ def test_queue_server_down_for_10_seconds_the_run_still_completes(tmp_path: Path
     count = 60
     port = free_port()
     server = start_server(tmp_path / "server", port)
+    worker: subprocess.Popen[str] = server  # replaced once the worker starts; cleaned up either way
     log = tmp_path / "attempts.log"
     cfg = config(
         tmp_path / "c.toml", "slow", log, api=f"http://127.0.0.1:{port}", concurrency=4, options={"sleep": 0.2}
@@ -219,8 +220,10 @@ def test_queue_server_down_for_10_seconds_the_run_still_completes(tmp_path: Path
         worker.communicate(timeout=90)
         assert worker.returncode == 0, events.read_text()[-3000:]
     finally:
-        server.terminate()
-        server.communicate(timeout=10)
+        for proc in (server, worker):
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=10)
     seen = attempts(log)
     assert len(seen) == count
     assert max(seen.values()) == 1

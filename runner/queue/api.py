@@ -37,6 +37,7 @@ from runner.errors import (
     RateLimitedError,
     UnauthorizedError,
 )
+from runner.metrics import Metrics
 from runner.models import (
     BatchAddResult,
     LockedHead,
@@ -151,6 +152,8 @@ class ApiQueueOptions(TypedDict, total=False):
     """How many complete requests (added or updated by this instance) to keep for `lock_head`; default 50 000."""
     fetch_concurrency: int
     """How many GETs `lock_head` runs at once for requests not in the cache; default 16."""
+    metrics: Metrics
+    """Where each HTTP attempt is reported (endpoint, status, duration); disabled by default."""
 
 
 class _RateLimiter:
@@ -192,10 +195,15 @@ class _Endpoint(NamedTuple):
             return f"{self.method} /v2/request-queues"
         return f"{self.method} /v2/request-queues/{{queueId}}{self.template}"
 
+    @property
+    def route(self) -> str:
+        """The short name in `ApiQueue.calls` and metrics, e.g. `POST /head/lock`."""
+        path = "/v2/request-queues" if self.collection else self.template or "/"
+        return f"{self.method} {path}"
+
     def counter(self, status: str) -> str:
         """The key in `ApiQueue.calls`, e.g. `POST /head/lock 201`."""
-        path = "/v2/request-queues" if self.collection else self.template or "/"
-        return f"{self.method} {path} {status}"
+        return f"{self.route} {status}"
 
 
 _GET_OR_CREATE = _Endpoint("POST", "", "other", "short", collection=True)
@@ -339,6 +347,7 @@ class ApiQueue:
         self._cache_size = options.get("cache_size", 50_000)
         self._fetch_concurrency = options.get("fetch_concurrency", 16)
         self.calls: Counter[str] = Counter()
+        self._metrics = options.get("metrics") or Metrics()
 
     @classmethod
     async def open(
@@ -440,6 +449,7 @@ class ApiQueue:
         attempts = self._retry.max_retries + 1
         for attempt in range(attempts):
             await self._limiters[endpoint.rate].acquire()
+            started = anyio.current_time()
             try:
                 response = await self._client.request(
                     endpoint.method,
@@ -450,12 +460,12 @@ class ApiQueue:
                     timeout=self._timeouts.for_attempt(endpoint.tier, attempt),
                 )
             except httpx.RequestError as exc:
-                self.calls[endpoint.counter("error")] += 1
+                self._count(endpoint, "error", started)
                 if isinstance(exc, _PERMANENT) or attempt + 1 == attempts:
                     self._give_up(endpoint, exc, attempt + 1, request_id)
                 reason, retry_after = f"{type(exc).__name__}: {self._scrub(str(exc))}", None
             else:
-                self.calls[endpoint.counter(str(response.status_code))] += 1
+                self._count(endpoint, str(response.status_code), started)
                 if not _retryable(response.status_code):
                     return response
                 if attempt + 1 == attempts:
@@ -467,6 +477,11 @@ class ApiQueue:
             )
             await anyio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises
+
+    def _count(self, endpoint: _Endpoint, status: str, started: float) -> None:
+        """Count one HTTP attempt in `calls` and in the metrics."""
+        self.calls[endpoint.counter(status)] += 1
+        self._metrics.queue_call("api", endpoint.route, status, anyio.current_time() - started)
 
     def _give_up(self, endpoint: _Endpoint, exc: httpx.RequestError, attempts: int, request_id: str | None) -> NoReturn:
         where = f" (request {request_id})" if request_id else ""

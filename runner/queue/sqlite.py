@@ -30,6 +30,7 @@ import anyio.to_thread
 from pydantic import ValidationError
 
 from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
+from runner.metrics import Metrics
 from runner.models import (
     AddedRequest,
     BatchAddResult,
@@ -196,13 +197,14 @@ class _Write(Generic[T]):
 class SqliteQueue:
     """A `RequestQueue` stored in one SQLite file (WAL mode)."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
-        """Open (creating if needed) the queue file at `path`.
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0, metrics: Metrics | None = None) -> None:
+        """Open (creating if needed) the queue file at `path`; report each operation to `metrics` if given.
 
         Raises:
             QueueUnavailableError: the file cannot be opened or is not a queue database.
         """
         self.path = path
+        self._metrics = metrics or Metrics()
         self._limiter = anyio.CapacityLimiter(1)
         self._write_turn = anyio.Lock()
         self._pending: list[_Write[Any]] = []
@@ -224,9 +226,11 @@ class SqliteQueue:
             raise
 
     @classmethod
-    def open(cls, storage_dir: Path, name: str, *, busy_timeout: float = 30.0) -> SqliteQueue:
+    def open(
+        cls, storage_dir: Path, name: str, *, busy_timeout: float = 30.0, metrics: Metrics | None = None
+    ) -> SqliteQueue:
         """Open the named queue under `storage_dir` (`request_queues/<name>.sqlite`)."""
-        return cls(queue_path(storage_dir, name), busy_timeout=busy_timeout)
+        return cls(queue_path(storage_dir, name), busy_timeout=busy_timeout, metrics=metrics)
 
     def __repr__(self) -> str:
         return f"SqliteQueue({str(self.path)!r})"
@@ -283,6 +287,24 @@ class SqliteQueue:
         return QueueUnavailableError(f"SQLite error on {self.path}: {exc}", endpoint=endpoint)
 
     async def _run(self, fn: Callable[..., T], *args: Any, endpoint: str, write: bool = True) -> T:
+        """Run one operation (see `_execute`), reporting its outcome and duration when metrics are on."""
+        if not self._metrics.enabled:
+            return await self._execute(fn, *args, endpoint=endpoint, write=write)
+        status = "cancelled"
+        started = anyio.current_time()
+        try:
+            result = await self._execute(fn, *args, endpoint=endpoint, write=write)
+            status = "ok"
+        except Exception as exc:
+            status = type(exc).__name__
+            raise
+        finally:
+            # The endpoint may name a request ("prolong_lock <id>"): the metric is labelled by operation only.
+            operation = endpoint.partition(" ")[0]
+            self._metrics.queue_call("embedded", operation, status, anyio.current_time() - started)
+        return result
+
+    async def _execute(self, fn: Callable[..., T], *args: Any, endpoint: str, write: bool = True) -> T:
         """Run `fn` in the store's thread; writes are group-committed.
 
         Writes that arrive while another batch is being written wait for their turn and then go, together, into

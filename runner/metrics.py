@@ -1,0 +1,183 @@
+"""Prometheus metrics, opt-in: one object made by the caller (the CLI) and passed down explicitly.
+
+`Metrics()` is the disabled instance: every hook is an empty method, so code that is not measured pays a call and
+nothing else. `PrometheusMetrics()` records into its own `CollectorRegistry` (never the global one) and `serve()`s
+it with prometheus-client's HTTP server (the `metrics` extra).
+
+Threads: the event loop is the only writer of what the hooks touch. Run counters (handled, failed, retried, lease
+prolongs and losses, ...) are not incremented here at all: the scrape reads the run's `RunStats` and `len(leases)`,
+plain ints whose reads are atomic, so the summary and the metrics can never disagree and the hot path pays nothing.
+Only the queue-call counter and histogram are prometheus-client objects (labelled, thread-safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
+
+    from runner.leases import Leases
+    from runner.stats import RunStats
+
+__all__ = ["QUEUE_CALL_BUCKETS", "Metrics", "PrometheusMetrics"]
+
+QUEUE_CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Seconds: sub-millisecond embedded-store operations up to slow, retried API calls."""
+
+_RUN_COUNTERS = {
+    # RunStats field: (metric name without _total, help)
+    "handled": ("headlock_requests_handled", "Requests this process marked handled (succeeded)."),
+    "failed": ("headlock_requests_failed", "Requests this process marked handled as failed (retries exhausted)."),
+    "retried": ("headlock_requests_retried", "Failed attempts given back to the queue for a retry."),
+    "prolonged": ("headlock_lease_prolongs", "Locks the heartbeat prolonged."),
+    "lost": ("headlock_leases_lost", "Leases lost (lock expired or taken) before their request was finished."),
+    "given_back": ("headlock_requests_given_back", "Prefetched or held requests given back unprocessed on stop."),
+    "enqueued": ("headlock_requests_enqueued", "New requests added to the queue (start URLs and handler enqueues)."),
+    "items": ("headlock_items_pushed", "Items pushed to the dataset."),
+}
+
+
+class Metrics:
+    """The metrics hooks the runtime calls. This class is the disabled instance: every hook does nothing."""
+
+    enabled: ClassVar[bool] = False
+
+    def track(self, stats: RunStats, leases: Leases) -> None:
+        """Report this run's counters and held leases from now on (`run()` calls it at start)."""
+
+    def request_started(self) -> None:
+        """A handler started on a request."""
+
+    def request_finished(self) -> None:
+        """A handler attempt is over (committed, given back or dropped)."""
+
+    def queue_call(self, backend: str, endpoint: str, status: str, seconds: float) -> None:
+        """One queue call: an HTTP attempt (`api`) or an embedded-store operation (`embedded`)."""
+
+    def queue_pending(self, count: int | None) -> None:
+        """The queue's pending count as the progress reporter last read it (None: the read failed)."""
+
+    @contextlib.contextmanager
+    def serve(self, host: str, port: int) -> Iterator[str | None]:
+        """Serve `/metrics` on `host:port` while the block runs; yields the URL (None here: nothing to serve)."""
+        yield None
+
+
+class PrometheusMetrics(Metrics):
+    """Metrics recorded into a registry of its own (`self.registry`), served by `serve()`.
+
+    Raises:
+        ImportError: prometheus-client is not installed (`pip install 'headlock[metrics]'`).
+    """
+
+    enabled: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        # Imported here: the extra is optional and the disabled path must not need it.
+        from prometheus_client import CollectorRegistry, Counter, Histogram  # noqa: PLC0415
+        from prometheus_client.process_collector import ProcessCollector  # noqa: PLC0415
+
+        self.registry: CollectorRegistry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_RunCollector(self))
+        self._calls = Counter(
+            "headlock_queue_calls",
+            "Queue calls: HTTP attempts (backend api, status = HTTP status or `error`) or embedded-store operations "
+            "(backend embedded, status `ok` or the error type).",
+            ["backend", "endpoint", "status"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "headlock_queue_call_duration_seconds",
+            "Duration of one queue call (one HTTP attempt, or one store operation including its commit).",
+            ["backend", "endpoint"],
+            buckets=QUEUE_CALL_BUCKETS,
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        # Plain values the event loop writes and the scrape thread reads (see the module docstring).
+        self.in_flight = 0
+        self.pending: int | None = None
+        self.runs: tuple[dict[str, int], RunStats | None, Leases | None] = ({}, None, None)
+
+    def track(self, stats: RunStats, leases: Leases) -> None:
+        """Report `stats` and `leases` from now on; counters carry on from earlier runs, never going back."""
+        base, previous, _ = self.runs
+        if previous is not None:
+            base = {field: base.get(field, 0) + getattr(previous, field) for field in _RUN_COUNTERS}
+        self.runs = (base, stats, leases)  # one assignment: a scrape sees the old triple or the new one
+
+    def request_started(self) -> None:
+        """A handler started on a request."""
+        self.in_flight += 1
+
+    def request_finished(self) -> None:
+        """A handler attempt is over."""
+        self.in_flight -= 1
+
+    def queue_call(self, backend: str, endpoint: str, status: str, seconds: float) -> None:
+        """Count the call and observe its duration."""
+        key = (backend, endpoint, status)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds keys: once per label set, not per call
+            children = self._children[key] = (
+                self._calls.labels(backend, endpoint, status),
+                self._latency.labels(backend, endpoint),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def queue_pending(self, count: int | None) -> None:
+        """Keep the last pending count read; a failed read keeps the previous one."""
+        if count is not None:
+            self.pending = count
+
+    @contextlib.contextmanager
+    def serve(self, host: str, port: int) -> Iterator[str | None]:
+        """Serve the registry with prometheus-client's HTTP server in a daemon thread; yields `http://host:port/metrics`.
+
+        Port 0 binds a free port (the yielded URL names it).
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        from prometheus_client import start_http_server  # noqa: PLC0415
+
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            bound = server.server_address[1]
+            shown = f"[{host}]" if ":" in host else host
+            yield f"http://{shown}:{bound}/metrics"
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+
+
+class _RunCollector:
+    """Collects the run's counters and gauges at scrape time from the values `PrometheusMetrics` holds."""
+
+    def __init__(self, metrics: PrometheusMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
+
+        base, stats, leases = self._metrics.runs
+        for field, (name, doc) in _RUN_COUNTERS.items():
+            value = base.get(field, 0) + (getattr(stats, field) if stats is not None else 0)
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily(
+            "headlock_requests_in_flight", "Requests whose handler is running.", value=self._metrics.in_flight
+        )
+        held = len(leases) if leases is not None else 0
+        yield GaugeMetricFamily("headlock_leases_held", "Locks held: in flight and prefetched.", value=held)
+        pending = self._metrics.pending
+        if pending is not None:  # unknown until the progress reporter's first read
+            yield GaugeMetricFamily(
+                "headlock_queue_pending", "Requests pending in the queue (every progress_every seconds).", value=pending
+            )
