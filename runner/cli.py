@@ -14,12 +14,11 @@ from typing import Any
 import anyio
 import structlog
 
-from runner.commit import Committer, RetryPolicy
+from runner.commit import add_requests
 from runner.context import make_draft
 from runner.dataset import Dataset
 from runner.errors import ConfigError, HeadlockError, InvalidUrlError
 from runner.health import DEFAULT_MAX_AGE, check_health
-from runner.leases import Leases
 from runner.loader import load_handler
 from runner.logs import configure_logging
 from runner.metrics import Metrics, PrometheusMetrics
@@ -254,16 +253,8 @@ async def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
     drafts = [make_draft(url, label=args.label) for url in urls]  # all validated before anything is sent
     queue = await open_queue(settings)
     try:
-        stats = RunStats()
-        committer = Committer(
-            queue,
-            Leases(),
-            Dataset.open(settings.storage_dir, settings.dataset),
-            stats,
-            client_key=settings.workers.client_key or random_client_key(),
-            policy=RetryPolicy(),
-        )
-        added = await committer.add(drafts, forefront=args.forefront)
+        client_key = settings.workers.client_key or random_client_key()
+        added = await add_requests(queue, drafts, client_key=client_key, forefront=args.forefront)
     finally:
         await queue.aclose()
     log.info("enqueue.done", given=len(drafts), added=added, already_present=len(drafts) - added)

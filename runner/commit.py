@@ -19,7 +19,7 @@ from runner.models import RequestDraft, utc_now
 from runner.queue.protocol import MAX_BATCH, RequestQueue
 from runner.stats import RunStats
 
-__all__ = ["Committer", "RetryPolicy", "SeenKeys"]
+__all__ = ["Committer", "RetryPolicy", "SeenKeys", "add_requests"]
 
 log = structlog.get_logger("headlock.commit")
 
@@ -54,6 +54,33 @@ class SeenKeys:
             self._keys.popitem(last=False)
 
 
+async def add_requests(
+    queue: RequestQueue,
+    drafts: Sequence[RequestDraft],
+    *,
+    client_key: str,
+    forefront: bool = False,
+    seen: SeenKeys | None = None,
+) -> int:
+    """Add `drafts` in batches of 25, skipping keys in `seen` and remembering the added ones; return how many were new.
+
+    Raises:
+        QueueError: a batch failed, or the queue left items unprocessed after its retries.
+    """
+    fresh = [d for d in drafts if seen is None or d.unique_key not in seen]
+    added = 0
+    for start in range(0, len(fresh), MAX_BATCH):
+        chunk = fresh[start : start + MAX_BATCH]
+        result = await queue.batch_add(chunk, client_key=client_key, forefront=forefront)
+        if result.unprocessed_requests:
+            raise QueueError(f"{len(result.unprocessed_requests)} requests left unprocessed", endpoint="batch_add")
+        for item in result.processed_requests:
+            if seen is not None:
+                seen.add(item.unique_key)
+            added += not item.was_already_present
+    return added
+
+
 class Committer:
     """Applies the outcome of attempts to the queue, the dataset and the lease registry."""
 
@@ -77,21 +104,8 @@ class Committer:
         self.seen = seen or SeenKeys()
 
     async def add(self, drafts: Sequence[RequestDraft], *, forefront: bool = False) -> int:
-        """Add `drafts` in batches of 25, skipping keys this process added before; return how many were new.
-
-        Raises:
-            QueueError: a batch failed, or the queue left items unprocessed after its retries.
-        """
-        fresh = [d for d in drafts if d.unique_key not in self.seen]
-        added = 0
-        for start in range(0, len(fresh), MAX_BATCH):
-            chunk = fresh[start : start + MAX_BATCH]
-            result = await self.queue.batch_add(chunk, client_key=self.client_key, forefront=forefront)
-            if result.unprocessed_requests:
-                raise QueueError(f"{len(result.unprocessed_requests)} requests left unprocessed", endpoint="batch_add")
-            for item in result.processed_requests:
-                self.seen.add(item.unique_key)
-                added += not item.was_already_present
+        """Add `drafts` (see `add_requests`), skipping keys this process added before; return how many were new."""
+        added = await add_requests(self.queue, drafts, client_key=self.client_key, forefront=forefront, seen=self.seen)
         self.stats.enqueued += added
         return added
 
