@@ -1,30 +1,40 @@
-"""Benchmark 1: runtime overhead. 20,000 requests, a no-op handler, concurrency 50, embedded store.
+"""Benchmark 1: runtime overhead. 20,000 requests, a no-op handler, concurrency 50.
 
-    python -m tests.bench.overhead [--requests 20000] [--concurrency 50]
+    python -m tests.bench.overhead [--backend both|embedded|serve] [--requests 20000] [--concurrency 50]
+                                   [--rate-limits default|off] [--fill store|http]
 
-Prints handled/s (timed around run(), after the queue is filled) and the peak RSS of this process.
+`embedded` consumes the SQLite store in this process. `serve` consumes the same queue over `headlock serve` (a
+`python -m runner.server` child on 127.0.0.1) through `ApiQueue`, with `run()` in this process. `both` (the
+default) runs embedded, serve and serve without the client-side rate limits, each in a fresh process so every peak
+RSS is its own, and ends with a line of ratios. handled/s is timed around `run()`, after the queue is filled.
+
+The queue is filled before the run: by default straight into the store file before the server starts (requests
+added by another process: `ApiQueue` has none of them cached and must GET each one); `--fill http` adds them through
+the runner's own `ApiQueue` instead (its cache then holds them all).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 
-from runner import Context, Dataset, RequestDraft, SqliteQueue, WorkerSettings, run
+from runner import Context, Dataset, RequestDraft, RequestQueue, SqliteQueue, WorkerSettings, run
+from runner.queue.api import ApiQueue, RateLimits
+from tests.bench._common import child_server, emit, peak_rss_mb, quiet_logs, run_child_json
+
+UNLIMITED = RateLimits(batch=1e9, single=1e9, other=1e9)
 
 
 async def noop(ctx: Context) -> None:
     """Do nothing."""
 
 
-async def fill(queue: SqliteQueue, count: int) -> None:
+async def fill(queue: RequestQueue, count: int) -> None:
     """Add `count` requests in batches of 25."""
     for start in range(0, count, 25):
         drafts = [
@@ -34,34 +44,118 @@ async def fill(queue: SqliteQueue, count: int) -> None:
         await queue.batch_add(drafts, client_key="filler")
 
 
-async def main(requests: int, concurrency: int) -> dict[str, object]:
+async def timed_run(queue: RequestQueue, storage: Path, concurrency: int) -> tuple[int, float]:
+    """Run the no-op handler over `queue`; return (handled, seconds)."""
+    dataset = Dataset.open(storage, "default")
+    try:
+        started = time.perf_counter()
+        summary = await run(queue, noop, dataset, workers=WorkerSettings(concurrency=concurrency), progress_every=3600)
+        elapsed = time.perf_counter() - started
+    finally:
+        dataset.close()
+    return int(summary.stats["handled"]), elapsed
+
+
+async def embedded(requests: int, concurrency: int) -> dict[str, Any]:
+    """The embedded store in this process."""
     storage = Path(tempfile.mkdtemp(prefix="headlock-bench-"))
     queue = SqliteQueue.open(storage, "default")
-    await fill(queue, requests)
-    dataset = Dataset.open(storage, "default")
-    started = time.perf_counter()
-    summary = await run(queue, noop, dataset, workers=WorkerSettings(concurrency=concurrency), progress_every=3600)
-    elapsed = time.perf_counter() - started
-    await queue.aclose()
+    try:
+        await fill(queue, requests)
+        handled, elapsed = await timed_run(queue, storage, concurrency)
+    finally:
+        await queue.aclose()
     return {
         "benchmark": "overhead/embedded",
         "requests": requests,
-        "handled": summary.stats["handled"],
+        "concurrency": concurrency,
+        "handled": handled,
         "seconds": round(elapsed, 2),
-        "handled_per_s": round(summary.stats["handled"] / elapsed),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "machine": f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()}".strip(),
+        "handled_per_s": round(handled / elapsed),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
-if __name__ == "__main__":
-    import logging
+async def serve(requests: int, concurrency: int, *, rate_limits: str, fill_via: str) -> dict[str, Any]:
+    """`headlock serve` in a child process, consumed through `ApiQueue` by `run()` in this process."""
+    storage = Path(tempfile.mkdtemp(prefix="headlock-bench-"))
+    if fill_via == "store":
+        store = SqliteQueue.open(storage, "default")
+        try:
+            await fill(store, requests)
+        finally:
+            await store.aclose()
+    limits = UNLIMITED if rate_limits == "off" else RateLimits()
+    args = ["-m", "runner.server", "--host", "127.0.0.1", "--port", "0", "--storage", str(storage)]
+    with child_server(args) as server:
+        queue = await ApiQueue.open(base_url=server.url, token=None, name="default", rate_limits=limits)
+        try:
+            if fill_via == "http":
+                await fill(queue, requests)
+            queue.calls.clear()
+            handled, elapsed = await timed_run(queue, storage, concurrency)
+        finally:
+            await queue.aclose()
+        calls = dict(sorted(queue.calls.items()))
+    return {
+        "benchmark": "overhead/serve",
+        "requests": requests,
+        "concurrency": concurrency,
+        "rate_limits": "default (batch 40/s, single 400/s)" if rate_limits == "default" else "off",
+        "filled_via": "store file before start (cold ApiQueue cache)" if fill_via == "store" else "ApiQueue (warm)",
+        "handled": handled,
+        "seconds": round(elapsed, 2),
+        "handled_per_s": round(handled / elapsed),
+        "peak_rss_mb": peak_rss_mb(),
+        "server_peak_rss_mb": server.peak_rss_mb,
+        "api_calls": sum(calls.values()),
+        "api_calls_per_handled": round(sum(calls.values()) / max(handled, 1), 3),
+        "api_calls_by_endpoint": calls,
+        "api_client": "httpx.AsyncClient default transport (ApiQueue's own)",
+    }
 
-    import structlog
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    parser = argparse.ArgumentParser()
+def both(requests: int, concurrency: int) -> None:
+    """Each configuration in a fresh process (so each peak RSS is its own), then the ratios."""
+    common = ["-m", "tests.bench.overhead", "--requests", str(requests), "--concurrency", str(concurrency)]
+    results = {
+        "embedded": run_child_json([*common, "--backend", "embedded"]),
+        "serve": run_child_json([*common, "--backend", "serve"]),
+        "serve_unlimited": run_child_json([*common, "--backend", "serve", "--rate-limits", "off"]),
+    }
+    for result in results.values():
+        emit(result)
+    base = results["embedded"]["handled_per_s"]
+    emit(
+        {
+            "benchmark": "overhead/compare",
+            "serve_vs_embedded_handled_per_s": round(results["serve"]["handled_per_s"] / base, 3),
+            "serve_unlimited_vs_embedded_handled_per_s": round(results["serve_unlimited"]["handled_per_s"] / base, 3),
+        }
+    )
+
+
+def main() -> None:
+    """Parse the arguments and run the chosen backend(s)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--backend", choices=["both", "embedded", "serve"], default="both")
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--rate-limits", choices=["default", "off"], default="default", help="ApiQueue's pacing")
+    parser.add_argument("--fill", choices=["store", "http"], default="store", help="how the serve queue is filled")
     args = parser.parse_args()
-    print(json.dumps(anyio.run(main, args.requests, args.concurrency)))
+    quiet_logs()
+    if args.backend == "both":
+        both(args.requests, args.concurrency)
+        return
+    if args.backend == "embedded":
+        result = anyio.run(embedded, args.requests, args.concurrency)
+    else:
+        result = anyio.run(
+            lambda: serve(args.requests, args.concurrency, rate_limits=args.rate_limits, fill_via=args.fill)
+        )
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
