@@ -31,6 +31,7 @@ def page_html(i: int, pages: int) -> bytes:
 def _handler(pages: int) -> type[BaseHTTPRequestHandler]:
     class Site(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out in separate writes
 
         def do_GET(self) -> None:
             parts = self.path.strip("/").split("/")

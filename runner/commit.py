@@ -128,6 +128,7 @@ class Committer:
             await self._abandon(lease, exc)
             return False
         self.leases.remove(lease)
+        self.seen.add(request.unique_key)  # pages link back to themselves: no batch add for that
         self.stats.handled += 1
         return True
 

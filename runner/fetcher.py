@@ -16,6 +16,9 @@ __all__ = ["fetch"]
 
 log = structlog.get_logger("headlock.fetcher")
 
+BUSY_POLL = 5.0
+"""Seconds between head polls while this process holds work and the head is empty."""
+
 
 async def fetch(
     queue: RequestQueue,
@@ -33,7 +36,8 @@ async def fetch(
 ) -> None:
     """Lock up to `min(batch, free room)` requests per call and send them; close `send` when the queue is done.
 
-    Room is `capacity` (workers + prefetch) minus the leases held. While the head is empty it waits for a local
+    Room is `capacity` (workers + prefetch) minus the leases held; while prefetched work waits, it locks only when a
+    whole batch fits. While the head is empty it waits for a local
     change (a finished request may have enqueued work) or a jittered, growing delay, never a busy loop. It returns
     when nothing is held here, the head is empty and no client holds a lock (unless `keep_alive`), or when
     `max_requests` are finished or held.
@@ -51,7 +55,8 @@ async def fetch(
                 if room <= 0 and not leases:
                     log.info("fetch.max_requests_reached", max_requests=max_requests)
                     return
-            if room <= 0:
+            if room <= 0 or (room < batch and leases.statistics().prefetched):
+                # Workers still have buffered work: wait until a whole batch fits, so each call locks up to 25.
                 await leases.wait_changed()
                 continue
             started = anyio.current_time()
@@ -74,5 +79,7 @@ async def fetch(
             if not leases and not head.queue_has_locked_requests and not keep_alive:
                 log.info("fetch.queue_finished")
                 return
-            with anyio.move_on_after(idle.next()):
+            # While we hold work, the head may be empty only because we hold it: a finishing lease (which may
+            # have enqueued more) is what to wait for; other clients' expiring locks are looked at less often.
+            with anyio.move_on_after(BUSY_POLL if leases else idle.next()):
                 await leases.wait_changed()

@@ -21,17 +21,22 @@ async def report_progress(
 ) -> None:
     """Log `run.progress` every `every` seconds: counters, rate, what is held here and what the queue has pending.
 
-    The pending count also goes to `metrics` (its `headlock_queue_pending` gauge is as fresh as this report).
+    The pending count also goes to `metrics`. It is read from the queue (one call) only when this process finished
+    something since the last report: an idle or slow worker spends no queue calls on progress.
     """
     metrics = metrics or Metrics()
+    pending: int | None = None
+    seen = -1
     while True:
         await anyio.sleep(every)
         held = leases.statistics()
-        try:
-            pending: int | None = (await queue.get_info()).pending_request_count
-        except QueueError:
-            pending = None
-        metrics.queue_pending(pending)
+        if stats.finished + stats.retried != seen:
+            seen = stats.finished + stats.retried
+            try:
+                pending = (await queue.get_info()).pending_request_count
+            except QueueError:
+                pending = None
+            metrics.queue_pending(pending)
         log.info(
             "run.progress",
             handled=stats.handled,

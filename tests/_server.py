@@ -55,7 +55,7 @@ def running_server(storage: Path, *, token: str | None = None) -> Iterator[str]:
 @asynccontextmanager
 async def serving_app(app: ASGIApp) -> AsyncIterator[str]:
     """Serve `app` with uvicorn in this event loop on 127.0.0.1 (for apps built with test middleware)."""
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY, as serve
     sock.bind(("127.0.0.1", 0))
     # Listening before the server task starts: clients that connect early wait in the backlog.
     sock.listen()

@@ -330,7 +330,12 @@ class ApiQueue:
         self._queue_id = queue_id
         self._token = _Secret(token) if token else None
         self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient(headers={"Accept": "application/json"})
+        # Keep-alive as large as the pool: connections beyond the keep-alive bound are closed after each call and
+        # reopened on the next one, which costs more than the calls themselves on a busy worker.
+        self._client = client or httpx.AsyncClient(
+            headers={"Accept": "application/json"},
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
+        )
         self._closed = False
         retry = options.get("retry") or ApiRetryPolicy()
         if (max_retries := options.get("max_retries")) is not None:
