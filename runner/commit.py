@@ -117,6 +117,7 @@ class Committer:
     ) -> bool:
         """Add what the attempt enqueued, store its items, mark the request handled. False if a call failed."""
         request = lease.request
+        self.seen.add(request.unique_key)  # it is in the queue (we hold it): pages linking to themselves cost nothing
         try:
             for forefront, drafts in enqueues.items():
                 await self.add(drafts, forefront=forefront)
@@ -128,7 +129,6 @@ class Committer:
             await self._abandon(lease, exc)
             return False
         self.leases.remove(lease)
-        self.seen.add(request.unique_key)  # pages link back to themselves: no batch add for that
         self.stats.handled += 1
         return True
 

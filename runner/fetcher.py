@@ -45,7 +45,9 @@ async def fetch(
     Raises:
         UnauthorizedError, InvalidInputError: the queue refuses us; retrying cannot help.
     """
-    idle = idle or Backoff(initial=0.05, maximum=5.0 if keep_alive else 1.0)
+    # 0.05 s doubling to 5 s: a burst of quick looks right after the head empties (new work usually follows soon),
+    # then one call every 5 s at most while idle.
+    idle = idle or Backoff(initial=0.05, maximum=5.0)
     errors = Backoff(initial=0.5, maximum=30.0)
     async with send:
         while True:

@@ -83,7 +83,7 @@ def test_three_processes_on_one_queue_handle_each_request_once(tmp_path: Path) -
     log = tmp_path / "attempts.log"
     config = tmp_path / "c.toml"
     config.write_text(
-        f'handler = "tests.sample_handlers:noop"\nhandler_options = {{ attempts_file = "{log}" }}\n'
+        f'handler = "tests.sample_handlers:slow"\nhandler_options = {{ attempts_file = "{log}", sleep = 0.05 }}\n'
         "[workers]\nconcurrency = 8\nbatch = 5\n"
     )
     procs = [start_headlock("run", "--config", str(config), cwd=tmp_path) for _ in range(3)]

@@ -88,7 +88,9 @@ _SCHEMA_PROBES = (
     "SELECT id, order_no, lock_client, lock_expires, data FROM requests LIMIT 0",
 )
 # The available head is the index range [-now, now]; rowid breaks ties so one batch keeps its order.
-_HEAD_QUERY = "SELECT id, order_no, data FROM requests WHERE order_no BETWEEN ? AND ? ORDER BY order_no, rowid LIMIT ?"
+_HEAD_QUERY = (
+    "SELECT rowid, id, order_no, data FROM requests WHERE order_no BETWEEN ? AND ? ORDER BY order_no, rowid LIMIT ?"
+)
 
 
 def validate_queue_name(name: str) -> str:
@@ -399,9 +401,10 @@ class SqliteQueue:
         now = self._clock()
         rows = self._db.execute(_HEAD_QUERY, (-now, now, limit)).fetchall()
         expires = now + int(lock_secs * 1_000_000)
+        # By rowid: the index entry already gave it, so no second lookup through the id index per row.
         self._db.executemany(
-            "UPDATE requests SET order_no = ?, lock_client = ?, lock_expires = ? WHERE id = ?",
-            [(expires if order_no > 0 else -expires, client_key, expires, rid) for rid, order_no, _ in rows],
+            "UPDATE requests SET order_no = ?, lock_client = ?, lock_expires = ? WHERE rowid = ?",
+            [(expires if order_no > 0 else -expires, client_key, expires, rowid) for rowid, _, order_no, _ in rows],
         )
         self._touch(now, client_key, changed=bool(rows))
         has_locks = (
@@ -410,7 +413,7 @@ class SqliteQueue:
         )
         multiple = self._db.execute("SELECT had_multiple_clients FROM queue").fetchone()[0]
         return LockedHead(
-            items=[_load(rid, data, "lock_head") for rid, _, data in rows],
+            items=[_load(rid, data, "lock_head") for _, rid, _, data in rows],
             lock_secs=lock_secs,
             queue_has_locked_requests=bool(has_locks),
             had_multiple_clients=bool(multiple),
