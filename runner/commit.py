@@ -67,8 +67,20 @@ async def add_requests(
     Raises:
         QueueError: a batch failed, or the queue left items unprocessed after its retries.
     """
+    return len(await _send(queue, drafts, client_key=client_key, forefront=forefront, seen=seen))
+
+
+async def _send(
+    queue: RequestQueue,
+    drafts: Sequence[RequestDraft],
+    *,
+    client_key: str,
+    forefront: bool,
+    seen: SeenKeys | None,
+) -> set[str]:
+    """`add_requests`, returning the unique keys that were new to the queue."""
     fresh = [d for d in drafts if seen is None or d.unique_key not in seen]
-    added = 0
+    new: set[str] = set()
     for start in range(0, len(fresh), MAX_BATCH):
         chunk = fresh[start : start + MAX_BATCH]
         result = await queue.batch_add(chunk, client_key=client_key, forefront=forefront)
@@ -77,8 +89,19 @@ async def add_requests(
         for item in result.processed_requests:
             if seen is not None:
                 seen.add(item.unique_key)
-            added += not item.was_already_present
-    return added
+            if not item.was_already_present:
+                new.add(item.unique_key)
+    return new
+
+
+@dataclass(eq=False, slots=True)
+class _PendingAdd:
+    """One caller's drafts waiting for, or sent in, a shared batch."""
+
+    drafts: Sequence[RequestDraft]
+    taken: bool = False
+    added: int = 0
+    error: QueueError | None = None
 
 
 class Committer:
@@ -102,12 +125,57 @@ class Committer:
         self.client_key = client_key
         self.policy = policy
         self.seen = seen or SeenKeys()
+        self._add_turn = anyio.Lock()
+        self._pending: dict[bool, list[_PendingAdd]] = {False: [], True: []}
 
     async def add(self, drafts: Sequence[RequestDraft], *, forefront: bool = False) -> int:
-        """Add `drafts` (see `add_requests`), skipping keys this process added before; return how many were new."""
-        added = await add_requests(self.queue, drafts, client_key=self.client_key, forefront=forefront, seen=self.seen)
-        self.stats.enqueued += added
-        return added
+        """Add `drafts` (see `add_requests`), skipping keys this process added before; return how many were new.
+
+        Adds from requests committing at the same time share batches of 25: while one batch is being sent, later
+        callers wait and then go out together, so a crawl spends far fewer calls than one per page.
+
+        Raises:
+            QueueError: the batch carrying these drafts failed (every caller in it gets the error).
+        """
+        op = _PendingAdd(drafts)
+        pending = self._pending[forefront]
+        pending.append(op)
+        try:
+            async with self._add_turn:
+                if not op.taken:
+                    batch = list(pending)
+                    pending.clear()
+                    for queued in batch:
+                        queued.taken = True
+                    await self._send_shared(batch, forefront=forefront)
+        except BaseException:
+            if not op.taken:
+                pending.remove(op)  # cancelled before it was sent: nothing of it happened
+            raise
+        if op.error is not None:
+            raise op.error
+        self.stats.enqueued += op.added
+        return op.added
+
+    async def _send_shared(self, batch: list[_PendingAdd], *, forefront: bool) -> None:
+        merged: dict[str, RequestDraft] = {}
+        for op in batch:
+            for draft in op.drafts:
+                merged.setdefault(draft.unique_key, draft)
+        try:
+            new = await _send(
+                self.queue, list(merged.values()), client_key=self.client_key, forefront=forefront, seen=self.seen
+            )
+        except BaseException as exc:
+            # Every caller in the batch must learn it failed, or it would mark its request handled without its links.
+            error = exc if isinstance(exc, QueueError) else QueueError("batch add interrupted", endpoint="batch_add")
+            for op in batch:
+                op.error = error
+            raise
+        for op in batch:
+            mine = {draft.unique_key for draft in op.drafts} & new
+            new -= mine  # a link two requests found counts once
+            op.added = len(mine)
 
     async def succeed(
         self,
