@@ -25,8 +25,13 @@ from runner import (
     request_id_for,
     run,
 )
+from runner.commit import Committer, RetryPolicy
+from runner.context import make_draft
 from runner.dataset import read_items
+from runner.leases import Leases
+from runner.metrics import Metrics
 from runner.models import utc_now
+from runner.stats import RunStats
 
 pytestmark = pytest.mark.anyio
 
@@ -347,3 +352,40 @@ async def test_fetch_handler_refuses_non_http_urls_without_retrying(queue: Sqlit
     assert stored is not None
     assert stored.error_messages == ["NoRetry: unsupported URL scheme 'file': only http and https are fetched"]
     assert read_items(dataset.path) == []
+
+
+class CountingMetrics(Metrics):
+    """A metrics observer that counts store operations by endpoint."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+
+    def queue_call(self, backend: str, endpoint: str, status: str, seconds: float) -> None:
+        self.calls[endpoint] += 1
+
+
+async def test_adds_of_concurrent_commits_share_batches(storage: Path, dataset: Dataset) -> None:
+    """Ten requests committing links at once need 3 batch calls, not 10; shared links count once."""
+    metrics = CountingMetrics()
+    queue = SqliteQueue.open(storage, "shared", metrics=metrics)
+    committer = Committer(queue, Leases(), dataset, RunStats(), client_key="k", policy=RetryPolicy())
+    added: list[int] = []
+
+    async def commit(page: int) -> None:
+        links = [f"https://a.example/{page}/{i}" for i in range(3)] + [
+            "https://a.example/home",
+            "https://a.example/about",
+        ]
+        added.append(await committer.add([make_draft(url) for url in links]))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for page in range(10):
+                tg.start_soon(commit, page)
+    await queue.aclose()
+    assert sum(added) == 32  # 30 page links + home + about, each counted once
+    check = SqliteQueue.open(storage, "shared")
+    assert (await check.get_info()).total_request_count == 32
+    await check.aclose()
+    batch_calls = sum(n for endpoint, n in metrics.calls.items() if "batch" in endpoint)
+    assert batch_calls <= 3  # the first caller alone, then the nine that waited (27 fresh links: two chunks of 25)
