@@ -183,12 +183,20 @@ class Committer:
         enqueues: Mapping[bool, Sequence[RequestDraft]],
         items: Sequence[Mapping[str, Any]],
     ) -> bool:
-        """Add what the attempt enqueued, store its items, mark the request handled. False if a call failed."""
+        """Add what the attempt enqueued, store its items, mark the request handled.
+
+        False if a call failed, or if the lease was lost while the adds were being retried: another worker may
+        hold the request by then, so its items are not stored (they would be stored twice).
+        """
         request = lease.request
         self.seen.add(request.unique_key)  # it is in the queue (we hold it): pages linking to themselves cost nothing
         try:
             for forefront, drafts in enqueues.items():
                 await self.add(drafts, forefront=forefront)
+            if lease.lost:
+                self.stats.lost += 1
+                log.warning("lease.dropped", reason="lock lost while the request's links were being added")
+                return False
             self.stats.items += self.dataset.push(items)
             await self.queue.update_request(
                 request.model_copy(update={"handled_at": utc_now()}), client_key=self.client_key

@@ -41,6 +41,7 @@ class Leases:
 
     def __init__(self) -> None:
         self._held: dict[str, Lease] = {}
+        self._in_flight = 0
         self._changed = anyio.Event()
 
     def __len__(self) -> int:
@@ -64,12 +65,14 @@ class Leases:
             return False
         lease.scope = scope
         lease.started = True
+        self._in_flight += 1
         return True
 
     def remove(self, lease: Lease) -> None:
         """Forget `lease` (finished or given back) and wake whoever waits for room."""
         if self._held.get(lease.request.id) is lease:
             del self._held[lease.request.id]
+            self._in_flight -= lease.started
             self._notify()
 
     def renew(self, lease: Lease, expires_at: float) -> None:
@@ -97,8 +100,12 @@ class Leases:
 
     def statistics(self) -> LeaseStatistics:
         """Counts of held, in-flight and prefetched (locked, not started) leases."""
-        in_flight = sum(1 for lease in self._held.values() if lease.started)
-        return LeaseStatistics(len(self._held), in_flight, len(self._held) - in_flight)
+        return LeaseStatistics(len(self._held), self._in_flight, len(self._held) - self._in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        """Leases whose handler has started (a plain int: safe to read from another thread)."""
+        return self._in_flight
 
 
 def _expiry(lease: Lease) -> float:

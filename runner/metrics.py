@@ -5,9 +5,10 @@ nothing else. `PrometheusMetrics()` records into its own `CollectorRegistry` (ne
 it with prometheus-client's HTTP server (the `metrics` extra).
 
 Threads: the event loop is the only writer of what the hooks touch. Run counters (handled, failed, retried, lease
-prolongs and losses, ...) are not incremented here at all: the scrape reads the run's `RunStats` and `len(leases)`,
-plain ints whose reads are atomic, so the summary and the metrics can never disagree and the hot path pays nothing.
-Only the queue-call counter and histogram are prometheus-client objects (labelled, thread-safe).
+prolongs and losses, ...) are not incremented here at all: the scrape reads the run's `RunStats` and `leases`
+(`len(leases)`, `leases.in_flight`), plain ints whose reads are atomic, so the summary and the metrics can never
+disagree and the hot path pays nothing. Only the queue-call counter and histogram are prometheus-client objects
+(labelled, thread-safe).
 """
 
 from __future__ import annotations
@@ -48,12 +49,6 @@ class Metrics:
 
     def track(self, stats: RunStats, leases: Leases) -> None:
         """Report this run's counters and held leases from now on (`run()` calls it at start)."""
-
-    def request_started(self) -> None:
-        """A handler started on a request."""
-
-    def request_finished(self) -> None:
-        """A handler attempt is over (committed, given back or dropped)."""
 
     def queue_call(self, backend: str, endpoint: str, status: str, seconds: float) -> None:
         """One queue call: an HTTP attempt (`api`) or an embedded-store operation (`embedded`)."""
@@ -100,7 +95,6 @@ class PrometheusMetrics(Metrics):
         )
         self._children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         # Plain values the event loop writes and the scrape thread reads (see the module docstring).
-        self.in_flight = 0
         self.pending: int | None = None
         self.runs: tuple[dict[str, int], RunStats | None, Leases | None] = ({}, None, None)
 
@@ -110,14 +104,6 @@ class PrometheusMetrics(Metrics):
         if previous is not None:
             base = {field: base.get(field, 0) + getattr(previous, field) for field in _RUN_COUNTERS}
         self.runs = (base, stats, leases)  # one assignment: a scrape sees the old triple or the new one
-
-    def request_started(self) -> None:
-        """A handler started on a request."""
-        self.in_flight += 1
-
-    def request_finished(self) -> None:
-        """A handler attempt is over."""
-        self.in_flight -= 1
 
     def queue_call(self, backend: str, endpoint: str, status: str, seconds: float) -> None:
         """Count the call and observe its duration."""
@@ -171,9 +157,8 @@ class _RunCollector:
         for field, (name, doc) in _RUN_COUNTERS.items():
             value = base.get(field, 0) + (getattr(stats, field) if stats is not None else 0)
             yield CounterMetricFamily(name, doc, value=value)
-        yield GaugeMetricFamily(
-            "headlock_requests_in_flight", "Requests whose handler is running.", value=self._metrics.in_flight
-        )
+        in_flight = leases.in_flight if leases is not None else 0
+        yield GaugeMetricFamily("headlock_requests_in_flight", "Requests whose handler is running.", value=in_flight)
         held = len(leases) if leases is not None else 0
         yield GaugeMetricFamily("headlock_leases_held", "Locks held: in flight and prefetched.", value=held)
         pending = self._metrics.pending

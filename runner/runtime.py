@@ -160,7 +160,6 @@ async def run(
                                     options=options or {},
                                     handler_timeout=cfg.handler_timeout,
                                     stats=stats,
-                                    metrics=metrics,
                                 )
                             )
             finally:

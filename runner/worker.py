@@ -14,7 +14,6 @@ from runner.commit import Committer
 from runner.context import Context
 from runner.errors import NoRetry
 from runner.leases import Lease, Leases
-from runner.metrics import Metrics
 from runner.router import Handler
 from runner.stats import RunStats
 
@@ -36,33 +35,27 @@ async def work(
     options: Mapping[str, Any],
     handler_timeout: float,
     stats: RunStats,
-    metrics: Metrics | None = None,
 ) -> None:
     """Handle leases from `receive` until it is closed and empty.
 
     A lease lost while its handler runs cancels the handler; the request is dropped, not marked. Cancellation of the
     worker itself (shutdown after the grace period) leaves the lease in `leases` for shutdown to release.
     """
-    metrics = metrics or Metrics()
     async with receive:
         async for lease in receive:
             with structlog.contextvars.bound_contextvars(
                 request_id=lease.request.id, url=lease.request.url, attempt=lease.request.retry_count + 1
             ):
-                metrics.request_started()
-                try:
-                    await _attempt(
-                        lease,
-                        handler,
-                        leases=leases,
-                        committer=committer,
-                        http=http,
-                        options=options,
-                        handler_timeout=handler_timeout,
-                        stats=stats,
-                    )
-                finally:
-                    metrics.request_finished()
+                await _attempt(
+                    lease,
+                    handler,
+                    leases=leases,
+                    committer=committer,
+                    http=http,
+                    options=options,
+                    handler_timeout=handler_timeout,
+                    stats=stats,
+                )
 
 
 async def _attempt(

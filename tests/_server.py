@@ -20,8 +20,8 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
 
-def _read_first_line(proc: subprocess.Popen[bytes]) -> str:
-    """The server's first stdout line, waiting at most START_TIMEOUT seconds."""
+def read_listening_url(proc: subprocess.Popen[bytes]) -> str:
+    """The URL in the child's first stdout line (`listening on URL`), waiting at most START_TIMEOUT seconds."""
     assert proc.stdout is not None
     with selectors.DefaultSelector() as selector:
         selector.register(proc.stdout, selectors.EVENT_READ)
@@ -42,7 +42,7 @@ def running_server(storage: Path, *, token: str | None = None) -> Iterator[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with subprocess.Popen(command, stdout=subprocess.PIPE, env=env, cwd=REPO) as proc:
         try:
-            yield _read_first_line(proc)
+            yield read_listening_url(proc)
         finally:
             proc.terminate()
             try:

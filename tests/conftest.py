@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,19 @@ def start_headlock(*args: str, cwd: Path, stderr: Path | None = None, **env: str
             stderr=err,
             text=True,
         )
+
+
+def run_config(path: Path, handler: str, attempts_file: Path, api: str | None = None, **workers: object) -> Path:
+    """Write a run config with `tests.sample_handlers:<handler>` and the given worker settings.
+
+    With `api` (a base URL) the queue is the `default` queue of that API server instead of the embedded one.
+    """
+    options = workers.pop("options", {})
+    opts = ", ".join(f"{k} = {json.dumps(v)}" for k, v in {"attempts_file": str(attempts_file), **options}.items())
+    lines = [f'handler = "tests.sample_handlers:{handler}"', f"handler_options = {{ {opts} }}"]
+    if api is not None:
+        lines += ["[queue]", 'backend = "apify"', "[api]", f'base_url = "{api}"']
+    lines += ["[workers]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in workers.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -13,7 +13,7 @@ import pytest
 
 from runner import SqliteQueue
 from runner.dataset import read_items
-from tests.conftest import headlock, start_headlock
+from tests.conftest import headlock, run_config, start_headlock
 
 
 def write_urls(path: Path, count: int, prefix: str = "https://a.example/p") -> Path:
@@ -81,11 +81,7 @@ def test_three_processes_on_one_queue_handle_each_request_once(tmp_path: Path) -
     count = 600
     assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", count)), cwd=tmp_path).returncode == 0
     log = tmp_path / "attempts.log"
-    config = tmp_path / "c.toml"
-    config.write_text(
-        f'handler = "tests.sample_handlers:slow"\nhandler_options = {{ attempts_file = "{log}", sleep = 0.05 }}\n'
-        "[workers]\nconcurrency = 8\nbatch = 5\n"
-    )
+    config = run_config(tmp_path / "c.toml", "slow", log, concurrency=8, batch=5, options={"sleep": 0.05})
     procs = [start_headlock("run", "--config", str(config), cwd=tmp_path) for _ in range(3)]
     for proc in procs:
         _, err = proc.communicate(timeout=90)
@@ -105,10 +101,15 @@ def test_heartbeat_keeps_slow_requests_locked_across_processes(tmp_path: Path) -
     count = 4
     assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", count)), cwd=tmp_path).returncode == 0
     log = tmp_path / "attempts.log"
-    config = tmp_path / "c.toml"
-    config.write_text(
-        f'handler = "tests.sample_handlers:slow"\nhandler_options = {{ attempts_file = "{log}", sleep = 7 }}\n'
-        "[workers]\nconcurrency = 2\nprefetch = 0\nlock_secs = 2\nhandler_timeout = 30\n"
+    config = run_config(
+        tmp_path / "c.toml",
+        "slow",
+        log,
+        concurrency=2,
+        prefetch=0,
+        lock_secs=2,
+        handler_timeout=30,
+        options={"sleep": 7},
     )
     summaries = [tmp_path / f"summary{i}.json" for i in range(2)]
     procs = [start_headlock("run", "--config", str(config), "--summary", str(s), cwd=tmp_path) for s in summaries]
@@ -131,11 +132,9 @@ def test_signal_mid_crawl_drains_and_leaves_no_lock(tmp_path: Path, signum: sign
     """A signal mid-crawl: in-flight handlers finish, prefetched are given back, exit 128+signum within grace + 2 s."""
     assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", 100)), cwd=tmp_path).returncode == 0
     log = tmp_path / "attempts.log"
-    config = tmp_path / "c.toml"
     grace = 4.0
-    config.write_text(
-        f'handler = "tests.sample_handlers:slow"\nhandler_options = {{ attempts_file = "{log}", sleep = 1.5 }}\n'
-        f"[workers]\nconcurrency = 5\nprefetch = 10\ngrace = {grace}\n"
+    config = run_config(
+        tmp_path / "c.toml", "slow", log, concurrency=5, prefetch=10, grace=grace, options={"sleep": 1.5}
     )
     summary = tmp_path / "summary.json"
     proc = start_headlock("run", "--config", str(config), "--summary", str(summary), cwd=tmp_path)
@@ -160,11 +159,7 @@ def test_second_signal_skips_the_grace_period_and_still_unlocks(tmp_path: Path) 
     """A second SIGTERM cancels in-flight handlers at once; their locks are still released."""
     assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", 10)), cwd=tmp_path).returncode == 0
     log = tmp_path / "attempts.log"
-    config = tmp_path / "c.toml"
-    config.write_text(
-        f'handler = "tests.sample_handlers:slow"\nhandler_options = {{ attempts_file = "{log}", sleep = 60 }}\n'
-        "[workers]\nconcurrency = 3\ngrace = 60\n"
-    )
+    config = run_config(tmp_path / "c.toml", "slow", log, concurrency=3, grace=60, options={"sleep": 60})
     events = tmp_path / "events.jsonl"
     proc = start_headlock("run", "--config", str(config), "--log-format", "json", cwd=tmp_path, stderr=events)
     wait_for(lambda: sum(attempts(log).values()) >= 3, 20, "three handlers to start")

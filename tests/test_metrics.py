@@ -139,8 +139,6 @@ async def test_the_disabled_instance_does_nothing() -> None:
     metrics = Metrics()
     assert not metrics.enabled
     metrics.track(RunStats(), Leases())
-    metrics.request_started()
-    metrics.request_finished()
     metrics.queue_call("api", "POST /head/lock", "201", 0.01)
     metrics.queue_pending(3)
     with metrics.serve("127.0.0.1", 1) as url:

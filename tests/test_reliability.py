@@ -17,26 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests._server import running_server
-from tests.conftest import cli_env, headlock, start_headlock
+from tests.conftest import cli_env, headlock, run_config, start_headlock
 from tests.test_cli import attempts, queue_state, wait_for, write_urls
 
 pytestmark = pytest.mark.slow
-
-
-def config(path: Path, handler: str, attempts_file: Path, api: str | None = None, **workers: object) -> Path:
-    """Write a run config with `tests.sample_handlers:<handler>` and the given worker settings.
-
-    With `api` (a base URL) the queue is the `default` queue of that API server instead of the embedded one.
-    """
-    options = workers.pop("options", {})
-    opts = ", ".join(f"{k} = {json.dumps(v)}" for k, v in {"attempts_file": str(attempts_file), **options}.items())
-    lines = [f'handler = "tests.sample_handlers:{handler}"', f"handler_options = {{ {opts} }}"]
-    if api is not None:
-        lines += ["[queue]", 'backend = "apify"', "[api]", f'base_url = "{api}"']
-    lines += ["[workers]"]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in workers.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def pids(log: Path) -> dict[str, list[int]]:
@@ -68,7 +52,7 @@ def test_kill_9_loses_nothing_and_only_the_dead_workers_requests_run_twice(tmp_p
 
 def _kill_one_of_three(tmp_path: Path, api: str | None, storage: Path, count: int) -> None:
     log = tmp_path / "attempts.log"
-    cfg = config(
+    cfg = run_config(
         tmp_path / "c.toml", "slow", log, api=api, concurrency=4, prefetch=4, lock_secs=2, options={"sleep": 0.3}
     )
     urls = write_urls(tmp_path / "u.txt", count)
@@ -95,7 +79,7 @@ def test_restart_with_the_same_client_key_frees_its_stale_locks_at_once(tmp_path
     count = 20
     assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", count)), cwd=tmp_path).returncode == 0
     log = tmp_path / "attempts.log"
-    cfg = config(
+    cfg = run_config(
         tmp_path / "c.toml", "slow", log, concurrency=2, lock_secs=60, client_key="worker-1", options={"sleep": 30}
     )
     first = start_headlock("run", "--config", str(cfg), cwd=tmp_path)
@@ -104,7 +88,7 @@ def test_restart_with_the_same_client_key_frees_its_stale_locks_at_once(tmp_path
     first.communicate(timeout=10)
     _, _, locks = queue_state(tmp_path / "storage")
     assert len(locks) == count  # 2 in flight + prefetched, all locked for 60 s by the dead worker
-    cfg = config(tmp_path / "c.toml", "noop", log, concurrency=4, lock_secs=60, client_key="worker-1")
+    cfg = run_config(tmp_path / "c.toml", "noop", log, concurrency=4, lock_secs=60, client_key="worker-1")
     started = time.monotonic()
     result = headlock("run", "--config", str(cfg), "--log-format", "json", cwd=tmp_path, timeout=30)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -119,7 +103,7 @@ def test_graceful_stop_with_50_in_flight_and_25_prefetched(tmp_path: Path) -> No
     assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", 200)), cwd=tmp_path).returncode == 0
     log = tmp_path / "attempts.log"
     grace = 8.0
-    cfg = config(tmp_path / "c.toml", "slow", log, concurrency=50, prefetch=25, grace=grace, options={"sleep": 3})
+    cfg = run_config(tmp_path / "c.toml", "slow", log, concurrency=50, prefetch=25, grace=grace, options={"sleep": 3})
     summary = tmp_path / "summary.json"
     events = tmp_path / "events.jsonl"
     proc = start_headlock(
@@ -148,7 +132,7 @@ def test_slow_handlers_with_short_locks_are_never_processed_twice(tmp_path: Path
     count = 9
     assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", count)), cwd=tmp_path).returncode == 0
     log = tmp_path / "attempts.log"
-    cfg = config(
+    cfg = run_config(
         tmp_path / "c.toml",
         "slow",
         log,
@@ -196,7 +180,7 @@ def test_queue_server_down_for_10_seconds_the_run_still_completes(tmp_path: Path
     server = start_server(tmp_path / "server", port)
     worker: subprocess.Popen[str] = server  # replaced once the worker starts; cleaned up either way
     log = tmp_path / "attempts.log"
-    cfg = config(
+    cfg = run_config(
         tmp_path / "c.toml", "slow", log, api=f"http://127.0.0.1:{port}", concurrency=4, options={"sleep": 0.2}
     )
     try:

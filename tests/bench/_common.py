@@ -7,7 +7,6 @@ import logging
 import os
 import platform
 import resource
-import selectors
 import statistics
 import subprocess
 import sys
@@ -20,8 +19,9 @@ from typing import Any
 
 import structlog
 
+from tests._server import read_listening_url
+
 REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 
@@ -117,18 +117,6 @@ class Child:
     exit_code: int | None = None
 
 
-def _first_line(proc: subprocess.Popen[bytes]) -> str:
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout=START_TIMEOUT):
-            raise RuntimeError(f"the child printed nothing within {START_TIMEOUT} s")
-    line = proc.stdout.readline().decode().strip()
-    if not line.startswith("listening on "):
-        raise RuntimeError(f"the child did not start (exit code {proc.poll()}): {line!r}")
-    return line.removeprefix("listening on ")
-
-
 @contextmanager
 def child_server(args: Sequence[str]) -> Iterator[Child]:
     """Run `python ARGS` from the repository root until the block ends; it must print `listening on URL` first.
@@ -139,7 +127,7 @@ def child_server(args: Sequence[str]) -> Iterator[Child]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, env=env, cwd=REPO)
     try:
-        child = Child(url=_first_line(proc), pid=proc.pid)
+        child = Child(url=read_listening_url(proc), pid=proc.pid)
         yield child
     finally:
         proc.terminate()
