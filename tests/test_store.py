@@ -715,3 +715,29 @@ async def test_locked_database_raises_queue_unavailable_and_loses_nothing(tmp_pa
     finally:
         raw.close()
         await queue.aclose()
+
+
+@pytest.mark.anyio
+async def test_wal_stays_small_under_sustained_writes_and_folds_in_at_close(tmp_path: Path) -> None:
+    """Checkpoints run off the write path, yet the WAL starts over: 1,500 back-to-back commits keep it small.
+
+    Without the catch-up between two writes the WAL never starts over while writes go on (26 MB here, 2 MB with).
+    """
+    path = tmp_path / "q.sqlite"
+    wal = path.with_name(path.name + "-wal")
+    queue = SqliteQueue(path)
+    largest = 0
+    try:
+        for n in range(1500):
+            await add(queue, n)
+            largest = max(largest, wal.stat().st_size)
+    finally:
+        await queue.aclose()
+    assert largest < 8 * 1024 * 1024
+    assert not wal.exists()  # the last connection copied the rest into the file
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("SELECT count(*) FROM requests").fetchone()[0] == 1500
+        assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        raw.close()

@@ -40,6 +40,7 @@ from runner.models import (
     RequestDraft,
     RequestRegistration,
 )
+from runner.queue._checkpoint import Checkpointer
 from runner.queue.protocol import MAX_BATCH, MAX_CLIENT_KEY, MAX_LOCK_LIMIT
 from runner.uniquekey import request_id_for
 
@@ -211,6 +212,7 @@ class SqliteQueue:
         self._write_turn = anyio.Lock()
         self._pending: list[_Write[Any]] = []
         self._known_clients: set[str] = set()
+        self._checkpointer = Checkpointer(path)
         endpoint = "open queue"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +222,8 @@ class SqliteQueue:
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints run in their own thread (see `_checkpoint`), not inside whichever commit crosses 1000 pages.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._write(self._init_schema, path.stem, endpoint=endpoint)
         except BaseException as exc:
             self._db.close()
@@ -338,6 +342,11 @@ class SqliteQueue:
         return op.outcome()
 
     def _write_batch(self, batch: list[_Write[Any]]) -> None:
+        with self._checkpointer.writing:
+            self._write_batch_locked(batch)
+        self._checkpointer.committed()
+
+    def _write_batch_locked(self, batch: list[_Write[Any]]) -> None:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -680,6 +689,10 @@ class SqliteQueue:
         return await self._run(read, endpoint="locks", write=False)
 
     async def aclose(self) -> None:
-        """Close the connection. Idempotent."""
+        """Stop the checkpoint thread and close the connection (the last one to the file folds the WAL in).
+
+        Idempotent.
+        """
         async with self._limiter:
+            await anyio.to_thread.run_sync(self._checkpointer.close)
             self._db.close()

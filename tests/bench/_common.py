@@ -10,9 +10,10 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,35 @@ def current_rss_mb() -> float | None:
     return round(pages * os.sysconf("SC_PAGE_SIZE") / 1024 / 1024, 1)
 
 
+@dataclass(slots=True)
+class SizeWatch:
+    """The largest size a file reached while watched, in MB (0 while it did not exist)."""
+
+    largest_mb: float = 0.0
+
+
+@contextmanager
+def watch_size(path: Path, every: float = 0.02) -> Iterator[SizeWatch]:
+    """Sample `path`'s size every `every` seconds in a thread until the block ends (e.g. a SQLite WAL)."""
+    watch = SizeWatch()
+    done = threading.Event()
+
+    def sample() -> None:
+        while True:
+            with suppress(FileNotFoundError):
+                watch.largest_mb = max(watch.largest_mb, round(path.stat().st_size / 1024 / 1024, 1))
+            if done.wait(every):
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield watch
+    finally:
+        done.set()
+        thread.join()
+
+
 def pin_to(cpu: int) -> int | None:
     """Pin this process to `cpu` (modulo the CPUs it may use); return the CPU, or None where unsupported."""
     if not hasattr(os, "sched_setaffinity"):
@@ -151,11 +181,28 @@ def child_server(args: Sequence[str]) -> Iterator[Child]:
 
 def run_child_json(args: Sequence[str], *, timeout: float = 3600) -> dict[str, Any]:
     """Run `python ARGS` from the repository root and return the JSON object it prints last."""
+    return run_children_json([args], timeout=timeout)[0]
+
+
+def run_children_json(arg_lists: Sequence[Sequence[str]], *, timeout: float = 3600) -> list[dict[str, Any]]:
+    """Run `python ARGS` for each of `arg_lists` at the same time; return the JSON object each prints last."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(
-        [sys.executable, *args], capture_output=True, env=env, cwd=REPO, timeout=timeout, check=False, text=True
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"child {args} failed ({done.returncode}): {done.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO, text=True
+        )
+        for args in arg_lists
+    ]
+    results: list[dict[str, Any]] = []
+    try:
+        for args, proc in zip(arg_lists, procs, strict=True):
+            stdout, stderr = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                raise RuntimeError(f"child {list(args)} failed ({proc.returncode}): {stderr[-2000:]}")
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return results

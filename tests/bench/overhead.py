@@ -1,9 +1,11 @@
 """Benchmark 1: runtime overhead. 20,000 requests, a no-op handler, concurrency 50.
 
     python -m tests.bench.overhead [--backend both|embedded|serve] [--requests 20000] [--concurrency 50]
-                                   [--rate-limits default|off] [--fill store|http]
+                                   [--rate-limits default|off] [--fill store|http] [--processes 1]
 
-`embedded` consumes the SQLite store in this process. `serve` consumes the same queue over `headlock serve` (a
+`embedded` consumes the SQLite store in this process, or with `--processes N` in N child processes sharing the
+file (handled/s then counts from the first child's start to the last one's end); it reports the largest size the
+WAL reached. `serve` consumes the same queue over `headlock serve` (a
 `python -m runner.server` child on 127.0.0.1) through `ApiQueue`, with `run()` in this process. `both` (the
 default) runs embedded, serve and serve without the client-side rate limits, each in a fresh process so every peak
 RSS is its own, and ends with a line of ratios. handled/s is timed around `run()`, after the queue is filled.
@@ -25,7 +27,15 @@ import anyio
 
 from runner import Context, Dataset, RequestDraft, RequestQueue, SqliteQueue, WorkerSettings, run
 from runner.queue.api import ApiQueue, RateLimits
-from tests.bench._common import child_server, emit, peak_rss_mb, quiet_logs, run_child_json
+from tests.bench._common import (
+    child_server,
+    emit,
+    peak_rss_mb,
+    quiet_logs,
+    run_child_json,
+    run_children_json,
+    watch_size,
+)
 
 UNLIMITED = RateLimits(batch=1e9, single=1e9, other=1e9)
 
@@ -56,13 +66,19 @@ async def timed_run(queue: RequestQueue, storage: Path, concurrency: int) -> tup
     return int(summary.stats["handled"]), elapsed
 
 
+def wal_of(queue: SqliteQueue) -> Path:
+    """The store's write-ahead log file."""
+    return queue.path.with_name(queue.path.name + "-wal")
+
+
 async def embedded(requests: int, concurrency: int) -> dict[str, Any]:
     """The embedded store in this process."""
     storage = Path(tempfile.mkdtemp(prefix="headlock-bench-"))
     queue = SqliteQueue.open(storage, "default")
     try:
-        await fill(queue, requests)
-        handled, elapsed = await timed_run(queue, storage, concurrency)
+        with watch_size(wal_of(queue)) as wal:
+            await fill(queue, requests)
+            handled, elapsed = await timed_run(queue, storage, concurrency)
     finally:
         await queue.aclose()
     return {
@@ -73,7 +89,47 @@ async def embedded(requests: int, concurrency: int) -> dict[str, Any]:
         "seconds": round(elapsed, 2),
         "handled_per_s": round(handled / elapsed),
         "peak_rss_mb": peak_rss_mb(),
+        "wal_largest_mb": wal.largest_mb,
     }
+
+
+async def embedded_processes(requests: int, concurrency: int, processes: int) -> dict[str, Any]:
+    """`processes` child processes consuming one store file, each with `concurrency` workers."""
+    storage = Path(tempfile.mkdtemp(prefix="headlock-bench-"))
+    queue = SqliteQueue.open(storage, "default")
+    try:
+        await fill(queue, requests)
+    finally:
+        await queue.aclose()
+    child = ["-m", "tests.bench.overhead", "--child-run", str(storage), "--concurrency", str(concurrency)]
+    with watch_size(wal_of(queue)) as wal:
+        results = await anyio.to_thread.run_sync(run_children_json, [child] * processes)
+    handled = sum(r["handled"] for r in results)
+    elapsed = max(r["ended"] for r in results) - min(r["started"] for r in results)
+    return {
+        "benchmark": "overhead/embedded",
+        "requests": requests,
+        "concurrency": concurrency,
+        "processes": processes,
+        "handled": handled,
+        "handled_by_process": [r["handled"] for r in results],
+        "seconds": round(elapsed, 2),
+        "handled_per_s": round(handled / elapsed),
+        "peak_rss_mb_by_process": [r["peak_rss_mb"] for r in results],
+        "wal_largest_mb": wal.largest_mb,
+    }
+
+
+async def child_run(storage: Path, concurrency: int) -> dict[str, Any]:
+    """In a child process: consume the shared store until it is empty."""
+    queue = SqliteQueue.open(storage, "default")
+    try:
+        started = time.time()
+        handled, _ = await timed_run(queue, storage, concurrency)
+        ended = time.time()
+    finally:
+        await queue.aclose()
+    return {"handled": handled, "started": started, "ended": ended, "peak_rss_mb": peak_rss_mb()}
 
 
 async def serve(requests: int, concurrency: int, *, rate_limits: str, fill_via: str) -> dict[str, Any]:
@@ -143,8 +199,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--rate-limits", choices=["default", "off"], default="default", help="ApiQueue's pacing")
     parser.add_argument("--fill", choices=["store", "http"], default="store", help="how the serve queue is filled")
+    parser.add_argument("--processes", type=int, default=1, help="embedded: child processes sharing the store")
+    parser.add_argument("--child-run", type=Path, metavar="STORAGE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     quiet_logs()
+    if args.child_run:
+        emit(anyio.run(child_run, args.child_run, args.concurrency), where={})
+        return
+    if args.backend == "embedded" and args.processes > 1:
+        emit(anyio.run(embedded_processes, args.requests, args.concurrency, args.processes))
+        return
     if args.backend == "both":
         both(args.requests, args.concurrency)
         return
