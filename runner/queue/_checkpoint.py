@@ -59,7 +59,7 @@ class Checkpointer:
         if self._commits < self._every or self._closing:
             return
         self._commits = 0
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():  # not started yet, or it could not connect
             self._thread = threading.Thread(target=self._loop, name=f"checkpoint {self._path.name}", daemon=True)
             self._thread.start()
         self._wake.set()
@@ -87,7 +87,7 @@ class Checkpointer:
                 try:
                     self._checkpoint(db)
                     self.checkpoints += 1
-                except sqlite3.Error as exc:
+                except Exception as exc:  # noqa: BLE001 - the thread must outlive a failed checkpoint
                     _log.warning("queue.checkpoint_failed", path=str(self._path), error=str(exc))
         finally:
             db.close()

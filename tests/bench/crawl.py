@@ -1,6 +1,6 @@
 """Benchmark 2: crawl speed. headlock against a bare anyio + httpx crawl of the same local site, in the same run.
 
-    python -m tests.bench.crawl [--pages 5000] [--concurrency 50] [--rounds 3] [--no-pin]
+    python -m tests.bench.crawl [--pages 5000] [--concurrency 50] [--rounds 5] [--no-pin]
 
 The site (`tests.bench._site`, precomputed pages over raw asyncio sockets) runs in a child process pinned to one
 core; this process is pinned to another. Each round crawls the whole site twice, headlock and the baseline in
@@ -169,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--pages", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each crawler")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each crawler")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the site and this process to cores")
     args = parser.parse_args()
     quiet_logs()
