@@ -77,6 +77,12 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mb, 1)
 
 
+def cpu_seconds() -> float:
+    """CPU time this process (all its threads) has used so far, user plus system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def current_rss_mb() -> float | None:
     """Resident set size of this process now, in MB (Linux only)."""
     try:

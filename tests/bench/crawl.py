@@ -11,7 +11,9 @@ alternating order (ABBA), each from a fresh start:
 
 Both use the client `runner.runtime.default_http_client` builds for that concurrency (the output names its
 transport). pages/s is timed around the crawl loop; the target is headlock/baseline ≥ 0.8 on the medians (the
-ratio within each round is printed too: it is less sensitive to load that changes between rounds).
+ratio within each round is printed too: it is less sensitive to load that changes between rounds). Each run also
+records this process's CPU time per page (all threads, SQLite's included): with both crawlers bound by one core,
+the CPU ratio says where the gap comes from and varies less than wall time on a shared machine.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from selectolax.lexbor import LexborHTMLParser
 from handlers import crawl
 from runner import Dataset, SqliteQueue, WorkerSettings, normalize_url, run
 from runner.runtime import default_http_client
-from tests.bench._common import child_server, emit, machine, median, peak_rss_mb, pin_to, quiet_logs
+from tests.bench._common import child_server, cpu_seconds, emit, machine, median, peak_rss_mb, pin_to, quiet_logs
 
 TARGET = 0.8
 
@@ -59,13 +61,13 @@ def _installed(name: str) -> bool:
     return True
 
 
-async def headlock_crawl(start: str, *, concurrency: int, max_depth: int) -> tuple[int, float]:
-    """Crawl with `run()` and `handlers.crawl:handle` on a fresh embedded queue; return (pages, seconds)."""
+async def headlock_crawl(start: str, *, concurrency: int, max_depth: int) -> tuple[int, float, float]:
+    """Crawl with `run()` and `handlers.crawl:handle` on a fresh embedded queue; return (pages, seconds, CPU s)."""
     storage = Path(tempfile.mkdtemp(prefix="headlock-bench-crawl-"))
     queue = SqliteQueue.open(storage, "default")
     dataset = Dataset.open(storage, "default")
     try:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds()
         summary = await run(
             queue,
             crawl.handle,
@@ -74,13 +76,13 @@ async def headlock_crawl(start: str, *, concurrency: int, max_depth: int) -> tup
             options={"max_depth": max_depth},
             start_urls=[start],
         )
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     finally:
         dataset.close()
         await queue.aclose()
     if summary.stats["failed"] or summary.stats["retried"]:
         raise RuntimeError(f"headlock crawl had failures: {summary.as_dict()}")
-    return int(summary.stats["handled"]), elapsed
+    return int(summary.stats["handled"]), elapsed, cpu
 
 
 def _links(html: LexborHTMLParser, base: str) -> list[str]:
@@ -98,8 +100,10 @@ def _links(html: LexborHTMLParser, base: str) -> list[str]:
     return links
 
 
-async def bare_crawl(start: str, *, concurrency: int, max_depth: int, client: httpx.AsyncClient) -> tuple[int, float]:
-    """Breadth-first crawl with worker tasks, a memory stream and a set; return (pages, seconds)."""
+async def bare_crawl(
+    start: str, *, concurrency: int, max_depth: int, client: httpx.AsyncClient
+) -> tuple[int, float, float]:
+    """Breadth-first crawl with worker tasks, a memory stream and a set; return (pages, seconds, CPU s)."""
     send, receive = anyio.create_memory_object_stream[tuple[str, int]](math.inf)
     seen = {normalize_url(start)}
     results: list[dict[str, Any]] = []
@@ -132,12 +136,12 @@ async def bare_crawl(start: str, *, concurrency: int, max_depth: int, client: ht
                 if outstanding == 0:
                     send.close()
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     async with anyio.create_task_group() as tg:
         for _ in range(concurrency):
             tg.start_soon(worker, receive.clone())
         receive.close()
-    return len(results), time.perf_counter() - started
+    return len(results), time.perf_counter() - started, cpu_seconds() - cpu_started
 
 
 async def bench(site: str, *, pages: int, concurrency: int, rounds: int) -> dict[str, Any]:
@@ -145,7 +149,7 @@ async def bench(site: str, *, pages: int, concurrency: int, rounds: int) -> dict
     start = f"{site}/page/0"
     max_depth = pages  # deeper than any page of the tree
     cfg = WorkerSettings(concurrency=concurrency)
-    runs: dict[str, list[tuple[int, float]]] = {"headlock": [], "baseline": []}
+    runs: dict[str, list[tuple[int, float, float]]] = {"headlock": [], "baseline": []}
     described: dict[str, Any] = {}
     for index in range(rounds * 2):
         kind = ("headlock", "baseline", "baseline", "headlock")[index % 4]
@@ -159,8 +163,8 @@ async def bench(site: str, *, pages: int, concurrency: int, rounds: int) -> dict
         finally:
             await client.aclose()
     for kind, results in runs.items():
-        if any(count != pages for count, _ in results):
-            raise RuntimeError(f"{kind} crawled {[c for c, _ in results]} pages, expected {pages}")
+        if any(count != pages for count, _, _ in results):
+            raise RuntimeError(f"{kind} crawled {[c for c, _, _ in results]} pages, expected {pages}")
     return {"runs": runs, "client": described}
 
 
@@ -181,9 +185,12 @@ def main() -> None:
         client_cpu = None if args.no_pin else pin_to(0)
         result = anyio.run(lambda: bench(site.url, pages=args.pages, concurrency=args.concurrency, rounds=args.rounds))
     rates: dict[str, float] = {}
+    cpu_per_page: dict[str, float] = {}
     for kind, results in result["runs"].items():
-        per_run = [round(count / seconds, 1) for count, seconds in results]
+        per_run = [round(count / seconds, 1) for count, seconds, _ in results]
+        cpu_runs = [round(cpu / count * 1000, 3) for count, _, cpu in results]
         rates[kind] = median(per_run)
+        cpu_per_page[kind] = median(cpu_runs)
         emit(
             {
                 "benchmark": f"crawl/{kind}",
@@ -192,7 +199,9 @@ def main() -> None:
                 "runs": len(per_run),
                 "pages_per_s_median": round(rates[kind], 1),
                 "pages_per_s_runs": per_run,
-                "seconds_runs": [round(seconds, 2) for _, seconds in results],
+                "seconds_runs": [round(seconds, 2) for _, seconds, _ in results],
+                "cpu_ms_per_page_median": cpu_per_page[kind],
+                "cpu_ms_per_page_runs": cpu_runs,
                 "http": result["client"],
             },
             where,
@@ -201,7 +210,7 @@ def main() -> None:
     # Run r of each crawler shares round r (ABBA), so these ratios cancel drift between rounds.
     pairs = [
         round((h_count / h_secs) / (b_count / b_secs), 3)
-        for (h_count, h_secs), (b_count, b_secs) in zip(
+        for (h_count, h_secs, _), (b_count, b_secs, _) in zip(
             result["runs"]["headlock"], result["runs"]["baseline"], strict=True
         )
     ]
@@ -211,6 +220,7 @@ def main() -> None:
             "headlock_vs_baseline": round(ratio, 3),
             "per_round_ratios": pairs,
             "per_round_ratio_median": round(median(pairs), 3),
+            "baseline_vs_headlock_cpu_per_page": round(cpu_per_page["baseline"] / cpu_per_page["headlock"], 3),
             "target": f">= {TARGET}",
             "target_met": ratio >= TARGET,
             "peak_rss_mb_bench_process": peak_rss_mb(),
