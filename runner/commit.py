@@ -137,6 +137,10 @@ class Committer:
         Raises:
             QueueError: the batch carrying these drafts failed (every caller in it gets the error).
         """
+        # Most links a crawl finds are known already: those need no turn in a shared batch (`_send` skips them too).
+        drafts = [d for d in drafts if d.unique_key not in self.seen]
+        if not drafts:
+            return 0
         op = _PendingAdd(drafts)
         pending = self._pending[forefront]
         pending.append(op)

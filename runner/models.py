@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -93,12 +93,10 @@ class Request(_Model):
         label = self.user_data.get("label")
         return label if isinstance(label, str) else None
 
-    def to_api(self) -> dict[str, Any]:
-        """Dump as the API's camelCase JSON object; `handledAt` as ISO-8601 with milliseconds and `Z`."""
-        data = super().to_api()
-        if self.handled_at is not None:
-            data["handledAt"] = _format_datetime(self.handled_at)
-        return data
+    @field_serializer("handled_at", when_used="json")
+    def _serialize_handled_at(self, value: datetime | None) -> str | None:
+        """`handledAt` in JSON as the API writes it: ISO-8601 with milliseconds and `Z`."""
+        return None if value is None else _format_datetime(value)
 
 
 class LockedHead(_Model):

@@ -72,24 +72,24 @@ async def _attempt(
     ctx = Context(lease.request, http=http, log=log, options=options)
     error: str | None = None
     permanent = False
-    with anyio.CancelScope() as scope:
+    # One scope for both ends of a handler: its deadline (a timeout) and `Leases.lose` (a lost lock) cancel it.
+    with anyio.CancelScope(deadline=anyio.current_time() + handler_timeout) as scope:
         if not leases.start(lease, scope):
             return  # lost while waiting in the buffer
         try:
-            with anyio.fail_after(handler_timeout):
-                returned: object = await handler(ctx)  # type: ignore[func-returns-value]
+            returned: object = await handler(ctx)  # type: ignore[func-returns-value]
             if returned is not None:
                 log.warning("handler.returned_value", type=type(returned).__name__)
-        except TimeoutError:
-            error = f"handler timed out after {handler_timeout:g} s"
         except NoRetry as exc:
             error, permanent = f"NoRetry: {exc}", True
         except Exception as exc:  # noqa: BLE001 - any handler error is recorded on the request and retried
             error = f"{type(exc).__name__}: {exc}"
-    if scope.cancelled_caught or lease.lost:
+    if lease.lost:
         stats.lost += 1
         log.warning("lease.dropped", reason="lock lost while the handler ran")
         return
+    if scope.cancelled_caught:
+        error = f"handler timed out after {handler_timeout:g} s"
     if anyio.current_time() >= lease.expires_at:
         # The heartbeat could not confirm the lock in time: another worker may hold it now, so commit nothing.
         leases.lose(lease)

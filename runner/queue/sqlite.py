@@ -50,7 +50,7 @@ T = TypeVar("T")
 
 _MAX_LOCK_SECS = 10 * 365 * 24 * 3600
 """Longest lock accepted: far beyond any real lease, and it keeps expiries inside SQLite's 64-bit integers."""
-_LOCK_FIELDS = ("lockExpiresAt", "lockByClient")
+_LOCK_FIELDS: set[str] = {"lockExpiresAt", "lockByClient"}
 """Lock state clients echo back in request bodies (contract §9a); the store keeps it in columns only."""
 
 _NAME = re.compile(r"^([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]{0,61}[a-zA-Z0-9])$")
@@ -133,11 +133,8 @@ def _check_lock_secs(lock_secs: float, endpoint: str) -> None:
 def _dump(request: Request, endpoint: str) -> str:
     """Serialize `request` for the `data` column, without echoed lock fields."""
     try:
-        data = request.to_api()
-        for field in _LOCK_FIELDS:
-            data.pop(field, None)
-        return json.dumps(data, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
+        return request.model_dump_json(by_alias=True, exclude_none=True, exclude=_LOCK_FIELDS)
+    except ValueError as exc:  # pydantic's serialization error is one
         raise InvalidInputError(f"request {request.id} cannot be stored as JSON: {exc}", endpoint=endpoint) from exc
 
 
