@@ -165,7 +165,10 @@ async def test_retry_backoff_holds_the_lock_and_the_run_waits_for_it(queue: Sqli
 
 
 async def test_timeouts_garbage_and_errors_do_not_stop_the_pool(queue: SqliteQueue, dataset: Dataset) -> None:
-    """A hanging handler times out and is retried; one returning garbage still counts as handled."""
+    """A hanging handler times out and is retried; one returning garbage still counts as handled.
+
+    A TimeoutError the handler raises itself is recorded as that error, not as the runtime's handler timeout.
+    """
 
     async def misbehave(ctx: Context) -> object:
         if ctx.url.endswith("/hang") and ctx.retry_count == 0:
@@ -174,9 +177,11 @@ async def test_timeouts_garbage_and_errors_do_not_stop_the_pool(queue: SqliteQue
             return {"not": "None"}
         if ctx.url.endswith("/error"):
             raise KeyError("missing")
+        if ctx.url.endswith("/own-timeout") and ctx.retry_count == 0:
+            raise TimeoutError("upstream took too long")  # the handler's own timeout, not the runtime's
         return None
 
-    await seed(queue, [f"https://a.example/{n}" for n in ("hang", "garbage", "error", "fine")])
+    await seed(queue, [f"https://a.example/{n}" for n in ("hang", "garbage", "error", "fine", "own-timeout")])
     with structlog.testing.capture_logs() as logs, anyio.fail_after(30):
         summary = await run(
             queue,
@@ -184,11 +189,14 @@ async def test_timeouts_garbage_and_errors_do_not_stop_the_pool(queue: SqliteQue
             dataset,
             workers=fast(handler_timeout=0.5, max_retries=1),  # type: ignore[arg-type]
         )
-    assert summary.stats["handled"] == 3  # hang (second attempt), garbage, fine
+    assert summary.stats["handled"] == 4  # hang and own-timeout (second attempts), garbage, fine
     assert summary.stats["failed"] == 1  # error, after one retry
     hang = await queue.get_request(request_id_for("https://a.example/hang"))
     assert hang is not None
     assert hang.error_messages == ["handler timed out after 0.5 s"]
+    own = await queue.get_request(request_id_for("https://a.example/own-timeout"))
+    assert own is not None
+    assert own.error_messages == ["TimeoutError: upstream took too long"]
     assert any(e["event"] == "handler.returned_value" for e in logs)
 
 
