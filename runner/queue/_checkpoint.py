@@ -8,8 +8,8 @@ checkpoints off and asks this object for one every `every` commits instead. The 
 only the last few frames are copied while this store's writes wait (about a millisecond), because SQLite starts
 the WAL over only when a write begins with every frame copied.
 
-Measured with the no-op overhead run (`python -m tests.bench.overhead`): the WAL stays under 17 MB over 100,000
-requests, and under 23 MB with three processes on one file (SQLite's own checkpoints keep it near 4 MB).
+`python -m tests.bench.overhead --backend embedded` reports the largest WAL: 13 MB over 20,000 requests, 15 MB with
+`--processes 3` on one file (SQLite's own checkpoints kept it near 4 MB).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _log = structlog.get_logger("headlock.queue.sqlite")
 class Checkpointer:
     """Checkpoints one database file from a daemon thread with its own connection, started on the first need.
 
-    `committed()` is called by the store's writer after each commit; `close()` stops the thread. A store that
+    `committed()` is called by the store's writer after each write transaction; `close()` stops the thread. A store that
     commits fewer than `every` times (a CLI `status`, a short test) never starts one.
     """
 
@@ -50,8 +50,6 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self.writing = threading.Lock()
         """Held by the store around each write transaction."""
-        self.checkpoints = 0
-        """Passive checkpoints run so far (for tests and benchmarks)."""
 
     def committed(self) -> None:
         """Count one commit; wake the thread (starting it if needed) every `every` commits."""
@@ -86,7 +84,6 @@ class Checkpointer:
                     return
                 try:
                     self._checkpoint(db)
-                    self.checkpoints += 1
                 except Exception as exc:  # noqa: BLE001 - the thread must outlive a failed checkpoint
                     _log.warning("queue.checkpoint_failed", path=str(self._path), error=str(exc))
         finally:
