@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,14 +32,20 @@ def make_draft(
     """
     if isinstance(url_or_draft, RequestDraft):
         return url_or_draft
-    url = url_or_draft.strip()
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in _SCHEMES or not parts.hostname:
-        raise InvalidUrlError(f"not an absolute http(s) URL: {url!r}")
+    url = _checked_url(url_or_draft)
     data: dict[str, Any] = dict(user_data or {})
     if label is not None:
         data["label"] = label
     return RequestDraft(unique_key=unique_key or normalize_url(url), url=url, user_data=data)
+
+
+def _checked_url(url: str) -> str:
+    """`url` stripped, if it is an absolute http(s) URL; else `InvalidUrlError`."""
+    url = url.strip()
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in _SCHEMES or not parts.hostname:
+        raise InvalidUrlError(f"not an absolute http(s) URL: {url!r}")
+    return url
 
 
 class Context:
@@ -49,7 +55,7 @@ class Context:
     leaves no results and no new requests behind.
     """
 
-    __slots__ = ("_enqueued", "_items", "http", "log", "options", "request")
+    __slots__ = ("_enqueued", "_items", "_known", "http", "log", "options", "request")
 
     def __init__(
         self,
@@ -58,12 +64,16 @@ class Context:
         http: httpx.AsyncClient,
         log: structlog.typing.FilteringBoundLogger,
         options: Mapping[str, Any],
+        known: Container[str] = frozenset(),
     ) -> None:
+        """`known`: unique keys already in the queue (the runtime passes those this process added)."""
         self.request = request
         self.http = http
         self.log = log
         self.options = options
-        self._enqueued: dict[bool, dict[str, RequestDraft]] = {False: {}, True: {}}
+        self._known = known
+        # None marks a request already in the queue: counted by `enqueue`, but with nothing to send.
+        self._enqueued: dict[bool, dict[str, RequestDraft | None]] = {False: {}, True: {}}
         self._items: list[Mapping[str, Any]] = []
 
     @property
@@ -105,7 +115,17 @@ class Context:
         bucket = self._enqueued[forefront]
         before = len(bucket)
         for item in items:
-            draft = make_draft(item, label=label, user_data=user_data)
+            if isinstance(item, str):
+                # Most links a crawl finds are in the queue already: those need no draft.
+                key = normalize_url(_checked_url(item))
+                if key in bucket:
+                    continue
+                if key in self._known:
+                    bucket[key] = None
+                    continue
+                draft = make_draft(item, label=label, user_data=user_data, unique_key=key)
+            else:
+                draft = item
             bucket.setdefault(draft.unique_key, draft)
         return len(bucket) - before
 
@@ -118,7 +138,8 @@ class Context:
 
     def pending_enqueues(self) -> dict[bool, list[RequestDraft]]:
         """Buffered requests by `forefront` flag (for the worker's commit)."""
-        return {flag: list(bucket.values()) for flag, bucket in self._enqueued.items() if bucket}
+        pending = {flag: [d for d in bucket.values() if d is not None] for flag, bucket in self._enqueued.items()}
+        return {flag: drafts for flag, drafts in pending.items() if drafts}
 
     def pending_items(self) -> list[Mapping[str, Any]]:
         """Buffered result items (for the worker's commit)."""

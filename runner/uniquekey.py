@@ -34,10 +34,10 @@ def normalize_url(url: str) -> str:
         port = None
     if port is not None and port == _DEFAULT_PORTS.get(scheme):
         netloc = netloc.rsplit(":", 1)[0]
-    query = sorted(
-        ((k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not k.startswith("utm_")),
-        key=lambda pair: pair[0],
-    )
+    query = ""
+    if parts.query:  # most links have none: skip the parse
+        pairs = (pair for pair in parse_qsl(parts.query, keep_blank_values=True) if not pair[0].startswith("utm_"))
+        query = urlencode(sorted(pairs, key=lambda pair: pair[0]))
     path = quote(parts.path, safe="/%:@!$&'()*+,;=~")
     path = path[:-1] if path.endswith("/") else path
-    return urlunsplit((scheme, netloc, path, urlencode(query), ""))
+    return urlunsplit((scheme, netloc, path, query, ""))

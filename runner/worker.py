@@ -69,7 +69,7 @@ async def _attempt(
     handler_timeout: float,
     stats: RunStats,
 ) -> None:
-    ctx = Context(lease.request, http=http, log=log, options=options)
+    ctx = Context(lease.request, http=http, log=log, options=options, known=committer.seen)
     error: str | None = None
     permanent = False
     # One scope for both ends of a handler: its deadline (a timeout) and `Leases.lose` (a lost lock) cancel it.

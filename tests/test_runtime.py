@@ -346,6 +346,27 @@ async def test_enqueue_refuses_non_http_urls(queue: SqliteQueue) -> None:
     await ctx.http.aclose()
 
 
+async def test_enqueue_counts_known_links_but_sends_only_new_ones() -> None:
+    """Links already in the queue (`known`) are counted as enqueued here but carry no draft; bad URLs still raise."""
+    ctx = Context(
+        Request(id="x", unique_key="x", url="https://a.example/"),
+        http=httpx.AsyncClient(),
+        log=structlog.get_logger(),
+        options={},
+        known={"https://a.example/old", "not-a-url"},
+    )
+    try:
+        links = ["https://A.example/old/", "https://a.example/new#top", "https://a.example/new"]
+        assert await ctx.enqueue(links, label="detail") == 2
+        pending = ctx.pending_enqueues()
+        assert list(pending) == [False]
+        assert [(d.unique_key, d.user_data) for d in pending[False]] == [("https://a.example/new", {"label": "detail"})]
+        with pytest.raises(InvalidUrlError):
+            await ctx.enqueue("not-a-url")  # even when its key is known
+    finally:
+        await ctx.http.aclose()
+
+
 async def test_fetch_handler_refuses_non_http_urls_without_retrying(queue: SqliteQueue, dataset: Dataset) -> None:
     """file:// and ftp:// requests already in the queue fail at once with a clear error, without retries."""
     await queue.batch_add(
