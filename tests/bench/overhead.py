@@ -1,14 +1,18 @@
 """Benchmark 1: runtime overhead. 20,000 requests, a no-op handler, concurrency 50.
 
     python -m tests.bench.overhead [--backend both|embedded|serve] [--requests 20000] [--concurrency 50]
-                                   [--rate-limits default|off] [--fill store|http] [--processes 1]
+                                   [--rate-limits default|off] [--fill store|http] [--processes 1] [--links 0]
 
 `embedded` consumes the SQLite store in this process, or with `--processes N` in N child processes sharing the
 file (handled/s then counts from the first child's start to the last one's end); it reports the largest size the
-WAL reached. `serve` consumes the same queue over `headlock serve` (a
-`python -m runner.server` child on 127.0.0.1) through `ApiQueue`, with `run()` in this process. `both` (the
-default) runs embedded, serve and serve without the client-side rate limits, each in a fresh process so every peak
-RSS is its own, and ends with a line of ratios. handled/s is timed around `run()`, after the queue is filled.
+WAL reached. `--links N` (embedded) swaps the no-op handler for one that pushes an item and enqueues N links to
+other requests of the queue, most of them already added by then: the per-request bookkeeping of a crawl without
+the HTTP. Embedded runs report CPU time per request (all threads).
+
+`serve` consumes the same queue over `headlock serve` (a `python -m runner.server` child on 127.0.0.1) through
+`ApiQueue`, with `run()` in this process. `both` (the default) runs embedded, serve and serve without the
+client-side rate limits, each in a fresh process so every peak RSS is its own, and ends with a line of ratios.
+handled/s is timed around `run()`, after the queue is filled.
 
 The queue is filled before the run: by default straight into the store file before the server starts (requests
 added by another process: `ApiQueue` has none of them cached and must GET each one); `--fill http` adds them through
@@ -25,10 +29,11 @@ from typing import Any
 
 import anyio
 
-from runner import Context, Dataset, RequestDraft, RequestQueue, SqliteQueue, WorkerSettings, run
+from runner import Context, Dataset, Handler, RequestDraft, RequestQueue, SqliteQueue, WorkerSettings, run
 from runner.queue.api import ApiQueue, RateLimits
 from tests.bench._common import (
     child_server,
+    cpu_seconds,
     emit,
     peak_rss_mb,
     quiet_logs,
@@ -44,26 +49,42 @@ async def noop(ctx: Context) -> None:
     """Do nothing."""
 
 
-async def fill(queue: RequestQueue, count: int) -> None:
-    """Add `count` requests in batches of 25."""
+async def fill(queue: RequestQueue, count: int, *, url_keys: bool = False) -> None:
+    """Add `count` requests in batches of 25, keyed `k<i>` or, with `url_keys`, by their normalized URL."""
     for start in range(0, count, 25):
         drafts = [
-            RequestDraft(unique_key=f"k{i}", url=f"https://bench.example/{i}")
+            RequestDraft(unique_key=url if url_keys else f"k{i}", url=url)
             for i in range(start, min(start + 25, count))
+            for url in [f"https://bench.example/{i}"]
         ]
         await queue.batch_add(drafts, client_key="filler")
 
 
-async def timed_run(queue: RequestQueue, storage: Path, concurrency: int) -> tuple[int, float]:
-    """Run the no-op handler over `queue`; return (handled, seconds)."""
+def linker(links: int, requests: int) -> Handler:
+    """A handler that pushes one item and enqueues `links` URLs of other requests of the queue."""
+
+    async def handle(ctx: Context) -> None:
+        n = int(ctx.url.rsplit("/", 1)[1])
+        await ctx.push_data({"url": ctx.url, "status": 200, "title": f"Page {n}"})
+        await ctx.enqueue([f"https://bench.example/{(n * 7 + k) % requests}" for k in range(links)])
+
+    return handle
+
+
+async def timed_run(
+    queue: RequestQueue, storage: Path, concurrency: int, handler: Handler = noop
+) -> tuple[int, float, float]:
+    """Run `handler` over `queue`; return (handled, seconds, CPU seconds of this process)."""
     dataset = Dataset.open(storage, "default")
     try:
-        started = time.perf_counter()
-        summary = await run(queue, noop, dataset, workers=WorkerSettings(concurrency=concurrency), progress_every=3600)
-        elapsed = time.perf_counter() - started
+        started, cpu_started = time.perf_counter(), cpu_seconds()
+        summary = await run(
+            queue, handler, dataset, workers=WorkerSettings(concurrency=concurrency), progress_every=3600
+        )
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     finally:
         dataset.close()
-    return int(summary.stats["handled"]), elapsed
+    return int(summary.stats["handled"]), elapsed, cpu
 
 
 def wal_of(queue: SqliteQueue) -> Path:
@@ -71,23 +92,26 @@ def wal_of(queue: SqliteQueue) -> Path:
     return queue.path.with_name(queue.path.name + "-wal")
 
 
-async def embedded(requests: int, concurrency: int) -> dict[str, Any]:
+async def embedded(requests: int, concurrency: int, links: int = 0) -> dict[str, Any]:
     """The embedded store in this process."""
     storage = Path(tempfile.mkdtemp(prefix="headlock-bench-"))
     queue = SqliteQueue.open(storage, "default")
+    handler = linker(links, requests) if links else noop
     try:
         with watch_size(wal_of(queue)) as wal:
-            await fill(queue, requests)
-            handled, elapsed = await timed_run(queue, storage, concurrency)
+            await fill(queue, requests, url_keys=bool(links))
+            handled, elapsed, cpu = await timed_run(queue, storage, concurrency, handler)
     finally:
         await queue.aclose()
     return {
         "benchmark": "overhead/embedded",
         "requests": requests,
         "concurrency": concurrency,
+        "handler": f"push 1 item, enqueue {links} links" if links else "no-op",
         "handled": handled,
         "seconds": round(elapsed, 2),
         "handled_per_s": round(handled / elapsed),
+        "cpu_us_per_request": round(cpu / handled * 1e6),
         "peak_rss_mb": peak_rss_mb(),
         "wal_largest_mb": wal.largest_mb,
     }
@@ -125,7 +149,7 @@ async def child_run(storage: Path, concurrency: int) -> dict[str, Any]:
     queue = SqliteQueue.open(storage, "default")
     try:
         started = time.time()
-        handled, _ = await timed_run(queue, storage, concurrency)
+        handled, _, _ = await timed_run(queue, storage, concurrency)
         ended = time.time()
     finally:
         await queue.aclose()
@@ -149,7 +173,7 @@ async def serve(requests: int, concurrency: int, *, rate_limits: str, fill_via: 
             if fill_via == "http":
                 await fill(queue, requests)
             queue.calls.clear()
-            handled, elapsed = await timed_run(queue, storage, concurrency)
+            handled, elapsed, _ = await timed_run(queue, storage, concurrency)
         finally:
             await queue.aclose()
         calls = dict(sorted(queue.calls.items()))
@@ -200,6 +224,7 @@ def main() -> None:
     parser.add_argument("--rate-limits", choices=["default", "off"], default="default", help="ApiQueue's pacing")
     parser.add_argument("--fill", choices=["store", "http"], default="store", help="how the serve queue is filled")
     parser.add_argument("--processes", type=int, default=1, help="embedded: child processes sharing the store")
+    parser.add_argument("--links", type=int, default=0, help="embedded: links each request's handler enqueues")
     parser.add_argument("--child-run", type=Path, metavar="STORAGE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     quiet_logs()
@@ -213,7 +238,7 @@ def main() -> None:
         both(args.requests, args.concurrency)
         return
     if args.backend == "embedded":
-        result = anyio.run(embedded, args.requests, args.concurrency)
+        result = anyio.run(embedded, args.requests, args.concurrency, args.links)
     else:
         result = anyio.run(
             lambda: serve(args.requests, args.concurrency, rate_limits=args.rate_limits, fill_via=args.fill)
