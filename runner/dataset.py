@@ -10,6 +10,9 @@ from typing import Any
 
 __all__ = ["Dataset"]
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+"""One encoder for every line: `json.dumps` with options builds a new one per call."""
+
 
 class Dataset:
     """An append-only JSONL file, safe for several processes.
@@ -30,7 +33,7 @@ class Dataset:
 
     def push(self, items: Iterable[Mapping[str, Any]]) -> int:
         """Append `items`; return how many."""
-        lines = [json.dumps(item, ensure_ascii=False, default=str) for item in items]
+        lines = [_ENCODER.encode(item) for item in items]
         if lines:
             os.write(self._fd, ("\n".join(lines) + "\n").encode())
         return len(lines)
