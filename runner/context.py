@@ -33,10 +33,15 @@ def make_draft(
     if isinstance(url_or_draft, RequestDraft):
         return url_or_draft
     url = _checked_url(url_or_draft)
+    return _draft(url, unique_key or normalize_url(url), label, user_data)
+
+
+def _draft(url: str, unique_key: str, label: str | None, user_data: Mapping[str, Any] | None) -> RequestDraft:
+    """The draft of a checked URL; `label` goes into a copy of `user_data`."""
     data: dict[str, Any] = dict(user_data or {})
     if label is not None:
         data["label"] = label
-    return RequestDraft(unique_key=unique_key or normalize_url(url), url=url, user_data=data)
+    return RequestDraft(unique_key=unique_key, url=url, user_data=data)
 
 
 def _checked_url(url: str) -> str:
@@ -117,13 +122,14 @@ class Context:
         for item in items:
             if isinstance(item, str):
                 # Most links a crawl finds are in the queue already: those need no draft.
-                key = normalize_url(_checked_url(item))
+                url = _checked_url(item)
+                key = normalize_url(url)
                 if key in bucket:
                     continue
                 if key in self._known:
                     bucket[key] = None
                     continue
-                draft = make_draft(item, label=label, user_data=user_data, unique_key=key)
+                draft = _draft(url, key, label, user_data)
             else:
                 draft = item
             bucket.setdefault(draft.unique_key, draft)

@@ -27,7 +27,7 @@ from runner.router import Handler
 from runner.settings import WorkerSettings, random_client_key
 from runner.shutdown import Stopper, drain_on_stop, release_all
 from runner.stats import RunStats
-from runner.worker import work
+from runner.worker import Worker
 
 __all__ = ["RunSummary", "run"]
 
@@ -148,20 +148,9 @@ async def run(
                                 capacity=capacity,
                             )
                         )
+                        worker = Worker(handler, committer, client, options or {}, cfg.handler_timeout)
                         for worker_receive in workers_receive:
-                            crawl.start_soon(
-                                partial(
-                                    work,
-                                    worker_receive,
-                                    handler,
-                                    leases=leases,
-                                    committer=committer,
-                                    http=client,
-                                    options=options or {},
-                                    handler_timeout=cfg.handler_timeout,
-                                    stats=stats,
-                                )
-                            )
+                            crawl.start_soon(worker.run, worker_receive)
             finally:
                 crawl_done.set()
                 buffered.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -13,11 +14,10 @@ from anyio.abc import ObjectReceiveStream
 from runner.commit import Committer
 from runner.context import Context
 from runner.errors import NoRetry
-from runner.leases import Lease, Leases
+from runner.leases import Lease
 from runner.router import Handler
-from runner.stats import RunStats
 
-__all__ = ["work"]
+__all__ = ["Worker"]
 
 log = structlog.get_logger("headlock.worker")
 
@@ -25,81 +25,65 @@ COMMIT_TIMEOUT = 120.0
 """Upper bound on one request's bookkeeping calls, which shutdown does not interrupt."""
 
 
-async def work(
-    receive: ObjectReceiveStream[Lease],
-    handler: Handler,
-    *,
-    leases: Leases,
-    committer: Committer,
-    http: httpx.AsyncClient,
-    options: Mapping[str, Any],
-    handler_timeout: float,
-    stats: RunStats,
-) -> None:
-    """Handle leases from `receive` until it is closed and empty.
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """What every handler attempt needs; `run` is one worker task, and the runtime starts `concurrency` of them.
 
-    A lease lost while its handler runs cancels the handler; the request is dropped, not marked. Cancellation of the
-    worker itself (shutdown after the grace period) leaves the lease in `leases` for shutdown to release.
+    The committer owns the lease registry and the run's counters, so the worker reaches them through it.
     """
-    async with receive:
-        async for lease in receive:
-            with structlog.contextvars.bound_contextvars(
-                request_id=lease.request.id, url=lease.request.url, attempt=lease.request.retry_count + 1
-            ):
-                await _attempt(
-                    lease,
-                    handler,
-                    leases=leases,
-                    committer=committer,
-                    http=http,
-                    options=options,
-                    handler_timeout=handler_timeout,
-                    stats=stats,
-                )
 
+    handler: Handler
+    committer: Committer
+    http: httpx.AsyncClient
+    options: Mapping[str, Any]
+    handler_timeout: float
 
-async def _attempt(
-    lease: Lease,
-    handler: Handler,
-    *,
-    leases: Leases,
-    committer: Committer,
-    http: httpx.AsyncClient,
-    options: Mapping[str, Any],
-    handler_timeout: float,
-    stats: RunStats,
-) -> None:
-    ctx = Context(lease.request, http=http, log=log, options=options, known=committer.seen)
-    error: str | None = None
-    permanent = False
-    # One scope for both ends of a handler: its deadline (a timeout) and `Leases.lose` (a lost lock) cancel it.
-    with anyio.CancelScope(deadline=anyio.current_time() + handler_timeout) as scope:
-        if not leases.start(lease, scope):
-            return  # lost while waiting in the buffer
-        try:
-            returned: object = await handler(ctx)  # type: ignore[func-returns-value]
-            if returned is not None:
-                log.warning("handler.returned_value", type=type(returned).__name__)
-        except NoRetry as exc:
-            error, permanent = f"NoRetry: {exc}", True
-        except Exception as exc:  # noqa: BLE001 - any handler error is recorded on the request and retried
-            error = f"{type(exc).__name__}: {exc}"
-    if lease.lost:
-        stats.lost += 1
-        log.warning("lease.dropped", reason="lock lost while the handler ran")
-        return
-    if scope.cancelled_caught:
-        error = f"handler timed out after {handler_timeout:g} s"
-    if anyio.current_time() >= lease.expires_at:
-        # The heartbeat could not confirm the lock in time: another worker may hold it now, so commit nothing.
-        leases.lose(lease)
-        stats.lost += 1
-        log.warning("lease.dropped", reason="lock expired before the handler finished")
-        return
-    # Bookkeeping must not be cut in half by shutdown's cancellation: a half-done commit would redo the request.
-    with anyio.CancelScope(shield=True, deadline=anyio.current_time() + COMMIT_TIMEOUT):
-        if error is None:
-            if await committer.succeed(lease, ctx.pending_enqueues(), ctx.pending_items()):
-                log.debug("request.handled")
-        else:
-            await committer.fail(lease, error, permanent=permanent)
+    async def run(self, receive: ObjectReceiveStream[Lease]) -> None:
+        """Handle leases from `receive` until it is closed and empty.
+
+        A lease lost while its handler runs cancels the handler; the request is dropped, not marked. Cancellation of
+        the worker itself (shutdown after the grace period) leaves the lease in `leases` for shutdown to release.
+        """
+        async with receive:
+            async for lease in receive:
+                with structlog.contextvars.bound_contextvars(
+                    request_id=lease.request.id, url=lease.request.url, attempt=lease.request.retry_count + 1
+                ):
+                    await self._attempt(lease)
+
+    async def _attempt(self, lease: Lease) -> None:
+        committer, leases, stats = self.committer, self.committer.leases, self.committer.stats
+        ctx = Context(lease.request, http=self.http, log=log, options=self.options, known=committer.seen)
+        error: str | None = None
+        permanent = False
+        # One scope for both ends of a handler: its deadline (a timeout) and `Leases.lose` (a lost lock) cancel it.
+        with anyio.CancelScope(deadline=anyio.current_time() + self.handler_timeout) as scope:
+            if not leases.start(lease, scope):
+                return  # lost while waiting in the buffer
+            try:
+                returned: object = await self.handler(ctx)  # type: ignore[func-returns-value]
+                if returned is not None:
+                    log.warning("handler.returned_value", type=type(returned).__name__)
+            except NoRetry as exc:
+                error, permanent = f"NoRetry: {exc}", True
+            except Exception as exc:  # noqa: BLE001 - any handler error is recorded on the request and retried
+                error = f"{type(exc).__name__}: {exc}"
+        if lease.lost:
+            stats.lost += 1
+            log.warning("lease.dropped", reason="lock lost while the handler ran")
+            return
+        if scope.cancelled_caught:
+            error = f"handler timed out after {self.handler_timeout:g} s"
+        if anyio.current_time() >= lease.expires_at:
+            # The heartbeat could not confirm the lock in time: another worker may hold it now, so commit nothing.
+            leases.lose(lease)
+            stats.lost += 1
+            log.warning("lease.dropped", reason="lock expired before the handler finished")
+            return
+        # Bookkeeping must not be cut in half by shutdown's cancellation: a half-done commit would redo the request.
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + COMMIT_TIMEOUT):
+            if error is None:
+                if await committer.succeed(lease, ctx.pending_enqueues(), ctx.pending_items()):
+                    log.debug("request.handled")
+            else:
+                await committer.fail(lease, error, permanent=permanent)

@@ -1,13 +1,15 @@
-"""Shared fixtures: the anyio backend, a local test site, and a way to run the real `headlock` CLI."""
+"""Shared fixtures: the anyio backend, a local test site, a way to run the real `headlock` CLI, and polling."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,19 @@ def run_config(path: Path, handler: str, attempts_file: Path, api: str | None = 
     lines += [f"{key} = {json.dumps(value)}" for key, value in workers.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll `predicate()` every 50 ms until true, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

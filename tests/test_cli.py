@@ -13,7 +13,7 @@ import pytest
 
 from runner import SqliteQueue
 from runner.dataset import read_items
-from tests.conftest import headlock, run_config, start_headlock
+from tests.conftest import headlock, run_config, start_headlock, wait_for
 
 
 def write_urls(path: Path, count: int, prefix: str = "https://a.example/p") -> Path:
@@ -42,15 +42,6 @@ async def read_queue_state(storage: Path, name: str = "default") -> tuple[int, i
 def queue_state(storage: Path, name: str = "default") -> tuple[int, int, list[tuple[str, str, object]]]:
     """(total, handled, locks) of an embedded queue, from synchronous code."""
     return anyio.run(read_queue_state, storage, name)
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    """Poll `predicate()` every 50 ms until true, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_enqueue_status_unlock_round_trip(tmp_path: Path) -> None:

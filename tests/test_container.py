@@ -12,7 +12,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runner.dataset import read_items
+from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -139,13 +139,6 @@ def image(drop: dict[str, Any]) -> Iterator[Image]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def metrics(port: int) -> dict[str, float]:
     """Unlabelled samples of /metrics on 127.0.0.1:`port`; empty while nothing answers."""
     try:
@@ -153,15 +146,6 @@ def metrics(port: int) -> dict[str, float]:
     except httpx.TransportError:
         return {}
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    """Poll `predicate()` every 100 ms until true, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_the_image_command_runs_as_non_root_from_the_environment_only(

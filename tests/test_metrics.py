@@ -30,7 +30,7 @@ from runner.heartbeat import keep_alive
 from runner.leases import Leases
 from runner.queue.api import ApiQueue, ApiRetryPolicy
 from runner.stats import RunStats
-from tests.conftest import headlock, start_headlock
+from tests.conftest import free_port, headlock, start_headlock, wait_for
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -51,22 +51,6 @@ def value(found: Samples, name: str, **labels: str) -> float | None:
 
 API_TOKEN = {"HEADLOCK_API__TOKEN": "test"}
 """A token for the API backend (the servers in these tests never check it)."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    """Poll `predicate()` every 50 ms until true, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- the metrics object -------------------------------------------------------------------------------------

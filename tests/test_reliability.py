@@ -6,7 +6,6 @@ import contextlib
 import json
 import resource
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests._server import running_server
-from tests.conftest import cli_env, headlock, run_config, start_headlock
-from tests.test_cli import attempts, queue_state, wait_for, write_urls
+from tests.conftest import cli_env, free_port, headlock, run_config, start_headlock, wait_for
+from tests.test_cli import attempts, queue_state, write_urls
 
 pytestmark = pytest.mark.slow
 
@@ -150,13 +149,6 @@ def test_slow_handlers_with_short_locks_are_never_processed_twice(tmp_path: Path
     assert len(seen) == count
     assert max(seen.values()) == 1
     assert queue_state(tmp_path / "storage") == (count, count, [])
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(storage: Path, port: int) -> subprocess.Popen[str]:

@@ -52,11 +52,8 @@ async def noop(ctx: Context) -> None:
 async def fill(queue: RequestQueue, count: int, *, url_keys: bool = False) -> None:
     """Add `count` requests in batches of 25, keyed `k<i>` or, with `url_keys`, by their normalized URL."""
     for start in range(0, count, 25):
-        drafts = [
-            RequestDraft(unique_key=url if url_keys else f"k{i}", url=url)
-            for i in range(start, min(start + 25, count))
-            for url in [f"https://bench.example/{i}"]
-        ]
+        urls = [f"https://bench.example/{i}" for i in range(start, min(start + 25, count))]
+        drafts = [RequestDraft(unique_key=url if url_keys else f"k{i}", url=url) for i, url in enumerate(urls, start)]
         await queue.batch_add(drafts, client_key="filler")
 
 
