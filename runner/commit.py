@@ -125,7 +125,7 @@ class Committer:
         self.client_key = client_key
         self.policy = policy
         self.seen = seen or SeenKeys()
-        self._add_turn = anyio.Lock()
+        self._add_turn = anyio.Lock(fast_acquire=True)
         self._pending: dict[bool, list[_PendingAdd]] = {False: [], True: []}
 
     async def add(self, drafts: Sequence[RequestDraft], *, forefront: bool = False) -> int:

@@ -46,10 +46,15 @@ class Worker:
         """
         async with receive:
             async for lease in receive:
-                with structlog.contextvars.bound_contextvars(
-                    request_id=lease.request.id, url=lease.request.url, attempt=lease.request.retry_count + 1
-                ):
+                request = lease.request
+                # bind/reset rather than `bound_contextvars`: half the cost without the generator context manager.
+                tokens = structlog.contextvars.bind_contextvars(
+                    request_id=request.id, url=request.url, attempt=request.retry_count + 1
+                )
+                try:
                     await self._attempt(lease)
+                finally:
+                    structlog.contextvars.reset_contextvars(**tokens)
 
     async def _attempt(self, lease: Lease) -> None:
         committer, leases, stats = self.committer, self.committer.leases, self.committer.stats
@@ -74,14 +79,15 @@ class Worker:
             return
         if scope.cancelled_caught:
             error = f"handler timed out after {self.handler_timeout:g} s"
-        if anyio.current_time() >= lease.expires_at:
+        now = anyio.current_time()
+        if now >= lease.expires_at:
             # The heartbeat could not confirm the lock in time: another worker may hold it now, so commit nothing.
             leases.lose(lease)
             stats.lost += 1
             log.warning("lease.dropped", reason="lock expired before the handler finished")
             return
         # Bookkeeping must not be cut in half by shutdown's cancellation: a half-done commit would redo the request.
-        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + COMMIT_TIMEOUT):
+        with anyio.CancelScope(shield=True, deadline=now + COMMIT_TIMEOUT):
             if error is None:
                 if await committer.succeed(lease, ctx.pending_enqueues(), ctx.pending_items()):
                     log.debug("request.handled")

@@ -206,7 +206,7 @@ class SqliteQueue:
         self.path = path
         self._metrics = metrics or Metrics()
         self._limiter = anyio.CapacityLimiter(1)
-        self._write_turn = anyio.Lock()
+        self._write_turn = anyio.Lock(fast_acquire=True)
         self._pending: list[_Write[Any]] = []
         self._known_clients: set[str] = set()
         self._checkpointer = Checkpointer(path)
