@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 import structlog
 
 from runner.errors import InvalidUrlError
 from runner.models import Request, RequestDraft
-from runner.uniquekey import normalize_url
+from runner.uniquekey import normalize_parts
 
 __all__ = ["Context", "make_draft"]
 
@@ -32,8 +32,8 @@ def make_draft(
     """
     if isinstance(url_or_draft, RequestDraft):
         return url_or_draft
-    url = _checked_url(url_or_draft)
-    return _draft(url, unique_key or normalize_url(url), label, user_data)
+    url, parts = _checked_url(url_or_draft)
+    return _draft(url, unique_key or normalize_parts(parts), label, user_data)
 
 
 def _draft(url: str, unique_key: str, label: str | None, user_data: Mapping[str, Any] | None) -> RequestDraft:
@@ -44,13 +44,13 @@ def _draft(url: str, unique_key: str, label: str | None, user_data: Mapping[str,
     return RequestDraft(unique_key=unique_key, url=url, user_data=data)
 
 
-def _checked_url(url: str) -> str:
-    """`url` stripped, if it is an absolute http(s) URL; else `InvalidUrlError`."""
+def _checked_url(url: str) -> tuple[str, SplitResult]:
+    """`url` stripped and its parts, if it is an absolute http(s) URL; else `InvalidUrlError`."""
     url = url.strip()
     parts = urlsplit(url)
     if parts.scheme.lower() not in _SCHEMES or not parts.hostname:
         raise InvalidUrlError(f"not an absolute http(s) URL: {url!r}")
-    return url
+    return url, parts
 
 
 class Context:
@@ -122,8 +122,8 @@ class Context:
         for item in items:
             if isinstance(item, str):
                 # Most links a crawl finds are in the queue already: those need no draft.
-                url = _checked_url(item)
-                key = normalize_url(url)
+                url, parts = _checked_url(item)
+                key = normalize_parts(parts)
                 if key in bucket:
                     continue
                 if key in self._known:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectSendStream
@@ -49,21 +51,19 @@ async def fetch(
     # then one call every 5 s at most while idle.
     idle = idle or Backoff(initial=0.05, maximum=5.0)
     errors = Backoff(initial=0.5, maximum=30.0)
+
+    room = _Room(leases, stats, capacity=capacity, batch=batch, max_requests=max_requests)
     async with send:
         while True:
-            room = capacity - len(leases)
-            if max_requests is not None:
-                room = min(room, max_requests - stats.finished - len(leases))
-                if room <= 0 and not leases:
-                    log.info("fetch.max_requests_reached", max_requests=max_requests)
-                    return
-            if room <= 0 or (room < batch and leases.statistics().prefetched):
-                # Workers still have buffered work: wait until a whole batch fits, so each call locks up to 25.
-                await leases.wait_changed()
+            if room.exhausted():
+                log.info("fetch.max_requests_reached", max_requests=max_requests)
+                return
+            if not room.may_lock():
+                await leases.wait_changed(until=room.may_lock_or_exhausted)
                 continue
             started = anyio.current_time()
             try:
-                head = await queue.lock_head(limit=min(batch, room), lock_secs=lock_secs, client_key=client_key)
+                head = await queue.lock_head(limit=min(batch, room.free()), lock_secs=lock_secs, client_key=client_key)
             except (UnauthorizedError, InvalidInputError):
                 raise
             except QueueError as exc:
@@ -85,3 +85,32 @@ async def fetch(
             # have enqueued more) is what to wait for; other clients' expiring locks are looked at less often.
             with anyio.move_on_after(BUSY_POLL if leases else idle.next()):
                 await leases.wait_changed()
+
+
+@dataclass(frozen=True, slots=True)
+class _Room:
+    """How much the fetcher may lock: `capacity` (workers + prefetch) minus what is held, within `max_requests`."""
+
+    leases: Leases
+    stats: RunStats
+    capacity: int
+    batch: int
+    max_requests: int | None
+
+    def free(self) -> int:
+        free = self.capacity - len(self.leases)
+        if self.max_requests is not None:
+            free = min(free, self.max_requests - self.stats.finished - len(self.leases))
+        return free
+
+    def exhausted(self) -> bool:
+        """`max_requests` are finished, and nothing is held any more."""
+        return self.max_requests is not None and self.free() <= 0 and not self.leases
+
+    def may_lock(self) -> bool:
+        """Room for a whole batch, or for any request while workers have nothing buffered: each call locks up to 25."""
+        free = self.free()
+        return free >= self.batch or (free > 0 and not self.leases.prefetched)
+
+    def may_lock_or_exhausted(self) -> bool:
+        return self.may_lock() or self.exhausted()

@@ -6,7 +6,7 @@ Transitions have one owner each: the fetcher `add`s, workers `start` and `remove
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -42,7 +42,7 @@ class Leases:
     def __init__(self) -> None:
         self._held: dict[str, Lease] = {}
         self._in_flight = 0
-        self._changed = anyio.Event()
+        self._waiters: list[tuple[anyio.Event, Callable[[], bool] | None]] = []
 
     def __len__(self) -> int:
         return len(self._held)
@@ -90,17 +90,36 @@ class Leases:
         """Leases expiring before `before`, soonest first."""
         return sorted((lease for lease in self._held.values() if lease.expires_at < before), key=_expiry)
 
-    async def wait_changed(self) -> None:
-        """Wait until a lease is removed (room freed, or a handler finished and may have enqueued work)."""
-        await self._changed.wait()
+    async def wait_changed(self, until: Callable[[], bool] | None = None) -> None:
+        """Wait until a lease is removed (room freed, or a handler finished and may have enqueued work).
+
+        With `until`, wait for the first removal after which `until()` is true: checked at each removal, it spares
+        the waiter a wake-up per finished request.
+        """
+        waiter = (anyio.Event(), until)
+        self._waiters.append(waiter)
+        try:
+            await waiter[0].wait()
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if not self._waiters:
+            return
+        woken = [waiter for waiter in self._waiters if waiter[1] is None or waiter[1]()]
+        for waiter in woken:
+            self._waiters.remove(waiter)
+            waiter[0].set()
 
     def statistics(self) -> LeaseStatistics:
         """Counts of held, in-flight and prefetched (locked, not started) leases."""
         return LeaseStatistics(len(self._held), self._in_flight, len(self._held) - self._in_flight)
+
+    @property
+    def prefetched(self) -> int:
+        """Leases locked and buffered, their handler not started yet."""
+        return len(self._held) - self._in_flight
 
     @property
     def in_flight(self) -> int:

@@ -418,3 +418,32 @@ async def test_adds_of_concurrent_commits_share_batches(storage: Path, dataset: 
     await check.aclose()
     batch_calls = sum(n for endpoint, n in metrics.calls.items() if "batch" in endpoint)
     assert batch_calls <= 3  # the first caller alone, then the nine that waited (27 fresh links: two chunks of 25)
+
+
+async def test_waiting_on_leases_with_a_condition_wakes_at_the_first_removal_that_meets_it() -> None:
+    """`wait_changed(until=...)` sleeps through removals that leave the condition false (the fetcher's wake-ups)."""
+    leases = Leases()
+    held = [leases.add(Request(id=f"r{i}", unique_key=f"k{i}", url="https://a.example/"), 1e9) for i in range(3)]
+    checks: list[int] = []
+    woken = anyio.Event()
+
+    def at_most_one() -> bool:
+        checks.append(len(leases))
+        return len(leases) <= 1
+
+    async def wait() -> None:
+        await leases.wait_changed(until=at_most_one)
+        woken.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            leases.remove(held[0])
+            await anyio.wait_all_tasks_blocked()
+            assert not woken.is_set()
+            leases.remove(held[1])
+            await woken.wait()
+    assert checks == [2, 1]
+    leases.remove(held[2])  # nobody waits any more: nothing to check
+    assert checks == [2, 1]
