@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -19,7 +19,13 @@ from runner.router import Handler
 
 __all__ = ["Worker"]
 
-log = structlog.get_logger("headlock.worker")
+
+def _logger() -> structlog.typing.FilteringBoundLogger:
+    """The worker's logger, built once per run: the lazy proxy `get_logger` returns rebuilds one at every call
+    (unless the application enabled structlog's `cache_logger_on_first_use`), and handlers log through it too."""
+    bound: structlog.typing.FilteringBoundLogger = structlog.get_logger("headlock.worker").bind()
+    return bound
+
 
 COMMIT_TIMEOUT = 120.0
 """Upper bound on one request's bookkeeping calls, which shutdown does not interrupt."""
@@ -37,6 +43,7 @@ class Worker:
     http: httpx.AsyncClient
     options: Mapping[str, Any]
     handler_timeout: float
+    log: structlog.typing.FilteringBoundLogger = field(default_factory=_logger)
 
     async def run(self, receive: ObjectReceiveStream[Lease]) -> None:
         """Handle leases from `receive` until it is closed and empty.
@@ -58,7 +65,7 @@ class Worker:
 
     async def _attempt(self, lease: Lease) -> None:
         committer, leases, stats = self.committer, self.committer.leases, self.committer.stats
-        ctx = Context(lease.request, http=self.http, log=log, options=self.options, known=committer.seen)
+        ctx = Context(lease.request, http=self.http, log=self.log, options=self.options, known=committer.seen)
         error: str | None = None
         permanent = False
         # One scope for both ends of a handler: its deadline (a timeout) and `Leases.lose` (a lost lock) cancel it.
@@ -68,14 +75,14 @@ class Worker:
             try:
                 returned: object = await self.handler(ctx)  # type: ignore[func-returns-value]
                 if returned is not None:
-                    log.warning("handler.returned_value", type=type(returned).__name__)
+                    self.log.warning("handler.returned_value", type=type(returned).__name__)
             except NoRetry as exc:
                 error, permanent = f"NoRetry: {exc}", True
             except Exception as exc:  # noqa: BLE001 - any handler error is recorded on the request and retried
                 error = f"{type(exc).__name__}: {exc}"
         if lease.lost:
             stats.lost += 1
-            log.warning("lease.dropped", reason="lock lost while the handler ran")
+            self.log.warning("lease.dropped", reason="lock lost while the handler ran")
             return
         if scope.cancelled_caught:
             error = f"handler timed out after {self.handler_timeout:g} s"
@@ -84,12 +91,12 @@ class Worker:
             # The heartbeat could not confirm the lock in time: another worker may hold it now, so commit nothing.
             leases.lose(lease)
             stats.lost += 1
-            log.warning("lease.dropped", reason="lock expired before the handler finished")
+            self.log.warning("lease.dropped", reason="lock expired before the handler finished")
             return
         # Bookkeeping must not be cut in half by shutdown's cancellation: a half-done commit would redo the request.
         with anyio.CancelScope(shield=True, deadline=now + COMMIT_TIMEOUT):
             if error is None:
                 if await committer.succeed(lease, ctx.pending_enqueues(), ctx.pending_items()):
-                    log.debug("request.handled")
+                    self.log.debug("request.handled")
             else:
                 await committer.fail(lease, error, permanent=permanent)
