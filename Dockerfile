@@ -33,7 +33,7 @@ RUN useradd --system --no-log-init --create-home --uid 10001 headlock \
     && chown headlock /data
 
 WORKDIR /app
-# Pinned dependencies first (requirements.lock, with the server and metrics extras): this layer is rebuilt only
+# Pinned dependencies first (requirements.lock, with the server, metrics and aiohttp extras): this layer is rebuilt only
 # when the lock changes.
 COPY requirements.lock ./
 RUN pip install --no-cache-dir -r requirements.lock

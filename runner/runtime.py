@@ -17,6 +17,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from runner.commit import Committer, RetryPolicy
 from runner.context import make_draft
 from runner.dataset import Dataset
+from runner.errors import ConfigError
 from runner.fetcher import fetch
 from runner.heartbeat import keep_alive
 from runner.leases import Lease, Leases
@@ -77,6 +78,8 @@ async def run(
     stopper = stopper or Stopper()
     client_key = cfg.client_key or random_client_key()
     metrics = metrics or Metrics()
+    own_http = http is None
+    client = http or default_http_client(cfg)  # first: a missing extra fails before anything needs closing
     leases = Leases()
     stats = RunStats()
     metrics.track(stats, leases)
@@ -96,8 +99,6 @@ async def run(
     structlog.contextvars.bind_contextvars(client_key=client_key)
     log.info("run.starting", concurrency=cfg.concurrency, lock_secs=cfg.lock_secs, keep_alive=cfg.keep_alive)
 
-    own_http = http is None
-    client = http or default_http_client(cfg)
     released = 0
     try:
         await _prepare(queue, committer, stable_key=bool(cfg.client_key), start_urls=start_urls)
@@ -171,11 +172,26 @@ async def run(
 
 
 def default_http_client(cfg: WorkerSettings) -> httpx.AsyncClient:
-    """The client handlers share when the caller gives none: redirects followed, pool sized to the workers."""
+    """The client handlers share when the caller gives none: redirects followed, pool sized to the workers.
+
+    With `http_transport = "aiohttp"` the requests go through aiohttp's engine (httpx-aiohttp); handlers see the same
+    `httpx.AsyncClient` and `httpx.Response`.
+
+    Raises:
+        ConfigError: the aiohttp transport is asked for but the `aiohttp` extra is not installed.
+    """
+    limits = httpx.Limits(max_connections=cfg.concurrency * 2, max_keepalive_connections=cfg.concurrency * 2)
+    transport: httpx.AsyncBaseTransport | None = None
+    if cfg.http_transport == "aiohttp":
+        try:
+            from httpx_aiohttp import AiohttpTransport  # noqa: PLC0415 - an optional extra, imported when chosen
+        except ImportError as exc:
+            raise ConfigError(
+                f"workers.http_transport: 'aiohttp' needs the aiohttp extra: pip install 'headlock[aiohttp]' ({exc})"
+            ) from exc
+        transport = AiohttpTransport(limits=limits)
     return httpx.AsyncClient(
-        follow_redirects=True,
-        timeout=httpx.Timeout(cfg.handler_timeout),
-        limits=httpx.Limits(max_connections=cfg.concurrency * 2, max_keepalive_connections=cfg.concurrency * 2),
+        follow_redirects=True, timeout=httpx.Timeout(cfg.handler_timeout), limits=limits, transport=transport
     )
 
 

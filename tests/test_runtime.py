@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import structlog
 
 from handlers import crawl, fetch
 from runner import (
+    ConfigError,
     Context,
     Dataset,
     InvalidUrlError,
@@ -65,14 +67,17 @@ def dataset(storage: Path):  # type: ignore[no-untyped-def]
     ds.close()
 
 
-async def test_crawl_handles_every_page_exactly_once(queue: SqliteQueue, dataset: Dataset, site: str) -> None:
-    """A crawl of the 300-page site handles each page once and stores one item per page."""
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+async def test_crawl_handles_every_page_exactly_once(
+    queue: SqliteQueue, dataset: Dataset, site: str, transport: str
+) -> None:
+    """A crawl of the 300-page site handles each page once and stores one item per page, on either HTTP engine."""
     with anyio.fail_after(60):
         summary = await run(
             queue,
             crawl.handle,
             dataset,
-            workers=fast(concurrency=20),
+            workers=fast(concurrency=20, http_transport=transport),
             options={"max_depth": 10},
             start_urls=[f"{site}/page/0"],
         )
@@ -447,3 +452,15 @@ async def test_waiting_on_leases_with_a_condition_wakes_at_the_first_removal_tha
     assert checks == [2, 1]
     leases.remove(held[2])  # nobody waits any more: nothing to check
     assert checks == [2, 1]
+
+
+async def test_aiohttp_transport_without_its_extra_is_a_config_error_before_anything_is_locked(
+    queue: SqliteQueue, dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`http_transport = "aiohttp"` without httpx-aiohttp installed names the setting and the extra to install."""
+    await seed(queue, ["https://a.example/1"])
+    monkeypatch.setitem(sys.modules, "httpx_aiohttp", None)  # what a missing package looks like to `import`
+    with pytest.raises(ConfigError, match=r"workers\.http_transport.*headlock\[aiohttp\]"):
+        await run(queue, crawl.handle, dataset, workers=fast(http_transport="aiohttp"))
+    assert await queue.locks() == []
+    assert (await queue.get_info()).pending_request_count == 1

@@ -1,6 +1,7 @@
 """Benchmark 2: crawl speed. headlock against a bare anyio + httpx crawl of the same local site, in the same run.
 
     python -m tests.bench.crawl [--pages 5000] [--concurrency 50] [--rounds 5] [--no-pin]
+                                [--transport httpx|aiohttp] [--baseline-transport httpx|aiohttp]
 
 The site (`tests.bench._site`, precomputed pages over raw asyncio sockets) runs in a child process pinned to one
 core; this process is pinned to another. Each round crawls the whole site twice, headlock and the baseline in
@@ -10,10 +11,12 @@ alternating order (ABBA), each from a fresh start:
 - baseline: 50 worker tasks on one memory stream, a set of normalized URLs for dedup, selectolax for title and links.
 
 Both use the client `runner.runtime.default_http_client` builds for that concurrency (the output names its
-transport). pages/s is timed around the crawl loop; the target is headlock/baseline ≥ 0.8 on the medians (the
-ratio within each round is printed too: it is less sensitive to load that changes between rounds). Each run also
-records this process's CPU time per page (all threads, SQLite's included): with both crawlers bound by one core,
-the CPU ratio says where the gap comes from and varies less than wall time on a shared machine.
+transport), with httpx's own transport unless `--transport aiohttp` (`workers.http_transport`, the `aiohttp` extra)
+says otherwise; the baseline uses the same one unless `--baseline-transport` names another. pages/s is timed
+around the crawl loop; the target is headlock/baseline >= 0.8 on the medians, with the same transport on both
+sides (the ratio within each round is printed too: it is less sensitive to load that changes between rounds). Each
+run also records this process's CPU time per page (all threads, SQLite's included): with both crawlers bound by
+one core, the CPU ratio says where the gap comes from and varies less than wall time on a shared machine.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import anyio
@@ -38,6 +41,7 @@ from runner.runtime import default_http_client
 from tests.bench._common import child_server, cpu_seconds, emit, machine, median, peak_rss_mb, pin_to, quiet_logs
 
 TARGET = 0.8
+Transport = Literal["httpx", "aiohttp"]
 
 
 def client_description(client: httpx.AsyncClient, cfg: WorkerSettings) -> dict[str, Any]:
@@ -61,7 +65,9 @@ def _installed(name: str) -> bool:
     return True
 
 
-async def headlock_crawl(start: str, *, concurrency: int, max_depth: int) -> tuple[int, float, float]:
+async def headlock_crawl(
+    start: str, *, concurrency: int, max_depth: int, transport: Transport = "httpx"
+) -> tuple[int, float, float]:
     """Crawl with `run()` and `handlers.crawl:handle` on a fresh embedded queue; return (pages, seconds, CPU s)."""
     storage = Path(tempfile.mkdtemp(prefix="headlock-bench-crawl-"))
     queue = SqliteQueue.open(storage, "default")
@@ -72,7 +78,7 @@ async def headlock_crawl(start: str, *, concurrency: int, max_depth: int) -> tup
             queue,
             crawl.handle,
             dataset,
-            workers=WorkerSettings(concurrency=concurrency),
+            workers=WorkerSettings(concurrency=concurrency, http_transport=transport),
             options={"max_depth": max_depth},
             start_urls=[start],
         )
@@ -144,17 +150,21 @@ async def bare_crawl(
     return len(results), time.perf_counter() - started, cpu_seconds() - cpu_started
 
 
-async def bench(site: str, *, pages: int, concurrency: int, rounds: int) -> dict[str, Any]:
+async def bench(
+    site: str, *, pages: int, concurrency: int, rounds: int, transport: Transport, baseline_transport: Transport
+) -> dict[str, Any]:
     """Alternate the two crawls `rounds` times each (ABBA order); return every run."""
     start = f"{site}/page/0"
     max_depth = pages  # deeper than any page of the tree
-    cfg = WorkerSettings(concurrency=concurrency)
+    cfg = WorkerSettings(concurrency=concurrency, http_transport=baseline_transport)
     runs: dict[str, list[tuple[int, float, float]]] = {"headlock": [], "baseline": []}
     described: dict[str, Any] = {}
     for index in range(rounds * 2):
         kind = ("headlock", "baseline", "baseline", "headlock")[index % 4]
         if kind == "headlock":
-            runs[kind].append(await headlock_crawl(start, concurrency=concurrency, max_depth=max_depth))
+            runs[kind].append(
+                await headlock_crawl(start, concurrency=concurrency, max_depth=max_depth, transport=transport)
+            )
             continue
         client = default_http_client(cfg)
         described = client_description(client, cfg)
@@ -175,6 +185,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5, help="runs of each crawler")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the site and this process to cores")
+    parser.add_argument("--transport", choices=["httpx", "aiohttp"], default="httpx", help="headlock's HTTP engine")
+    parser.add_argument("--baseline-transport", choices=["httpx", "aiohttp"], help="default: the same as headlock's")
     args = parser.parse_args()
     quiet_logs()
     where = machine()  # before pinning, which hides the other cores
@@ -183,7 +195,16 @@ def main() -> None:
         site_args += ["--cpu", "1"]
     with child_server(site_args) as site:
         client_cpu = None if args.no_pin else pin_to(0)
-        result = anyio.run(lambda: bench(site.url, pages=args.pages, concurrency=args.concurrency, rounds=args.rounds))
+        result = anyio.run(
+            lambda: bench(
+                site.url,
+                pages=args.pages,
+                concurrency=args.concurrency,
+                rounds=args.rounds,
+                transport=args.transport,
+                baseline_transport=args.baseline_transport or args.transport,
+            )
+        )
     rates: dict[str, float] = {}
     cpu_per_page: dict[str, float] = {}
     for kind, results in result["runs"].items():
@@ -202,6 +223,7 @@ def main() -> None:
                 "seconds_runs": [round(seconds, 2) for _, seconds, _ in results],
                 "cpu_ms_per_page_median": cpu_per_page[kind],
                 "cpu_ms_per_page_runs": cpu_runs,
+                "http_transport": args.transport if kind == "headlock" else args.baseline_transport or args.transport,
                 "http": result["client"],
             },
             where,
