@@ -741,3 +741,32 @@ async def test_wal_stays_small_under_sustained_writes_and_folds_in_at_close(tmp_
         assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         raw.close()
+
+
+@pytest.mark.anyio
+async def test_plain_and_extra_field_drafts_read_back_as_the_requests_they_describe(store: SqliteQueue) -> None:
+    """A plain draft (stored without a second validation) and one with extra fields read back alike, defaults set."""
+    plain = RequestDraft(
+        unique_key=url(1), url=url(1), method="POST", payload="p", headers={"X-A": "b"}, user_data={"é": "ü\"'"}
+    )
+    extra = RequestDraft.model_validate({"uniqueKey": url(2), "url": url(2), "custom": {"k": [1, 2]}})
+    await store.batch_add([plain, extra], client_key=A)
+    first, second = await store.get_request(request_id_for(url(1))), await store.get_request(request_id_for(url(2)))
+    assert first is not None
+    assert second is not None
+    assert first.to_api() == {
+        "id": request_id_for(url(1)),
+        "uniqueKey": url(1),
+        "url": url(1),
+        "method": "POST",
+        "retryCount": 0,
+        "userData": {"é": "ü\"'"},
+        "headers": {"X-A": "b"},
+        "payload": "p",
+        "errorMessages": [],
+    }
+    assert second.to_api()["custom"] == {"k": [1, 2]}
+    assert second.retry_count == 0
+    assert second.error_messages == []
+    head = await store.list_head(10)
+    assert [(item["uniqueKey"], item["retryCount"]) for item in head.items] == [(url(1), 0), (url(2), 0)]
