@@ -98,6 +98,7 @@ class _Room:
     max_requests: int | None
 
     def free(self) -> int:
+        """Requests that may be locked now (zero or less: none)."""
         free = self.capacity - len(self.leases)
         if self.max_requests is not None:
             free = min(free, self.max_requests - self.stats.finished - len(self.leases))
@@ -113,4 +114,5 @@ class _Room:
         return free >= self.batch or (free > 0 and not self.leases.prefetched)
 
     def may_lock_or_exhausted(self) -> bool:
+        """What the fetcher waits for while it may not lock: a reason to lock, or to return."""
         return self.may_lock() or self.exhausted()
