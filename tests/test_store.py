@@ -770,3 +770,14 @@ async def test_plain_and_extra_field_drafts_read_back_as_the_requests_they_descr
     assert second.error_messages == []
     head = await store.list_head(10)
     assert [(item["uniqueKey"], item["retryCount"]) for item in head.items] == [(url(1), 0), (url(2), 0)]
+
+
+@pytest.mark.anyio
+async def test_a_draft_that_cannot_be_stored_as_json_is_refused_and_its_batch_is_not_stored(
+    store: SqliteQueue,
+) -> None:
+    """A plain draft whose userData has no JSON form raises InvalidInputError naming it; the batch stores nothing."""
+    bad = RequestDraft(unique_key=url("bad"), url=url("bad"), user_data={"x": object()})
+    with pytest.raises(InvalidInputError, match=r"request 'http://example.com/bad' cannot be stored as JSON"):
+        await store.batch_add([draft(1), bad], client_key=A)
+    assert (await store.get_info()).total_request_count == 0

@@ -130,12 +130,14 @@ def _check_lock_secs(lock_secs: float, endpoint: str) -> None:
         raise InvalidInputError(f"lockSecs must be > 0 and <= {_MAX_LOCK_SECS}, got {lock_secs}", endpoint=endpoint)
 
 
-def _dump(request: Request, endpoint: str) -> str:
-    """Serialize `request` for the `data` column, without echoed lock fields."""
+def _dump(request: Request | RequestDraft, endpoint: str) -> str:
+    """Serialize a request (or a plain draft, see `_prepare`) for the `data` column, without echoed lock fields."""
     try:
         return request.model_dump_json(by_alias=True, exclude_none=True, exclude=_LOCK_FIELDS)
     except ValueError as exc:  # pydantic's serialization error is one
-        raise InvalidInputError(f"request {request.id} cannot be stored as JSON: {exc}", endpoint=endpoint) from exc
+        raise InvalidInputError(
+            f"request {request.unique_key!r} cannot be stored as JSON: {exc}", endpoint=endpoint
+        ) from exc
 
 
 def _load(request_id: str, data: str, endpoint: str) -> Request:
@@ -163,6 +165,12 @@ def _from_draft(draft: RequestDraft, endpoint: str) -> Request:
         raise InvalidInputError(f"invalid request {draft.unique_key!r}: {exc}", endpoint=endpoint) from exc
 
 
+_DRAFT_DEFAULTS = Request(id="", unique_key="", url="").model_dump_json(
+    by_alias=True, include={"retry_count", "error_messages"}
+)[1:-1]
+"""The defaults of the request fields a draft lacks and the head shows (`"retryCount":0,"errorMessages":[]`)."""
+
+
 def _prepare(draft: RequestDraft, endpoint: str) -> tuple[str, str, bool, str]:
     """`(id, uniqueKey, handled, data)` of a draft to store, validated as the request it becomes."""
     if draft.model_extra:
@@ -172,13 +180,8 @@ def _prepare(draft: RequestDraft, endpoint: str) -> tuple[str, str, bool, str]:
     # A plain draft's fields were validated when it was built and are the request's own; the request's other
     # fields take their defaults. Five new links a page come this way: a full validation cost them 5 us each.
     request_id = request_id_for(draft.unique_key)
-    try:
-        body = draft.model_dump_json(by_alias=True, exclude_none=True)
-    except ValueError as exc:  # pydantic's serialization error is one
-        raise InvalidInputError(
-            f"request {draft.unique_key!r} cannot be stored as JSON: {exc}", endpoint=endpoint
-        ) from exc
-    return request_id, draft.unique_key, False, f'{{"id":"{request_id}","retryCount":0,"errorMessages":[],{body[1:]}'
+    body = _dump(draft, endpoint)
+    return request_id, draft.unique_key, False, f'{{"id":"{request_id}",{_DRAFT_DEFAULTS},{body[1:]}'
 
 
 _HEAD_FIELDS = ("id", "uniqueKey", "url", "method", "retryCount")
