@@ -55,15 +55,24 @@ class QueueError(HeadlockError):
     """A queue operation failed.
 
     `endpoint` names the operation (e.g. `PUT /requests/{id}/lock` or `lock_head`), `status` the HTTP status when
-    there is one, `error_type` the API's `error.type`.
+    there is one, `error_type` the API's `error.type`; `maybe_applied` is true when an attempt got no answer, so the
+    call may have taken effect although it failed.
     """
 
     def __init__(
-        self, message: str, *, endpoint: str = "", status: int | None = None, error_type: str | None = None
+        self,
+        message: str,
+        *,
+        endpoint: str = "",
+        status: int | None = None,
+        error_type: str | None = None,
+        maybe_applied: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.status = status
         self.error_type = error_type
+        self.maybe_applied = maybe_applied
+        """An attempt got no answer (timeout, connection lost after sending, 5xx): the call may have taken effect."""
         parts = [p for p in (endpoint, str(status) if status is not None else "", error_type or "") if p]
         super().__init__(f"{' '.join(parts)}: {message}" if parts else message)
 

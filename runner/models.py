@@ -110,6 +110,14 @@ class LockedHead(_Model):
     lock_secs: float
     queue_has_locked_requests: bool = False
     had_multiple_clients: bool = False
+    locked_at: float | None = Field(default=None, exclude=True)
+    """`anyio.current_time()` when the call that took these locks was sent (its successful attempt, after any
+    retries); the locks expire `lock_secs` after it at the earliest. None: the caller's own start time."""
+    may_have_orphans: bool = Field(default=False, exclude=True)
+    """An earlier attempt of this call got no answer and may have locked requests that are not in `items`: they
+    stay locked by this client key, untracked, until they expire or `unlock_requests` frees them."""
+    quarantined: int = Field(default=0, exclude=True)
+    """Requests the backend could not read and ended as failed (with an error message) instead of returning them."""
 
 
 class RequestRegistration(_Model):

@@ -660,9 +660,12 @@ class ApiQueue:
         return result.unlocked_count
 
     async def update_request(
-        self, request: Request, *, client_key: str, forefront: bool = False
+        self, request: Request, *, client_key: str, forefront: bool = False, lock_required: bool = False
     ) -> RequestRegistration:
-        """Replace the stored request (see the Protocol); a pending one is cached as sent."""
+        """Replace the stored request (see the Protocol); a pending one is cached as sent.
+
+        `lock_required` is not checked here: the API has no fenced write (the runtime checks its lease first).
+        """
         params: dict[str, str | int] = {"clientKey": client_key, "forefront": _bool(forefront)}
         registration = await self._fetch(
             _UPDATE_REQUEST, RequestRegistration, request_id=request.id, params=params, body=request

@@ -45,10 +45,14 @@ class RequestQueue(Protocol):
         ...
 
     async def update_request(
-        self, request: Request, *, client_key: str, forefront: bool = False
+        self, request: Request, *, client_key: str, forefront: bool = False, lock_required: bool = False
     ) -> RequestRegistration:
         """Replace the stored request. With `handled_at` it leaves the head and its lock is released; without it,
-        it is pending again and a lock it has stays (release it with `delete_lock`)."""
+        it is pending again and a lock it has stays (release it with `delete_lock`).
+
+        `lock_required` fences the write: it is applied only if `client_key` still holds the request's lock (an
+        expired lock nobody retook counts), else `LockLostError`. A backend that cannot check it in the same
+        operation (the HTTP API) ignores it: the runtime checks its lease before every call as well."""
         ...
 
     async def batch_add(

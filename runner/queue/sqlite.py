@@ -517,7 +517,7 @@ class SqliteQueue:
         return cursor.rowcount
 
     async def update_request(
-        self, request: Request, *, client_key: str, forefront: bool = False
+        self, request: Request, *, client_key: str, forefront: bool = False, lock_required: bool = False
     ) -> RequestRegistration:
         """Replace the stored request (inserting it when unknown).
 
