@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import structlog
 
 from runner.backoff import retry_delay
 from runner.dataset import Dataset
-from runner.errors import QueueError
+from runner.errors import DatasetWriteError, InvalidInputError, LockLostError, QueueError
 from runner.leases import Lease, Leases
 from runner.models import RequestDraft, utc_now
 from runner.queue.protocol import MAX_BATCH, RequestQueue
@@ -104,8 +105,23 @@ class _PendingAdd:
     error: QueueError | None = None
 
 
+_NOTES = 10_000
+"""Most attempts remembered as ended without a record (see `Committer.note_expired`)."""
+_MAX_ERROR = 2_000
+"""Longest error message recorded on a request (a traceback-sized message would bloat every later write)."""
+
+
+class _Gone(Exception):  # noqa: N818 - internal control flow, never leaves the committer
+    """The lease can no longer be proved ours: commit nothing more under it."""
+
+
 class Committer:
-    """Applies the outcome of attempts to the queue, the dataset and the lease registry."""
+    """Applies the outcome of attempts to the queue, the dataset and the lease registry.
+
+    Every call made under a lease is fenced: it is sent only while the lease is valid (not lost, its lock not run
+    out by our early reckoning), and the embedded store checks the lock owner in the same statement. Whatever
+    happens (an error, a timeout, cancellation), the lease leaves the registry when the commit ends.
+    """
 
     def __init__(
         self,
@@ -125,8 +141,24 @@ class Committer:
         self.client_key = client_key
         self.policy = policy
         self.seen = seen or SeenKeys()
+        self.stop_deadline = math.inf
+        """Set by shutdown: commits started from now on end by then (their shielded scope's deadline)."""
+        self.backoff_until = 0.0
+        """When the last retry backoff given here ends (`anyio.current_time()`): its lock is ours until then."""
         self._add_turn = anyio.Lock(fast_acquire=True)
         self._pending: dict[bool, list[_PendingAdd]] = {False: [], True: []}
+        self._expired: OrderedDict[str, str] = OrderedDict()
+
+    def note_expired(self, request_id: str, error: str) -> None:
+        """Remember an attempt whose lock ran out before it could be recorded: the next holder here records it."""
+        self._expired[request_id] = error
+        self._expired.move_to_end(request_id)
+        if len(self._expired) > _NOTES:
+            self._expired.popitem(last=False)
+
+    def take_expired(self, request_id: str) -> str | None:
+        """The unrecorded attempt's error for `request_id`, forgetting it; None when there is none."""
+        return self._expired.pop(request_id, None) if self._expired else None
 
     async def add(self, drafts: Sequence[RequestDraft], *, forefront: bool = False) -> int:
         """Add `drafts` (see `add_requests`), skipping keys this process added before; return how many were new.
@@ -182,33 +214,40 @@ class Committer:
             op.added = len(mine)
 
     async def succeed(
-        self,
-        lease: Lease,
-        enqueues: Mapping[bool, Sequence[RequestDraft]],
-        items: Sequence[Mapping[str, Any]],
+        self, lease: Lease, enqueues: Mapping[bool, Sequence[RequestDraft]], items: Sequence[str]
     ) -> bool:
-        """Add what the attempt enqueued, store its items, mark the request handled.
+        """Add what the attempt enqueued, store its items (dataset lines), mark the request handled.
 
-        False if a call failed, or if the lease was lost while the adds were being retried: another worker may
-        hold the request by then, so its items are not stored (they would be stored twice).
+        False if it could not: a refused add or item is recorded as a failed attempt; a transient queue error
+        abandons the attempt (the lock lapses, another attempt follows); a lease lost meanwhile stores nothing more
+        (another worker may hold the request by then: its items would be stored twice).
         """
         request = lease.request
         self.seen.add(request.unique_key)  # it is in the queue (we hold it): pages linking to themselves cost nothing
         try:
             for forefront, drafts in enqueues.items():
                 await self.add(drafts, forefront=forefront)
-            if lease.lost:
-                self.stats.lost += 1
-                log.warning("lease.dropped", reason="lock lost while the request's links were being added")
-                return False
-            self.stats.items += self.dataset.push(items)
+            self._fence(lease, "the request's links were being added")
+            self.stats.items += self.dataset.push_lines(items)
+            self._fence(lease, "the request's items were being stored")
             await self.queue.update_request(
-                request.model_copy(update={"handled_at": utc_now()}), client_key=self.client_key
+                request.model_copy(update={"handled_at": utc_now()}), client_key=self.client_key, lock_required=True
             )
+        except _Gone:
+            return False
+        except (InvalidInputError, DatasetWriteError) as exc:
+            # Retrying the commit cannot help (a link with no JSON form), or the disk refused the items: either
+            # way the attempt failed, and it is recorded like a handler error, so max_retries applies.
+            await self.fail(lease, f"commit failed: {exc}")
+            return False
+        except LockLostError as exc:
+            self._drop(lease, f"the queue refused the handled mark: {exc}")
+            return False
         except QueueError as exc:
             await self._abandon(lease, exc)
             return False
-        self.leases.remove(lease)
+        finally:
+            self.leases.remove(lease)
         self.stats.handled += 1
         return True
 
@@ -217,6 +256,8 @@ class Committer:
         request = lease.request
         retry_count = request.retry_count + 1
         gives_up = permanent or self.policy.gives_up(retry_count, no_retry=bool(request.no_retry))
+        if len(error) > _MAX_ERROR:
+            error = error[: _MAX_ERROR - 3] + "..."
         update: dict[str, Any] = {
             "retry_count": retry_count,
             "error_messages": [*request.error_messages, error],
@@ -224,13 +265,22 @@ class Committer:
         if gives_up:
             update["handled_at"] = utc_now()
         try:
-            await self.queue.update_request(request.model_copy(update=update), client_key=self.client_key)
+            self._fence(lease, "its failure was being recorded")
+            await self.queue.update_request(
+                request.model_copy(update=update), client_key=self.client_key, lock_required=True
+            )
             if not gives_up:
                 await self._give_back(lease, retry_count)
+        except _Gone:
+            return
+        except LockLostError as exc:
+            self._drop(lease, f"the queue refused the failure record: {exc}")
+            return
         except QueueError as exc:
             await self._abandon(lease, exc)
             return
-        self.leases.remove(lease)
+        finally:
+            self.leases.remove(lease)
         if gives_up:
             self.stats.failed += 1
             log.warning("request.failed", retry_count=retry_count, error=error, final=True)
@@ -238,12 +288,30 @@ class Committer:
             self.stats.retried += 1
             log.info("request.retry", retry_count=retry_count, error=error)
 
+    def _fence(self, lease: Lease, doing: str) -> None:
+        """Raise `_Gone` (after dropping the lease) unless the lease is still provably ours."""
+        if self.leases.get(lease.request.id) is not lease or not lease.valid(anyio.current_time()):
+            self._drop(lease, f"lock lost while {doing}")
+            raise _Gone
+
+    def _drop(self, lease: Lease, reason: str) -> None:
+        self.stats.lost += 1
+        log.warning("lease.dropped", reason=reason)
+        if self.leases.get(lease.request.id) is lease:
+            self.leases.lose(lease, reason)
+
     async def _give_back(self, lease: Lease, retry_count: int) -> None:
         # The lock doubles as the retry backoff: prolonged by the delay and then left to expire, the request comes
         # back to everyone after it, and a crash meanwhile loses nothing. Shutdown's unlock_requests frees it early.
+        lease.closing = True  # no new prolong from the heartbeat ...
+        if lease.prolonging is not None:
+            await lease.prolonging.wait()  # ... and one in flight lands first, so it cannot stretch the backoff
+        self._fence(lease, "it was being given back")
         delay = retry_delay(retry_count, base=self.policy.backoff)
         if delay > 0:
+            sent = anyio.current_time()
             await self.queue.prolong_lock(lease.request.id, lock_secs=delay, client_key=self.client_key)
+            self.backoff_until = max(self.backoff_until, sent + delay * 1.05 + 1)
         else:
             await self.queue.delete_lock(lease.request.id, client_key=self.client_key)
 

@@ -9,7 +9,8 @@ from urllib.parse import SplitResult, urlsplit
 import httpx
 import structlog
 
-from runner.errors import InvalidUrlError
+from runner.dataset import encode_item
+from runner.errors import InvalidItemError, InvalidUrlError
 from runner.models import Request, RequestDraft
 from runner.uniquekey import normalize_parts
 
@@ -79,7 +80,7 @@ class Context:
         self._known = known
         # None marks a request already in the queue: counted by `enqueue`, but with nothing to send.
         self._enqueued: dict[bool, dict[str, RequestDraft | None]] = {False: {}, True: {}}
-        self._items: list[Mapping[str, Any]] = []
+        self._items: list[str] = []
 
     @property
     def url(self) -> str:
@@ -136,17 +137,26 @@ class Context:
         return len(bucket) - before
 
     async def push_data(self, item: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
-        """Store result items (JSON-serializable mappings) once this attempt succeeds."""
+        """Store a result item (a dict) or a list of them once this attempt succeeds.
+
+        Items are checked here, so a bad one fails this attempt as the handler's error (recorded, retried).
+
+        Raises:
+            InvalidItemError: not a dict or a list of dicts, or a value JSON cannot represent (NaN, bytes, sets,
+                tuple keys, a cycle); nothing of this call is kept then.
+        """
         if isinstance(item, Mapping):
-            self._items.append(item)
-        else:
-            self._items.extend(item)
+            self._items.append(encode_item(item))
+            return
+        if isinstance(item, str | bytes) or not isinstance(item, Iterable):
+            raise InvalidItemError(f"push_data takes a dict or a list of dicts, got {type(item).__name__}")
+        self._items.extend([encode_item(one) for one in item])
 
     def pending_enqueues(self) -> dict[bool, list[RequestDraft]]:
         """Buffered requests by `forefront` flag (for the worker's commit)."""
         pending = {flag: [d for d in bucket.values() if d is not None] for flag, bucket in self._enqueued.items()}
         return {flag: drafts for flag, drafts in pending.items() if drafts}
 
-    def pending_items(self) -> list[Mapping[str, Any]]:
-        """Buffered result items (for the worker's commit)."""
+    def pending_items(self) -> list[str]:
+        """Buffered result items as dataset lines (for the worker's commit)."""
         return self._items

@@ -4,6 +4,8 @@
     ├── ConfigError                 invalid settings or CLI input (the CLI exits 2)
     ├── HandlerImportError          a `module:function` handler path that does not resolve (exit 2)
     ├── InvalidUrlError             a URL that is not absolute http(s) (also a ValueError)
+    ├── InvalidItemError            a dataset item JSON cannot represent (also a ValueError): the handler's error
+    ├── DatasetWriteError           the dataset could not be written (full disk, I/O error): that attempt fails
     ├── QueueError                  a queue call failed; `.endpoint` names the operation
     │   ├── LockLostError           the lock is not (or no longer) ours: expired and retaken, handled, released
     │   ├── NotFoundError           unknown queue or request
@@ -21,9 +23,11 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DatasetWriteError",
     "HandlerImportError",
     "HeadlockError",
     "InvalidInputError",
+    "InvalidItemError",
     "InvalidUrlError",
     "LockLostError",
     "NoRetry",
@@ -49,6 +53,14 @@ class HandlerImportError(ConfigError):
 
 class InvalidUrlError(HeadlockError, ValueError):
     """A URL that is not an absolute http(s) URL."""
+
+
+class InvalidItemError(HeadlockError, ValueError):
+    """A dataset item that is not a dict of JSON values; raised by `ctx.push_data`, so it is the handler's error."""
+
+
+class DatasetWriteError(HeadlockError):
+    """Writing results failed (full disk, I/O error); nothing of the failed write is left behind."""
 
 
 class QueueError(HeadlockError):

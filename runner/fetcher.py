@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -9,7 +10,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.backoff import Backoff
-from runner.errors import InvalidInputError, QueueError, UnauthorizedError
+from runner.errors import InvalidInputError, NotFoundError, QueueError, UnauthorizedError
 from runner.leases import Lease, Leases
 from runner.queue.protocol import RequestQueue
 from runner.stats import RunStats
@@ -35,6 +36,7 @@ async def fetch(
     keep_alive: bool = False,
     max_requests: int | None = None,
     idle: Backoff | None = None,
+    backoff_until: Callable[[], float] = lambda: 0.0,
 ) -> None:
     """Lock up to `min(batch, free room)` requests per call and send them; close `send` when the queue is done.
 
@@ -44,8 +46,14 @@ async def fetch(
     when nothing is held here, the head is empty and no client holds a lock (unless `keep_alive`), or when
     `max_requests` are finished or held.
 
+    A lock call whose answer was lost may have locked requests we never saw ("orphans": held by our client key,
+    untracked). They would hold up the end of the run for a whole lock time, so once nothing is held here, the
+    head is empty and every retry backoff given here (`backoff_until()`, those locks are ours on purpose) is over,
+    "unlock requests" frees them.
+
     Raises:
-        UnauthorizedError, InvalidInputError: the queue refuses us; retrying cannot help.
+        UnauthorizedError, InvalidInputError, NotFoundError: the queue refuses us or does not exist; retrying
+            cannot help.
     """
     # 0.05 s doubling to 5 s: a burst of quick looks right after the head empties (new work usually follows soon),
     # then one call every 5 s at most while idle.
@@ -53,6 +61,7 @@ async def fetch(
     errors = Backoff(initial=0.5, maximum=30.0)
 
     room = _Room(leases, stats, capacity=capacity, batch=batch, max_requests=max_requests)
+    orphans = False
     async with send:
         while True:
             if room.exhausted():
@@ -64,20 +73,29 @@ async def fetch(
             started = anyio.current_time()
             try:
                 head = await queue.lock_head(limit=min(batch, room.free()), lock_secs=lock_secs, client_key=client_key)
-            except (UnauthorizedError, InvalidInputError):
+            except (UnauthorizedError, InvalidInputError, NotFoundError):
                 raise
             except QueueError as exc:
+                orphans = orphans or exc.maybe_applied
                 delay = errors.next()
                 log.warning("fetch.failed", error=str(exc), retry_in=round(delay, 2))
                 await anyio.sleep(delay)
                 continue
             errors.reset()
+            orphans = orphans or head.may_have_orphans
+            stats.quarantined += head.quarantined
+            # Dated from the attempt that took the locks (after any retries), not from before the first one.
+            expires_at = (head.locked_at if head.locked_at is not None else started) + lock_secs
             for request in head.items:
                 # No checkpoint between registering and buffering: a lease is always either buffered or in flight.
-                send.send_nowait(leases.add(request, started + lock_secs))
+                send.send_nowait(leases.add(request, expires_at))
             if head.items:
                 idle.reset()
                 continue
+            if orphans and not leases and head.queue_has_locked_requests and anyio.current_time() >= backoff_until():
+                orphans = False
+                if await _free_orphans(queue, client_key):
+                    continue
             if not leases and not head.queue_has_locked_requests and not keep_alive:
                 log.info("fetch.queue_finished")
                 return
@@ -85,6 +103,17 @@ async def fetch(
             # have enqueued more) is what to wait for; other clients' expiring locks are looked at less often.
             with anyio.move_on_after(BUSY_POLL if leases else idle.next()):
                 await leases.wait_changed()
+
+
+async def _free_orphans(queue: RequestQueue, client_key: str) -> int:
+    """Unlock what our key holds untracked (see `fetch`); a failure leaves them to expire."""
+    try:
+        freed = await queue.unlock_requests(client_key=client_key)
+    except QueueError as exc:
+        log.warning("fetch.unlock_orphans_failed", error=str(exc))
+        return 0
+    log.info("fetch.orphans_unlocked", count=freed)
+    return freed
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,28 +46,19 @@ async def keep_alive(
     """
     every = lock_secs / 4
     limiter = anyio.CapacityLimiter(parallel)
+    prolong = partial(_prolong, queue, leases=leases, stats=stats, client_key=client_key, lock_secs=lock_secs)
     async with anyio.create_task_group() as beats:
         if health_file is not None:
             await beats.start(_beat_liveness, health_file, liveness_interval(lock_secs))
         task_status.started()
         while True:
             await anyio.sleep(every)
-            due = leases.due(anyio.current_time() + lock_secs / 2)
-            if due:
-                async with anyio.create_task_group() as tg:
-                    for lease in due:
-                        tg.start_soon(
-                            partial(
-                                _prolong,
-                                queue,
-                                leases=leases,
-                                stats=stats,
-                                lease=lease,
-                                client_key=client_key,
-                                lock_secs=lock_secs,
-                                limiter=limiter,
-                            )
-                        )
+            # Each prolong runs on its own: one stalled call must not hold back the next beat, where another lease
+            # may be due. A lease has at most one prolong in flight.
+            for lease in leases.due(anyio.current_time() + lock_secs / 2):
+                if lease.prolonging is None and not lease.closing:
+                    lease.prolonging = anyio.Event()
+                    beats.start_soon(partial(prolong, lease=lease, limiter=limiter))
 
 
 async def _beat_liveness(
@@ -104,34 +95,40 @@ async def _prolong(
     lock_secs: float,
     limiter: anyio.CapacityLimiter,
 ) -> None:
-    async with limiter:
-        if lease.lost or lease.request.id not in leases:
-            return
-        started = anyio.current_time()
-        try:
-            # A call still retrying when the lock runs out could only succeed too late: someone else may hold it.
-            with anyio.fail_after(max(lease.expires_at - started, 0)):
-                await queue.prolong_lock(lease.request.id, lock_secs=lock_secs, client_key=client_key)
-        except TimeoutError:
-            _lose(leases, stats, lease, "lock expired before a prolong succeeded")
-            return
-        except (LockLostError, NotFoundError) as exc:
-            _lose(leases, stats, lease, str(exc))
-            return
-        except QueueError as exc:
-            if anyio.current_time() >= lease.expires_at:
-                _lose(leases, stats, lease, f"lock expired while prolonging failed: {exc}")
-            else:
-                log.warning("lease.prolong_failed", request_id=lease.request.id, error=str(exc))
-            return
-        leases.renew(lease, started + lock_secs)
-        stats.prolonged += 1
+    try:
+        async with limiter:
+            if lease.lost or lease.closing or leases.get(lease.request.id) is not lease:
+                return
+            started = anyio.current_time()
+            try:
+                # A call still retrying when the lock runs out could only succeed too late: someone else may hold it.
+                with anyio.fail_after(max(lease.expires_at - started, 0)):
+                    await queue.prolong_lock(lease.request.id, lock_secs=lock_secs, client_key=client_key)
+            except TimeoutError:
+                _lose(leases, stats, lease, "lock expired before a prolong succeeded", expired=True)
+                return
+            except (LockLostError, NotFoundError) as exc:
+                _lose(leases, stats, lease, str(exc))
+                return
+            except QueueError as exc:
+                if anyio.current_time() >= lease.expires_at:
+                    _lose(leases, stats, lease, f"lock expired while prolonging failed: {exc}", expired=True)
+                else:
+                    log.warning("lease.prolong_failed", request_id=lease.request.id, error=str(exc))
+                return
+            # Dated from when the call was sent: the lock runs `lock_secs` from some moment after that.
+            leases.renew(lease, started + lock_secs)
+            stats.prolonged += 1
+    finally:
+        done, lease.prolonging = lease.prolonging, None
+        if done is not None:
+            done.set()
 
 
-def _lose(leases: Leases, stats: RunStats, lease: Lease, reason: str) -> None:
-    if lease.lost or lease.request.id not in leases:
+def _lose(leases: Leases, stats: RunStats, lease: Lease, reason: str, *, expired: bool = False) -> None:
+    if lease.lost or leases.get(lease.request.id) is not lease:
         return
     log.warning("lease.lost", request_id=lease.request.id, url=lease.request.url, reason=reason)
     if not lease.started:
         stats.lost += 1  # a started one is counted by its worker
-    leases.lose(lease)
+    leases.lose(lease, reason, expired=expired)

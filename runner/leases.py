@@ -2,6 +2,9 @@
 
 Transitions have one owner each: the fetcher `add`s, workers `start` and `remove` what they finish, the heartbeat
 `renew`s and `lose`s, shutdown releases what is left.
+
+A lease is only as good as its proof: `expires_at` comes from the call that took or prolonged the lock (dated from
+when it was sent, so it errs early), and `valid()` is checked before every write made under it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,20 @@ class Lease:
     scope: anyio.CancelScope | None = None
     lost: bool = False
     started: bool = field(default=False)
+    lost_reason: str | None = None
+    """Why it was lost; set with `lost`."""
+    expired: bool = False
+    """Lost because the lock ran out (not because the queue refused it): the attempt still counts."""
+    prolonging: anyio.Event | None = None
+    """Set while a prolong call is in flight; the event fires when it ends."""
+    closing: bool = False
+    """Its outcome is being committed with a lock change (a give-back): the heartbeat must not prolong it any more."""
+    commit_scope: anyio.CancelScope | None = None
+    """The shielded scope of its commit, whose deadline shutdown may shorten."""
+
+    def valid(self, now: float) -> bool:
+        """Not lost, and its lock not run out by our (early) reckoning: a write under it is still fenced."""
+        return not self.lost and now < self.expires_at
 
 
 class LeaseStatistics(NamedTuple):
@@ -54,10 +71,21 @@ class Leases:
         return iter(list(self._held.values()))
 
     def add(self, request: Request, expires_at: float) -> Lease:
-        """Register a freshly locked request."""
+        """Register a freshly locked request.
+
+        If a lease on the same request is still registered, the queue handed the request out again, so that lease's
+        lock ran out (e.g. the wall clock stepped): it is lost (its handler cancelled), never silently replaced.
+        """
+        stale = self._held.get(request.id)
+        if stale is not None:
+            self.lose(stale, "the queue handed the request out again: its lock ran out", expired=True)
         lease = Lease(request, expires_at)
         self._held[request.id] = lease
         return lease
+
+    def get(self, request_id: str) -> Lease | None:
+        """The registered lease on `request_id`, if any."""
+        return self._held.get(request_id)
 
     def start(self, lease: Lease, scope: anyio.CancelScope) -> bool:
         """Mark `lease` in flight under `scope` (cancelled if the lease is lost); False if it is already lost."""
@@ -79,9 +107,15 @@ class Leases:
         """Record a successful prolong."""
         lease.expires_at = max(lease.expires_at, expires_at)
 
-    def lose(self, lease: Lease) -> None:
-        """Drop a lease whose lock is gone and cancel its handler, if one runs."""
-        lease.lost = True
+    def lose(self, lease: Lease, reason: str, *, expired: bool = False) -> None:
+        """Drop a lease whose lock is gone and cancel its handler, if one runs.
+
+        `expired`: the lock ran out rather than being refused, so the request may still be ours to record.
+        """
+        if not lease.lost:
+            lease.lost = True
+            lease.lost_reason = reason
+            lease.expired = expired
         if lease.scope is not None:
             lease.scope.cancel()
         self.remove(lease)

@@ -21,12 +21,13 @@ from runner.errors import ConfigError
 from runner.fetcher import fetch
 from runner.heartbeat import keep_alive
 from runner.leases import Lease, Leases
+from runner.loopwatch import LoopMonitor
 from runner.metrics import Metrics
 from runner.progress import report_progress
 from runner.queue.protocol import RequestQueue
 from runner.router import Handler
 from runner.settings import WorkerSettings, random_client_key
-from runner.shutdown import Stopper, drain_on_stop, release_all
+from runner.shutdown import STOP_MARGIN, Stopper, drain_on_stop, release_all
 from runner.stats import RunStats
 from runner.worker import Worker
 
@@ -91,12 +92,12 @@ async def run(
         client_key=client_key,
         policy=RetryPolicy(max_retries=cfg.max_retries, backoff=cfg.retry_backoff),
     )
-    capacity = cfg.concurrency + cfg.prefetch
     send, receive = anyio.create_memory_object_stream[Lease](math.inf)
     fetch_scope = anyio.CancelScope()
     crawl_scope = anyio.CancelScope()
     crawl_done = anyio.Event()
     structlog.contextvars.bind_contextvars(client_key=client_key)
+    monitor = LoopMonitor()
     log.info("run.starting", concurrency=cfg.concurrency, lock_secs=cfg.lock_secs, keep_alive=cfg.keep_alive)
 
     released = 0
@@ -107,16 +108,18 @@ async def run(
         workers_receive = [receive.clone() for _ in range(cfg.concurrency)]
         receive.close()
         async with anyio.create_task_group() as services:
-            heartbeat = partial(
-                keep_alive,
-                queue,
-                leases,
-                stats,
-                client_key=client_key,
-                lock_secs=cfg.lock_secs,
-                health_file=health_file,
+            await services.start(monitor.watch)
+            await services.start(
+                partial(
+                    keep_alive,
+                    queue,
+                    leases,
+                    stats,
+                    client_key=client_key,
+                    lock_secs=cfg.lock_secs,
+                    health_file=health_file,
+                )
             )
-            await services.start(heartbeat)
             services.start_soon(partial(report_progress, queue, leases, stats, every=progress_every, metrics=metrics))
             services.start_soon(
                 partial(
@@ -126,10 +129,7 @@ async def run(
                     buffered=buffered,
                     crawl_scope=crawl_scope,
                     crawl_done=crawl_done,
-                    queue=queue,
-                    leases=leases,
-                    stats=stats,
-                    client_key=client_key,
+                    committer=committer,
                     grace=cfg.grace,
                 )
             )
@@ -142,20 +142,25 @@ async def run(
                                 fetch_scope,
                                 queue=queue,
                                 send=send,
-                                leases=leases,
-                                stats=stats,
-                                client_key=client_key,
+                                committer=committer,
                                 cfg=cfg,
-                                capacity=capacity,
                             )
                         )
-                        worker = Worker(handler, committer, client, options or {}, cfg.handler_timeout)
+                        worker = Worker(
+                            handler,
+                            committer,
+                            client,
+                            options or {},
+                            cfg.handler_timeout,
+                            lock_secs=cfg.lock_secs,
+                            monitor=monitor,
+                        )
                         for worker_receive in workers_receive:
                             crawl.start_soon(worker.run, worker_receive)
             finally:
                 crawl_done.set()
                 buffered.close()
-                released = await release_all(queue, leases, stats, client_key=client_key)
+                released = await release_all(committer, deadline=_stop_deadline(stopper, cfg.grace))
                 services.cancel_scope.cancel()
     finally:
         if own_http:
@@ -169,6 +174,11 @@ async def run(
     summary = RunSummary(reason=reason, client_key=client_key, stats=stats.as_dict(), released=released)
     log.info("run.finished", **summary.as_dict())
     return summary
+
+
+def _stop_deadline(stopper: Stopper, grace: float) -> float | None:
+    """When a requested stop must be over (the documented stop timeout is grace + 10 s); None without a stop."""
+    return None if stopper.requested_at is None else stopper.requested_at + grace + STOP_MARGIN
 
 
 def default_http_client(cfg: WorkerSettings) -> httpx.AsyncClient:
@@ -210,23 +220,21 @@ async def _fetch_until_stopped(
     *,
     queue: RequestQueue,
     send: MemoryObjectSendStream[Lease],
-    leases: Leases,
-    stats: RunStats,
-    client_key: str,
+    committer: Committer,
     cfg: WorkerSettings,
-    capacity: int,
 ) -> None:
     with scope:
         await fetch(
             queue,
             send,
-            leases,
-            stats,
-            client_key=client_key,
-            capacity=capacity,
+            committer.leases,
+            committer.stats,
+            client_key=committer.client_key,
+            capacity=cfg.concurrency + cfg.prefetch,
             batch=cfg.batch,
             lock_secs=cfg.lock_secs,
             keep_alive=cfg.keep_alive,
             max_requests=cfg.max_requests,
+            backoff_until=lambda: committer.backoff_until,
         )
     send.close()  # cancelled or done: no more work either way

@@ -23,6 +23,8 @@ class RunStats:
     enqueued: int = 0
     items: int = 0
     prolonged: int = 0
+    quarantined: int = 0
+    """Requests the queue could not read, ended as failed by the backend (not counted in `failed`)."""
 
     @property
     def finished(self) -> int:

@@ -13,8 +13,9 @@ from anyio.abc import ObjectReceiveStream
 
 from runner.commit import Committer
 from runner.context import Context
-from runner.errors import NoRetry
+from runner.errors import NoRetry, QueueError
 from runner.leases import Lease
+from runner.loopwatch import LoopMonitor
 from runner.router import Handler
 
 __all__ = ["Worker"]
@@ -28,7 +29,9 @@ def _logger() -> structlog.typing.FilteringBoundLogger:
 
 
 COMMIT_TIMEOUT = 120.0
-"""Upper bound on one request's bookkeeping calls, which shutdown does not interrupt."""
+"""Upper bound on one request's bookkeeping calls, which shutdown does not interrupt (it may shorten it)."""
+RECLAIM_TIMEOUT = 5.0
+"""Upper bound on the call that re-proves a lock which ran out, to record its attempt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,8 @@ class Worker:
     http: httpx.AsyncClient
     options: Mapping[str, Any]
     handler_timeout: float
+    lock_secs: float = 60.0
+    monitor: LoopMonitor | None = None
     log: structlog.typing.FilteringBoundLogger = field(default_factory=_logger)
 
     async def run(self, receive: ObjectReceiveStream[Lease]) -> None:
@@ -65,11 +70,19 @@ class Worker:
 
     async def _attempt(self, lease: Lease) -> None:
         committer, leases, stats = self.committer, self.committer.leases, self.committer.stats
+        started = anyio.current_time()
+        unrecorded = committer.take_expired(lease.request.id)
+        if unrecorded is not None:
+            # An earlier attempt here ran out of lock before it was recorded: it counts, so record it under this
+            # lock (and retry after the backoff, or fail for good) instead of running the handler again.
+            if leases.start(lease, anyio.CancelScope()):
+                await self._commit(lease, unrecorded, permanent=False, ctx=None)
+            return
         ctx = Context(lease.request, http=self.http, log=self.log, options=self.options, known=committer.seen)
         error: str | None = None
         permanent = False
         # One scope for both ends of a handler: its deadline (a timeout) and `Leases.lose` (a lost lock) cancel it.
-        with anyio.CancelScope(deadline=anyio.current_time() + self.handler_timeout) as scope:
+        with anyio.CancelScope(deadline=started + self.handler_timeout) as scope:
             if not leases.start(lease, scope):
                 return  # lost while waiting in the buffer
             try:
@@ -80,23 +93,69 @@ class Worker:
                 error, permanent = f"NoRetry: {exc}", True
             except Exception as exc:  # noqa: BLE001 - any handler error is recorded on the request and retried
                 error = f"{type(exc).__name__}: {exc}"
-        if lease.lost:
+                # A NoRetry raised inside the handler's own task group arrives wrapped in an exception group.
+                if isinstance(exc, ExceptionGroup) and (no_retry := exc.subgroup(NoRetry)) is not None:
+                    error, permanent = f"NoRetry: {_first(no_retry)}", True
+        if lease.lost and not lease.expired:
             stats.lost += 1
-            self.log.warning("lease.dropped", reason="lock lost while the handler ran")
+            self.log.warning("lease.dropped", reason=lease.lost_reason or "lock lost while the handler ran")
+            return
+        if lease.lost or anyio.current_time() >= lease.expires_at:
+            # Nothing is committed after the lock ran out: another worker may hold the request now.
+            await self._record_expired(lease, started)
             return
         if scope.cancelled_caught:
             error = f"handler timed out after {self.handler_timeout:g} s"
+        await self._commit(lease, error, permanent=permanent, ctx=ctx)
+
+    async def _commit(self, lease: Lease, error: str | None, *, permanent: bool, ctx: Context | None) -> None:
+        """Apply an attempt's outcome, shielded: a half-done commit cut by shutdown would redo the request."""
         now = anyio.current_time()
-        if now >= lease.expires_at:
-            # The heartbeat could not confirm the lock in time: another worker may hold it now, so commit nothing.
-            leases.lose(lease)
-            stats.lost += 1
-            self.log.warning("lease.dropped", reason="lock expired before the handler finished")
-            return
-        # Bookkeeping must not be cut in half by shutdown's cancellation: a half-done commit would redo the request.
-        with anyio.CancelScope(shield=True, deadline=now + COMMIT_TIMEOUT):
-            if error is None:
-                if await committer.succeed(lease, ctx.pending_enqueues(), ctx.pending_items()):
+        with anyio.CancelScope(shield=True, deadline=min(now + COMMIT_TIMEOUT, self.committer.stop_deadline)) as cs:
+            lease.commit_scope = cs
+            if error is None and ctx is not None:
+                if await self.committer.succeed(lease, ctx.pending_enqueues(), ctx.pending_items()):
                     self.log.debug("request.handled")
             else:
-                await committer.fail(lease, error, permanent=permanent)
+                await self.committer.fail(lease, error or "attempt failed", permanent=permanent)
+        if cs.cancelled_caught:
+            # The committer has let go of the lease: its lock lapses (or shutdown's unlock frees it) and the
+            # request is attempted again.
+            self.log.error("request.commit_timed_out", after_s=round(anyio.current_time() - now, 1))
+
+    async def _record_expired(self, lease: Lease, started: float) -> None:
+        """The lock ran out under this attempt: re-prove it and record the attempt, or leave that to its next holder.
+
+        So `max_retries` applies to a handler that keeps outliving its lock (e.g. one blocking the event loop).
+        """
+        committer, leases, stats = self.committer, self.committer.leases, self.committer.stats
+        request = lease.request
+        reason = self.monitor.explain_expiry(started) if self.monitor else "lock expired: no prolong was confirmed"
+        stats.lost += 1
+        self.log.warning("lease.dropped", reason=reason)
+        leases.lose(lease, reason, expired=True)
+        committer.note_expired(request.id, reason)  # whoever holds it here next records it
+        if leases.get(request.id) is not None:
+            return  # the fetcher has locked it again already: that lease's worker records it
+        # Registered before the call: if the fetcher locks the request meanwhile, its lease replaces this one.
+        reclaimed = leases.add(request, anyio.current_time() + self.lock_secs)
+        leases.start(reclaimed, anyio.CancelScope())
+        try:
+            with anyio.fail_after(RECLAIM_TIMEOUT):
+                await committer.queue.prolong_lock(
+                    request.id, lock_secs=self.lock_secs, client_key=committer.client_key
+                )
+        except (QueueError, TimeoutError) as exc:
+            leases.remove(reclaimed)  # someone else holds it (or the queue is away): the note waits for it
+            self.log.info("lease.reclaim_failed", error=str(exc) or type(exc).__name__)
+            return
+        if leases.get(request.id) is not reclaimed or committer.take_expired(request.id) is None:
+            leases.remove(reclaimed)
+            return
+        await self._commit(reclaimed, reason, permanent=False, ctx=None)
+
+
+def _first(group: BaseExceptionGroup[NoRetry]) -> NoRetry:
+    """The first NoRetry in a (nested) group."""
+    first = group.exceptions[0]
+    return first if isinstance(first, NoRetry) else _first(first)
