@@ -125,7 +125,9 @@ def test_valid_queue_names_are_accepted(name: str) -> None:
     assert queue_path(Path("/s"), name) == Path("/s/request_queues") / f"{name}.sqlite"
 
 
-@pytest.mark.parametrize("name", ["", "-a", "a-", "a_b", "a.b", "a/b", "../etc", "a b", "a" * 64])
+@pytest.mark.parametrize(
+    "name", ["", "-a", "a-", "a_b", "a.b", "a/b", "../etc", "a b", "a" * 64, "default\n", "default\r\n", "\ndefault"]
+)
 def test_invalid_queue_names_are_rejected(name: str, tmp_path: Path) -> None:
     """Names outside the DNS-safe rule raise InvalidInputError and create no file."""
     with pytest.raises(InvalidInputError, match="invalid queue name"):

@@ -53,7 +53,8 @@ _MAX_LOCK_SECS = 10 * 365 * 24 * 3600
 _LOCK_FIELDS: set[str] = {"lockExpiresAt", "lockByClient"}
 """Lock state clients echo back in request bodies (contract §9a); the store keeps it in columns only."""
 
-_NAME = re.compile(r"^([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]{0,61}[a-zA-Z0-9])$")
+_NAME = re.compile(r"[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]{0,61}[a-zA-Z0-9]")
+"""A valid queue name, matched with `fullmatch` (`$` would also accept a trailing newline)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
@@ -96,7 +97,7 @@ _HEAD_QUERY = (
 
 def validate_queue_name(name: str) -> str:
     """Return `name` if it is a valid queue name (DNS-safe, 1-63 chars), else raise `InvalidInputError`."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidInputError(
             f"invalid queue name {name!r}: use 1-63 letters, digits or '-', not starting or ending with '-'",
             endpoint="open queue",
