@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -151,24 +152,85 @@ async def test_open_by_name_creates_named_queue(tmp_path: Path) -> None:
     assert (info.total_request_count, info.handled_request_count, info.pending_request_count) == (0, 0, 0)
 
 
-def test_corrupt_file_raises_queue_unavailable_naming_path(tmp_path: Path) -> None:
-    """A file that is not SQLite raises QueueUnavailableError naming the path, not a raw sqlite3 error."""
+@pytest.mark.anyio
+async def test_corrupt_file_raises_queue_unavailable_naming_path(tmp_path: Path) -> None:
+    """A file that is not SQLite makes the first call raise QueueUnavailableError naming the path, every time."""
     path = tmp_path / "q.sqlite"
     path.write_bytes(b"definitely not a database\x00\xff" * 64)
-    with pytest.raises(QueueUnavailableError, match=re.escape(str(path))) as caught:
-        SqliteQueue(path)
-    assert "not a database" in str(caught.value)
-    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+    queue = SqliteQueue(path)
+    try:
+        for _ in range(2):  # a failed open is tried again by the next call
+            with pytest.raises(QueueUnavailableError, match=re.escape(str(path))) as caught:
+                await queue.get_info()
+            assert "not a database" in str(caught.value)
+            assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+    finally:
+        await queue.aclose()
 
 
-def test_foreign_sqlite_file_raises_queue_unavailable(tmp_path: Path) -> None:
-    """A SQLite file with a different `requests` table is refused at open, naming the path."""
+@pytest.mark.anyio
+async def test_foreign_sqlite_file_raises_queue_unavailable_until_it_is_a_queue(tmp_path: Path) -> None:
+    """A SQLite file with a different `requests` table is refused by the first call, naming the path; once the
+    table is gone the next call creates the queue."""
     path = tmp_path / "q.sqlite"
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE requests (id TEXT PRIMARY KEY, body TEXT)")
     db.close()
-    with pytest.raises(QueueUnavailableError, match=re.escape(f"{path} is not a headlock queue database")):
-        SqliteQueue(path)
+    queue = SqliteQueue(path)
+    try:
+        with pytest.raises(QueueUnavailableError, match=re.escape(f"{path} is not a headlock queue database")):
+            await add(queue, 1)
+        with pytest.raises(QueueUnavailableError, match=re.escape(f"{path} is not a headlock queue database")):
+            await queue.get_info()
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute("DROP TABLE requests")
+        raw.close()
+        await add(queue, 1)
+        assert (await queue.get_info()).total_request_count == 1
+    finally:
+        await queue.aclose()
+
+
+@pytest.mark.anyio
+async def test_open_takes_no_lock_and_the_first_call_waits_off_the_event_loop(tmp_path: Path) -> None:
+    """Opening a file another connection holds write-locked returns at once; the first call waits for the lock in
+    the store's thread while the event loop goes on, and succeeds once the lock is gone."""
+    path = queue_path(tmp_path, "q")
+    first = SqliteQueue(path)
+    await add(first, 1)
+    await first.aclose()
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("BEGIN IMMEDIATE")
+    ticks = 0
+    answered = anyio.Event()
+    infos = []
+
+    async def first_call(queue: SqliteQueue) -> None:
+        infos.append(await queue.get_info())
+        answered.set()
+
+    try:
+        started = time.monotonic()
+        queue = SqliteQueue.open(tmp_path, "q", busy_timeout=5)
+        assert time.monotonic() - started < 0.5
+        try:
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(first_call, queue)
+                    for _ in range(1000):
+                        if ticks >= 5:
+                            break
+                        await anyio.sleep(0.01)  # the ticker whose progress is measured, not a wait
+                        ticks += 1
+                    assert not answered.is_set()  # still waiting for the lock, yet the loop ran
+                    raw.execute("ROLLBACK")
+                    await answered.wait()
+        finally:
+            await queue.aclose()
+    finally:
+        raw.close()
+    assert ticks >= 5
+    assert [info.total_request_count for info in infos] == [1]
 
 
 @pytest.mark.anyio
@@ -676,6 +738,7 @@ async def test_lock_head_uses_head_index_on_large_queue(store: SqliteQueue) -> N
                json_object('id', printf('seed%011d', n), 'uniqueKey', ?1 || n, 'url', ?1 || n)
         FROM seq
     """
+    await store.get_info()  # the first call creates the schema
     raw = sqlite3.connect(store.path, isolation_level=None)
     try:
         raw.execute("BEGIN")

@@ -6,7 +6,7 @@ value is a time in microseconds and whose sign says forefront (< 0) or not. Lock
 entries whatever the queue size. A handled request has `order_no` NULL and leaves the partial index.
 
 Every call runs in a worker thread, one at a time per store (one connection), inside `BEGIN IMMEDIATE` when it
-writes, so a read-then-update cannot interleave with another process's. Inside that lock each write takes its
+writes; opening takes no lock (the first call sets the file up, in that thread), so a read-then-update cannot interleave with another process's. Inside that lock each write takes its
 time from a per-file clock that never repeats or goes back (`_clock`), so order numbers follow the writes.
 """
 
@@ -222,33 +222,27 @@ class SqliteQueue:
     def __init__(self, path: Path, *, busy_timeout: float = 30.0, metrics: Metrics | None = None) -> None:
         """Open (creating if needed) the queue file at `path`; report each operation to `metrics` if given.
 
+        Cheap and synchronous: it takes no lock on the file. The schema is created (and WAL mode set) by the first
+        operation, in the store's thread, so a file another process holds locked cannot freeze the event loop.
+
         Raises:
-            QueueUnavailableError: the file cannot be opened or is not a queue database.
+            QueueUnavailableError: the file cannot be opened. A file that is not a queue database is refused by
+                the first operation (which raises `QueueUnavailableError` naming the path; the next one tries again).
         """
         self.path = path
         self._metrics = metrics or Metrics()
         self._limiter = anyio.CapacityLimiter(1)
         self._write_turn = anyio.Lock(fast_acquire=True)
+        self._opening = anyio.Lock(fast_acquire=True)
+        self._ready = False
         self._pending: list[_Write[Any]] = []
         self._known_clients: set[str] = set()
         self._checkpointer = Checkpointer(path)
-        endpoint = "open queue"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
         except (OSError, sqlite3.Error) as exc:
-            raise QueueUnavailableError(f"cannot open queue database {path}: {exc}", endpoint=endpoint) from exc
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            # Checkpoints run in their own thread (see `_checkpoint`), not inside whichever commit crosses 1000 pages.
-            self._db.execute("PRAGMA wal_autocheckpoint=0")
-            self._write(self._init_schema, path.stem, endpoint=endpoint)
-        except BaseException as exc:
-            self._db.close()
-            if isinstance(exc, sqlite3.Error):
-                raise QueueUnavailableError(f"cannot open queue database {path}: {exc}", endpoint=endpoint) from exc
-            raise
+            raise QueueUnavailableError(f"cannot open queue database {path}: {exc}", endpoint="open queue") from exc
 
     @classmethod
     def open(
@@ -262,7 +256,30 @@ class SqliteQueue:
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
-    def _init_schema(self, name: str) -> None:
+    async def _open(self, endpoint: str) -> None:
+        """Run `_setup` in the store's thread unless it has succeeded; one caller at a time."""
+        async with self._opening:
+            if not self._ready:
+                await anyio.to_thread.run_sync(self._setup, endpoint, limiter=self._limiter)
+
+    def _setup(self, endpoint: str) -> None:
+        """Put the file in WAL mode and create the schema (once; a failure leaves it to the next operation).
+
+        Raises:
+            QueueUnavailableError: naming `endpoint` and the path: the file is locked past the busy timeout, is not
+                a database, or is a database of something else.
+        """
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints run in their own thread (see `_checkpoint`), not inside whichever commit crosses 1000 pages.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+        except sqlite3.Error as exc:
+            raise QueueUnavailableError(f"cannot open queue database {self.path}: {exc}", endpoint=endpoint) from exc
+        self._write(self._init_schema, self.path.stem, endpoint, endpoint=endpoint)
+        self._ready = True
+
+    def _init_schema(self, name: str, endpoint: str) -> None:
         # executescript() would COMMIT our transaction first; run the statements one by one instead.
         def run(script: str) -> None:
             for statement in script.split(";"):
@@ -275,7 +292,7 @@ class SqliteQueue:
                 self._db.execute(probe)
         except sqlite3.OperationalError as exc:
             raise QueueUnavailableError(
-                f"{self.path} is not a headlock queue database: {exc}", endpoint="open queue"
+                f"{self.path} is not a headlock queue database: {exc}", endpoint=endpoint
             ) from exc
         run(_INDEXES)
         if self._db.execute("SELECT 1 FROM queue").fetchone() is None:
@@ -336,6 +353,8 @@ class SqliteQueue:
         one transaction (each in its own savepoint, so one failing write does not undo the others). Under load
         this turns N commits and N thread hand-offs into one.
         """
+        if not self._ready:
+            await self._open(endpoint)
         if not write:
 
             def read() -> T:
