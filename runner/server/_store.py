@@ -5,7 +5,9 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import string
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,7 +18,7 @@ import structlog
 from runner.errors import InvalidInputError, NotFoundError
 from runner.queue.sqlite import SqliteQueue, queue_path, validate_queue_name
 
-__all__ = ["OpenQueue", "QueueRegistry"]
+__all__ = ["KeylessClients", "OpenQueue", "QueueRegistry"]
 
 T = TypeVar("T")
 
@@ -25,12 +27,48 @@ _log = structlog.get_logger("headlock.server")
 _HEAD_FIELDS = ("id", "uniqueKey", "url", "method", "retryCount")
 
 
+class KeylessClients:
+    """The client keys the store is given for one queue's calls without `clientKey`: four at most.
+
+    The platform counts each keyless call as a new client. A fresh key per call would add a row to the store's
+    client table (and its in-memory cache) every time, without bound. Two keys are enough for `hadMultipleClients`
+    (two keyless calls are two clients): the first keyless call the store records gets key 0, every later one
+    key 1. Calls that take locks use other keys than calls that act on locks, so a keyless caller owns no lock:
+    it cannot prolong, delete or unlock one, as a new client could not.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        """Build keys as `prefix` + role + number; `prefix` must not be a prefix of a real client's key."""
+        self._prefix = prefix
+        self._first_taken = False
+
+    @contextmanager
+    def key(self, given: str | None, *, locks: bool = False) -> Iterator[str]:
+        """The key to pass to the store for one call: `given`, or a stand-in when it is None.
+
+        Wrap only the store call: it records the key when it succeeds and nothing when it raises, and the first
+        key is handed out again after a failure, so that a later keyless call is still counted as another client.
+        """
+        if given is not None:
+            yield given
+            return
+        first = not self._first_taken
+        self._first_taken = True
+        try:
+            yield f"{self._prefix}{'L' if locks else 'C'}{0 if first else 1}"
+        except BaseException:
+            if first:
+                self._first_taken = False
+            raise
+
+
 @dataclass(frozen=True, slots=True)
 class OpenQueue:
     """One served queue."""
 
     name: str
     store: SqliteQueue
+    keyless: KeylessClients = field(compare=False)
 
 
 def _read_id(path: Path) -> str | None:
@@ -59,6 +97,8 @@ class QueueRegistry:
         self._open: dict[str, OpenQueue] = {}
         self._ids: dict[str, str] = {}  # queue id -> queue name (file stem)
         self._lock = anyio.Lock()
+        # Per server process: after a restart, a keyless call is again a client the queue has not seen.
+        self._keyless_prefix = f"anonymous-{secrets.token_hex(6)}-"
 
     async def index(self) -> None:
         """Learn the ids of queue files not indexed yet (created before start-up or by other processes)."""
@@ -124,7 +164,7 @@ class QueueRegistry:
                 with anyio.CancelScope(shield=True):
                     await store.aclose()
                 raise
-            queue = OpenQueue(name=name, store=store)
+            queue = OpenQueue(name=name, store=store, keyless=KeylessClients(self._keyless_prefix))
             self._open[name] = queue
             self._ids[info.id] = name
             return queue, created

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import secrets
 import zlib
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -127,11 +126,6 @@ def client_key(request: Request) -> str | None:
             f"clientKey must be a string between 1 and {MAX_CLIENT_KEY} characters long", "invalid-client-key"
         )
     return value
-
-
-def anonymous_client_key() -> str:
-    """A fresh identity for a call without `clientKey`: the platform counts each such call as a new client."""
-    return f"anonymous-{secrets.token_hex(8)}"
 
 
 def lock_secs(request: Request) -> float:

@@ -29,7 +29,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runner.errors import InvalidInputError, NotFoundError, QueueError
-from runner.models import QueueInfo, RequestDraft, utc_now
+from runner.models import BatchAddResult, QueueInfo, RequestDraft, utc_now
 from runner.models import Request as QueueRequest
 from runner.queue.protocol import MAX_BATCH, MAX_LOCK_LIMIT
 from runner.server import _wire as wire
@@ -127,9 +127,8 @@ class _Endpoints:
         queue = await self._queue(request)
         # The store does not return the expiry it set; the time before the call gives one no later than it.
         expires = wire.format_datetime(utc_now() + timedelta(seconds=lock_secs))
-        head = await queue.store.lock_head(
-            limit=limit, lock_secs=lock_secs, client_key=key or wire.anonymous_client_key()
-        )
+        with queue.keyless.key(key, locks=True) as client_key:
+            head = await queue.store.lock_head(limit=limit, lock_secs=lock_secs, client_key=client_key)
         info = await queue.store.get_info()
         data: dict[str, Any] = {
             "limit": limit,
@@ -159,9 +158,8 @@ class _Endpoints:
         forefront = wire.flag(request, "forefront")
         queue = await self._queue(request)
         draft = _draft(await wire.read_json(request))
-        result = await queue.store.batch_add(
-            [draft], client_key=key or wire.anonymous_client_key(), forefront=forefront
-        )
+        with queue.keyless.key(key) as client_key:
+            result = await queue.store.batch_add([draft], client_key=client_key, forefront=forefront)
         added = result.processed_requests[0].to_api()
         del added["uniqueKey"]
         return wire.data_response(added, 201)
@@ -179,7 +177,12 @@ class _Endpoints:
                 f"Invalid input: a batch holds at most {MAX_BATCH} requests, got {len(body)}", status=400
             )
         drafts = [_draft(item) for item in body]
-        result = await queue.store.batch_add(drafts, client_key=key or wire.anonymous_client_key(), forefront=forefront)
+        if not drafts:
+            # The store writes (and records a client) for no empty batch: no keyless key must be spent on one.
+            result = BatchAddResult()
+        else:
+            with queue.keyless.key(key) as client_key:
+                result = await queue.store.batch_add(drafts, client_key=client_key, forefront=forefront)
         data = result.to_api()
         data.setdefault("processedRequests", [])
         data.setdefault("unprocessedRequests", [])
@@ -187,7 +190,7 @@ class _Endpoints:
 
     async def batch_delete(self, request: Request) -> Response:
         """DELETE requests/batch: 200; items are `{id}` or `{uniqueKey}`; unknown ones count as processed."""
-        key = wire.client_key(request) or wire.anonymous_client_key()
+        key = wire.client_key(request)
         queue = await self._queue(request)
         body = await wire.read_json(request)
         if not isinstance(body, list) or len(body) > MAX_BATCH:
@@ -200,14 +203,16 @@ class _Endpoints:
                 raise InvalidInputError("Invalid input: each item needs an id or a uniqueKey", status=400)
             request_id = item.get("id") or request_id_for(item["uniqueKey"])
             processed.append({"id": request_id, **({"uniqueKey": item["uniqueKey"]} if "uniqueKey" in item else {})})
-        await queue.store.delete_requests([p["id"] for p in processed], client_key=key)
+        with queue.keyless.key(key) as client_key:
+            await queue.store.delete_requests([p["id"] for p in processed], client_key=client_key)
         return wire.data_response({"processedRequests": processed, "unprocessedRequests": []})
 
     async def unlock(self, request: Request) -> Response:
         """POST requests/unlock: 200 `{unlockedCount}` for the locks this `clientKey` holds."""
         key = wire.client_key(request)
         queue = await self._queue(request)
-        count = await queue.store.unlock_requests(client_key=key or wire.anonymous_client_key())
+        with queue.keyless.key(key) as client_key:
+            count = await queue.store.unlock_requests(client_key=client_key)
         return wire.data_response({"unlockedCount": count})
 
     async def get_request(self, request: Request) -> Response:
@@ -231,16 +236,17 @@ class _Endpoints:
         if fields.setdefault("id", request_id) != request_id:
             raise InvalidInputError("Invalid input: the body's id differs from the one in the path", status=400)
         stored = wire.validate(QueueRequest, fields, "request")
-        registration = await queue.store.update_request(
-            stored, client_key=key or wire.anonymous_client_key(), forefront=forefront
-        )
+        with queue.keyless.key(key) as client_key:
+            registration = await queue.store.update_request(stored, client_key=client_key, forefront=forefront)
         return wire.data_response(registration.to_api())
 
     async def delete_request(self, request: Request) -> Response:
         """DELETE requests/R: 204, 404 when unknown; a lock on it does not prevent the delete."""
-        key = wire.client_key(request) or wire.anonymous_client_key()
+        key = wire.client_key(request)
         queue = await self._queue(request)
-        if not await queue.store.delete_requests([request.path_params["request_id"]], client_key=key):
+        with queue.keyless.key(key) as client_key:
+            deleted = await queue.store.delete_requests([request.path_params["request_id"]], client_key=client_key)
+        if not deleted:
             raise NotFoundError("Request was not found", error_type="record-not-found")
         return wire.data_response(None)
 
@@ -250,12 +256,10 @@ class _Endpoints:
         lock_secs = wire.lock_secs(request)
         forefront = wire.flag(request, "forefront")
         queue = await self._queue(request)
-        expires = await queue.store.prolong_lock(
-            request.path_params["request_id"],
-            lock_secs=lock_secs,
-            client_key=key or wire.anonymous_client_key(),
-            forefront=forefront,
-        )
+        with queue.keyless.key(key) as client_key:
+            expires = await queue.store.prolong_lock(
+                request.path_params["request_id"], lock_secs=lock_secs, client_key=client_key, forefront=forefront
+            )
         return wire.data_response({"lockExpiresAt": wire.format_datetime(expires)})
 
     async def delete_lock(self, request: Request) -> Response:
@@ -263,9 +267,8 @@ class _Endpoints:
         key = wire.client_key(request)
         forefront = wire.flag(request, "forefront")
         queue = await self._queue(request)
-        await queue.store.delete_lock(
-            request.path_params["request_id"], client_key=key or wire.anonymous_client_key(), forefront=forefront
-        )
+        with queue.keyless.key(key) as client_key:
+            await queue.store.delete_lock(request.path_params["request_id"], client_key=client_key, forefront=forefront)
         return wire.data_response(None)
 
 
