@@ -17,7 +17,7 @@ import pytest
 from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
 from runner.models import Request, RequestDraft
 from runner.queue.protocol import RequestQueue
-from runner.queue.sqlite import _HEAD_QUERY, SqliteQueue, queue_path, validate_queue_name
+from runner.queue.sqlite import _HEAD_QUERY, SqliteQueue, StoreClock, queue_path, validate_queue_name
 from runner.uniquekey import normalize_url, request_id_for
 
 A = "client-a"
@@ -70,6 +70,25 @@ async def poll_lock_head(queue: SqliteQueue, client_key: str) -> list[Request]:
                 return head.items
             await anyio.sleep(0.02)
     pytest.fail("lock_head never returned the request")
+
+
+class SteppedTime:
+    """A wall clock and a monotonic clock (ns) that a test moves by hand: `elapse` moves both, `step_wall` one."""
+
+    def __init__(self, wall: int | None = None) -> None:
+        self.wall = time.time_ns() if wall is None else wall
+        self.mono = 10**15
+
+    def elapse(self, secs: float) -> None:
+        self.wall += int(secs * 1e9)
+        self.mono += int(secs * 1e9)
+
+    def step_wall(self, secs: float) -> None:
+        self.wall += int(secs * 1e9)
+
+    def clock(self) -> StoreClock:
+        """A store clock reading these two (one per store: it holds the store's anchor)."""
+        return StoreClock(wall_ns=lambda: self.wall, monotonic_ns=lambda: self.mono)
 
 
 async def handle(queue: SqliteQueue, n: int | str, client_key: str = A) -> None:
@@ -523,6 +542,80 @@ async def test_expired_lock_retaken_by_other_client_is_lost(store: SqliteQueue) 
     with pytest.raises(LockLostError):
         await store.delete_lock(rid, client_key=A)
     await store.prolong_lock(rid, lock_secs=LONG, client_key=B)
+
+
+# -- the store's clock: wall-clock steps and several processes -----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_backward_wall_clock_step_does_not_lengthen_locks(tmp_path: Path) -> None:
+    """After the wall clock steps back an hour, a 2 s lock still expires after 2 s of monotonic time."""
+    time_ = SteppedTime()
+    queue = SqliteQueue(tmp_path / "q.sqlite", clock=time_.clock())
+    try:
+        [rid] = await add(queue, 1)
+        await queue.lock_head(limit=1, lock_secs=2, client_key=A)
+        time_.step_wall(-3600)
+        time_.elapse(1.9)
+        held = await queue.lock_head(limit=1, lock_secs=LONG, client_key=B)
+        assert (held.items, held.queue_has_locked_requests) == ([], True)
+        time_.elapse(0.2)
+        assert [r.id for r in (await queue.lock_head(limit=1, lock_secs=LONG, client_key=B)).items] == [rid]
+    finally:
+        await queue.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_forward_wall_clock_step_does_not_expire_locks_early(tmp_path: Path) -> None:
+    """After the wall clock steps forward an hour, a 2 s lock stays its holder's, for this store and for another
+    one opened on the file before the step, until 2 s of monotonic time have passed."""
+    time_ = SteppedTime()
+    path = tmp_path / "q.sqlite"
+    mine, other = SqliteQueue(path, clock=time_.clock()), SqliteQueue(path, clock=time_.clock())
+    try:
+        await other.get_info()  # opened (its clock anchored) before the step
+        [rid] = await add(mine, 1)
+        await mine.lock_head(limit=1, lock_secs=2, client_key=A)
+        time_.step_wall(3600)
+        time_.elapse(1.9)
+        for queue in (other, mine):
+            held = await queue.lock_head(limit=1, lock_secs=LONG, client_key=B)
+            assert (held.items, held.queue_has_locked_requests) == ([], True)
+        assert [(lock_id, holder) for lock_id, holder, _ in await other.locks()] == [(rid, A)]
+        await mine.prolong_lock(rid, lock_secs=2, client_key=A)
+        time_.elapse(1.9)
+        assert (await other.lock_head(limit=1, lock_secs=LONG, client_key=B)).items == []
+        time_.elapse(0.2)
+        assert [r.id for r in (await other.lock_head(limit=1, lock_secs=LONG, client_key=B)).items] == [rid]
+    finally:
+        await mine.aclose()
+        await other.aclose()
+
+
+@pytest.mark.anyio
+async def test_stores_with_different_wall_clocks_follow_the_one_ahead(tmp_path: Path) -> None:
+    """A store whose wall clock is an hour behind writes after the file's last time: FIFO holds across the two,
+    and a lock it takes lasts its length on the other's clock."""
+    ahead, behind = SteppedTime(), SteppedTime()
+    behind.wall -= 3600 * 10**9
+    path = tmp_path / "q.sqlite"
+    first, late = SqliteQueue(path, clock=ahead.clock()), SqliteQueue(path, clock=behind.clock())
+    try:
+        await add(first, 1)
+        await add(late, 2)
+        await add(first, 3)
+        assert await lock_keys(late, limit=1) == ["1"]
+        head = await late.lock_head(limit=1, lock_secs=2, client_key=B)
+        assert [r.user_data["n"] for r in head.items] == ["2"]
+        for time_ in (ahead, behind):
+            time_.elapse(1.9)
+        assert await lock_keys(first, "client-c") == ["3"]
+        for time_ in (ahead, behind):
+            time_.elapse(0.2)
+        assert await lock_keys(first, "client-c") == ["2"]
+    finally:
+        await first.aclose()
+        await late.aclose()
 
 
 # -- lock expiry and queueHasLockedRequests (§8, §9) --------------------------------------------------------------

@@ -6,8 +6,10 @@ value is a time in microseconds and whose sign says forefront (< 0) or not. Lock
 entries whatever the queue size. A handled request has `order_no` NULL and leaves the partial index.
 
 Every call runs in a worker thread, one at a time per store (one connection), inside `BEGIN IMMEDIATE` when it
-writes; opening takes no lock (the first call sets the file up, in that thread), so a read-then-update cannot interleave with another process's. Inside that lock each write takes its
-time from a per-file clock that never repeats or goes back (`_clock`), so order numbers follow the writes.
+writes, so a read-then-update cannot interleave with another process's. Opening takes no lock: the first call sets
+the file up, in that thread. Inside the write lock each write takes its time from the store's clock (`StoreClock`:
+the wall clock read once, then advanced by the monotonic clock), never at or before the file's last time, so order
+numbers follow the writes and a lock lasts its length in real time whatever the wall clock does.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from runner.queue._checkpoint import Checkpointer
 from runner.queue.protocol import MAX_BATCH, MAX_CLIENT_KEY, MAX_LOCK_LIMIT
 from runner.uniquekey import request_id_for
 
-__all__ = ["Head", "SqliteQueue", "queue_path", "validate_queue_name"]
+__all__ = ["Head", "SqliteQueue", "StoreClock", "queue_path", "validate_queue_name"]
 
 T = TypeVar("T")
 
@@ -110,8 +112,43 @@ def queue_path(storage_dir: Path, name: str) -> Path:
     return storage_dir / "request_queues" / f"{validate_queue_name(name)}.sqlite"
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
+class StoreClock:
+    """One store's time in microseconds: the wall clock read once (the anchor), then advanced by the monotonic clock.
+
+    A wall-clock step (NTP, a resumed VM, an operator) after the anchor changes nothing: locks last their real
+    length and order numbers keep increasing. The anchor is the wall time at the first reading, or the file's last
+    time + 1 µs when that is later; and whenever the file holds a time at or after this clock's (another process,
+    whose clock is ahead, wrote), the clock moves forward to just after it, never back, so the processes on one
+    file converge on the clock that is furthest ahead.
+
+    Limit: a process that starts after the wall clock stepped forward anchors ahead of the others; its first write
+    moves the file's time forward and they follow, so the locks they hold expire that much early, once.
+
+    Give each store its own (it holds the anchor); the two time sources are injectable for tests.
+    """
+
+    __slots__ = ("_monotonic_ns", "_offset", "_wall_ns")
+
+    def __init__(
+        self, *, wall_ns: Callable[[], int] = time.time_ns, monotonic_ns: Callable[[], int] = time.monotonic_ns
+    ) -> None:
+        """Read wall time from `wall_ns` (at the anchor only) and elapsed time from `monotonic_ns`, in ns."""
+        self._wall_ns = wall_ns
+        self._monotonic_ns = monotonic_ns
+        self._offset: int | None = None  # store time minus monotonic time, in µs
+
+    def now(self, last: int) -> int:
+        """Return the time in µs, strictly after `last` (the file's latest time), moving forward to it if behind."""
+        elapsed = self._monotonic_ns() // 1000
+        offset = self._offset
+        if offset is None:
+            offset = self._wall_ns() // 1000 - elapsed
+        now = elapsed + offset
+        if now <= last:
+            offset += last + 1 - now
+            now = last + 1
+        self._offset = offset
+        return now
 
 
 def _to_datetime(us: int) -> datetime:
@@ -219,8 +256,17 @@ class _Write(Generic[T]):
 class SqliteQueue:
     """A `RequestQueue` stored in one SQLite file (WAL mode)."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = 30.0, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout: float = 30.0,
+        metrics: Metrics | None = None,
+        clock: StoreClock | None = None,
+    ) -> None:
         """Open (creating if needed) the queue file at `path`; report each operation to `metrics` if given.
+
+        `clock` is this store's time (a new `StoreClock` by default; tests inject one with stepped time sources).
 
         Cheap and synchronous: it takes no lock on the file. The schema is created (and WAL mode set) by the first
         operation, in the store's thread, so a file another process holds locked cannot freeze the event loop.
@@ -231,6 +277,7 @@ class SqliteQueue:
         """
         self.path = path
         self._metrics = metrics or Metrics()
+        self._time = clock or StoreClock()
         self._limiter = anyio.CapacityLimiter(1)
         self._write_turn = anyio.Lock(fast_acquire=True)
         self._opening = anyio.Lock(fast_acquire=True)
@@ -246,10 +293,16 @@ class SqliteQueue:
 
     @classmethod
     def open(
-        cls, storage_dir: Path, name: str, *, busy_timeout: float = 30.0, metrics: Metrics | None = None
+        cls,
+        storage_dir: Path,
+        name: str,
+        *,
+        busy_timeout: float = 30.0,
+        metrics: Metrics | None = None,
+        clock: StoreClock | None = None,
     ) -> SqliteQueue:
         """Open the named queue under `storage_dir` (`request_queues/<name>.sqlite`)."""
-        return cls(queue_path(storage_dir, name), busy_timeout=busy_timeout, metrics=metrics)
+        return cls(queue_path(storage_dir, name), busy_timeout=busy_timeout, metrics=metrics, clock=clock)
 
     def __repr__(self) -> str:
         return f"SqliteQueue({str(self.path)!r})"
@@ -277,6 +330,10 @@ class SqliteQueue:
         except sqlite3.Error as exc:
             raise QueueUnavailableError(f"cannot open queue database {self.path}: {exc}", endpoint=endpoint) from exc
         self._write(self._init_schema, self.path.stem, endpoint, endpoint=endpoint)
+        try:
+            self._clock()  # anchors the store's clock at open, at or after the file's last time
+        except sqlite3.Error as exc:
+            raise self._map(exc, endpoint) from exc
         self._ready = True
 
     def _init_schema(self, name: str, endpoint: str) -> None:
@@ -296,7 +353,7 @@ class SqliteQueue:
             ) from exc
         run(_INDEXES)
         if self._db.execute("SELECT 1 FROM queue").fetchone() is None:
-            now = _now_us()
+            now = self._time.now(0)
             alphabet = string.ascii_letters + string.digits
             queue_id = "".join(secrets.choice(alphabet) for _ in range(17))
             self._db.execute(
@@ -411,13 +468,13 @@ class SqliteQueue:
                     op.error = self._map(exc, op.endpoint)
 
     def _clock(self) -> int:
-        """Return the time of this write in microseconds, strictly after the previous write's.
+        """Return the store's time in microseconds, strictly after the file's last write's (see `StoreClock`).
 
-        Called inside the write lock. Writes within one microsecond, or after the wall clock stepped back,
-        still get increasing times, so FIFO and "most recently forefronted first" hold. `_touch` stores it.
+        Called inside the write lock, so writes get increasing times (FIFO and "most recently forefronted first"
+        hold across processes); `_touch` stores it. Reads that compare with now call it too.
         """
         last: int = self._db.execute("SELECT accessed_at FROM queue").fetchone()[0]
-        return max(_now_us(), last + 1)
+        return self._time.now(last)
 
     def _touch(self, now: int, client_key: str | None, *, changed: bool = True) -> None:
         """Record an access (a modification when `changed`) and the client key (for `hadMultipleClients`).
@@ -721,7 +778,7 @@ class SqliteQueue:
         def read() -> list[tuple[str, str, datetime]]:
             rows = self._db.execute(
                 "SELECT id, lock_client, lock_expires FROM requests WHERE lock_expires > ? ORDER BY lock_expires",
-                (_now_us(),),
+                (self._clock(),),
             ).fetchall()
             return [(rid, holder, _to_datetime(expires)) for rid, holder, expires in rows]
 
