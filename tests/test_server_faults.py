@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import tracemalloc
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -12,10 +15,20 @@ from typing import Any
 import httpx
 import pytest
 
+from runner.server import create_app
+from runner.server._wire import MAX_PAYLOAD_BYTES
 from runner.uniquekey import request_id_for
-from tests._server import running_server
+from tests._server import running_server, serving_app
 
 JSON = {"Content-Type": "application/json"}
+BOMB_BYTES = 128 * 1024 * 1024
+"""What the compression bombs decompress to: far over the payload limit, and far over what the test lets be held."""
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    """Async tests run on asyncio."""
+    return "asyncio"
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +64,11 @@ def error(response: httpx.Response, status: int = 400, error_type: str = "invali
     assert set(body["error"]) == {"type", "message"}
     assert body["error"]["type"] == error_type
     return str(body["error"]["message"])
+
+
+def nested(depth: int) -> str:
+    """A JSON value `depth` levels of objects deep."""
+    return '{"a":' * (depth - 1) + "{}" + "}" * (depth - 1)
 
 
 def had_multiple_clients(http: httpx.Client, queue: str) -> bool:
@@ -117,3 +135,70 @@ def test_keyless_call_and_keyed_call_are_two_clients(http: httpx.Client, queue: 
     assert had_multiple_clients(http, queue) is False
     http.post(f"{queue}/requests", json=item(2))
     assert had_multiple_clients(http, queue) is True
+
+
+# -- compressed bodies --------------------------------------------------------------------------------------
+
+
+def _zlib_bomb(wbits: int) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    chunk = b" " * (1 << 20)
+    return b"".join([*(compressor.compress(chunk) for _ in range(BOMB_BYTES // len(chunk))), compressor.flush()])
+
+
+def _brotli_bomb() -> bytes:
+    brotli: Any = pytest.importorskip("brotli")
+    compressor = brotli.Compressor(quality=1)
+    chunk = b" " * (1 << 20)
+    parts = [compressor.process(chunk) for _ in range(BOMB_BYTES // len(chunk))]
+    return b"".join([*parts, compressor.finish()])
+
+
+BOMBS: dict[str, Callable[[], bytes]] = {
+    "br": _brotli_bomb,
+    "gzip": lambda: _zlib_bomb(16 + zlib.MAX_WBITS),
+    "deflate": lambda: _zlib_bomb(zlib.MAX_WBITS),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("encoding", sorted(BOMBS))
+async def test_compression_bomb_is_413_with_bounded_memory(tmp_path: Path, encoding: str) -> None:
+    """A small body that decompresses to 128 MiB is 413, and decompression stops at the payload limit."""
+    bomb = BOMBS[encoding]()
+    assert len(bomb) < 200_000
+    async with serving_app(create_app(tmp_path)) as base, httpx.AsyncClient(base_url=base, timeout=60) as http:
+        queue_id = (await http.post("/v2/request-queues", params={"name": "bombed"})).json()["data"]["id"]
+        tracemalloc.start()
+        try:
+            response = await http.post(
+                f"/v2/request-queues/{queue_id}/requests/batch",
+                content=bomb,
+                headers={**JSON, "Content-Encoding": encoding},
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert "too large" in error(response, 413, "request-too-large")
+    # The cap is the payload limit: at most that much decompressed output is ever held, plus one step's output.
+    assert peak < 1.5 * MAX_PAYLOAD_BYTES, f"{peak / 2**20:.0f} MiB held while decompressing"
+
+
+def test_brotli_bodies_are_accepted(http: httpx.Client, queue: str) -> None:
+    """A body with Content-Encoding br is decompressed."""
+    brotli: Any = pytest.importorskip("brotli")
+    body = brotli.compress(json.dumps([item(1, userData={"pad": "x" * 4000})]).encode())
+    response = http.post(f"{queue}/requests/batch", content=body, headers={**JSON, "Content-Encoding": "br"})
+    assert response.status_code == 201, response.text
+    stored = http.get(f"{queue}/requests/{request_id_for(item(1)['uniqueKey'])}").json()["data"]
+    assert stored["userData"] == {"pad": "x" * 4000}
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "trailing"])
+def test_corrupt_brotli_body_is_400(http: httpx.Client, queue: str, damage: str) -> None:
+    """A br body that does not decompress (garbage, cut short, or with bytes after its end) is 400."""
+    brotli: Any = pytest.importorskip("brotli")
+    good = brotli.compress(json.dumps([item(1)]).encode())
+    body = {"garbage": b"\x00\x01garbage", "truncated": good[:-3], "trailing": good + b"xx"}[damage]
+    response = http.post(f"{queue}/requests/batch", content=body, headers={**JSON, "Content-Encoding": "br"})
+    assert "cannot be decompressed" in error(response, 400)

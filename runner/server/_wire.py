@@ -177,26 +177,85 @@ def _too_large(actual: str) -> InvalidInputError:
     )
 
 
+class _CorruptBodyError(Exception):
+    """A compressed body that does not decompress (the decoder library's own error, with its message)."""
+
+
+_STEP = 64 * 1024
+"""Output asked of a decoder per call (brotli may hand back up to one internal block, 32 KiB, more)."""
+
+
 def _inflate(data: bytes, wbits: int) -> bytes:
-    """Decompress zlib/gzip data (every gzip member), refusing output over the payload limit."""
-    out = bytearray()
-    while data:
-        decompressor = zlib.decompressobj(wbits)
-        out += decompressor.decompress(data, MAX_PAYLOAD_BYTES + 1 - len(out))
-        if len(out) > MAX_PAYLOAD_BYTES or decompressor.unconsumed_tail:
+    """Decompress zlib/gzip data (every gzip member) in steps, stopping once the output passes the payload limit.
+
+    One call with a cap would hold the capped output twice (zlib's blocks, then the joined result).
+    """
+    parts: list[bytes] = []
+    size = 0
+    decompressor = zlib.decompressobj(wbits)
+    # Every round produces output (at most MAX_PAYLOAD_BYTES + 1 in all), starts the next gzip member on input
+    # the last one did not use, or stops.
+    while True:
+        try:
+            part = decompressor.decompress(data, _STEP)
+        except zlib.error as exc:
+            raise _CorruptBodyError(str(exc)) from exc
+        parts.append(part)
+        size += len(part)
+        if size > MAX_PAYLOAD_BYTES:
             raise _too_large(f"more than {MAX_PAYLOAD_BYTES}")
-        if not decompressor.eof:
-            raise zlib.error("truncated compressed data")
-        data = decompressor.unused_data
-    return bytes(out)
+        if decompressor.eof:
+            data = decompressor.unused_data
+            if not data:
+                return b"".join(parts)
+            decompressor = zlib.decompressobj(wbits)
+            continue
+        data = decompressor.unconsumed_tail
+        if not part and not data:
+            raise _CorruptBodyError("truncated compressed data")
 
 
 def _deflate(data: bytes) -> bytes:
     # HTTP "deflate" is zlib-wrapped, but some clients send raw deflate; accept both.
     try:
         return _inflate(data, zlib.MAX_WBITS)
-    except zlib.error:
+    except _CorruptBodyError:
         return _inflate(data, -zlib.MAX_WBITS)
+
+
+def _unbrotli(brotli: Any, data: bytes) -> bytes:
+    """Decompress brotli data in steps, stopping as soon as the output passes the payload limit."""
+    decompressor = brotli.Decompressor()
+    parts: list[bytes] = []
+    size = 0
+    try:
+        # The decoder keeps the input it has not decoded yet; later calls take no input and go on from there.
+        part = decompressor.process(data, output_buffer_limit=_STEP)
+        # Every round adds output or stops, so there are at most MAX_PAYLOAD_BYTES + 1 of them.
+        while part:
+            parts.append(part)
+            size += len(part)
+            if size > MAX_PAYLOAD_BYTES:
+                raise _too_large(f"more than {MAX_PAYLOAD_BYTES}")
+            if decompressor.is_finished():
+                break
+            part = decompressor.process(b"", output_buffer_limit=_STEP)
+    except brotli.error as exc:
+        raise _CorruptBodyError(str(exc)) from exc
+    if not decompressor.is_finished():
+        raise _CorruptBodyError("truncated compressed data")
+    return b"".join(parts)
+
+
+def _bounded_brotli() -> Any | None:
+    """The brotli module if it is installed and can bound its output (`output_buffer_limit`, brotli >= 1.2)."""
+    try:
+        brotli: Any = importlib.import_module("brotli")
+        brotli.Decompressor().process(b"", output_buffer_limit=1)
+    except (ImportError, TypeError, AttributeError):
+        # Without a bound, a small body could decompress to gigabytes before its size is known: refuse br (415).
+        return None
+    return brotli
 
 
 def _decoders() -> dict[str, Callable[[bytes], bytes]]:
@@ -205,11 +264,9 @@ def _decoders() -> dict[str, Callable[[bytes], bytes]]:
         "x-gzip": lambda data: _inflate(data, 16 + zlib.MAX_WBITS),
         "deflate": _deflate,
     }
-    try:
-        brotli: Any = importlib.import_module("brotli")
-    except ImportError:
-        return decoders
-    decoders["br"] = lambda data: bytes(brotli.decompress(data))
+    brotli = _bounded_brotli()
+    if brotli is not None:
+        decoders["br"] = lambda data: _unbrotli(brotli, data)
     return decoders
 
 
@@ -217,6 +274,7 @@ _DECODERS = _decoders()
 
 
 def _decode(data: bytes, content_encoding: str | None) -> bytes:
+    """Undo each `Content-Encoding`; each decoder stops once its output passes the payload limit (413)."""
     encodings = [e.strip().lower() for e in (content_encoding or "").split(",") if e.strip()]
     for encoding in reversed(encodings):  # the last encoding applied is undone first
         if encoding == "identity":
@@ -230,10 +288,8 @@ def _decode(data: bytes, content_encoding: str | None) -> bytes:
             )
         try:
             data = decoder(data)
-        except zlib.error as exc:
+        except _CorruptBodyError as exc:
             raise _invalid(f"Invalid input: the {encoding} body cannot be decompressed ({exc})") from exc
-        if len(data) > MAX_PAYLOAD_BYTES:
-            raise _too_large(str(len(data)))
     return data
 
 
