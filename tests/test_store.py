@@ -744,6 +744,100 @@ async def test_update_does_not_store_echoed_lock_fields(store: SqliteQueue) -> N
     assert request.model_extra == {"extraField": 1}
 
 
+@pytest.mark.anyio
+async def test_fenced_update_after_another_client_took_the_expired_lock_raises_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A fenced failure record or handled mark from a client whose expired lock another took raises LockLostError;
+    the request stays pending, locked by the other, with its stored body."""
+    time_ = SteppedTime()
+    queue = SqliteQueue(tmp_path / "q.sqlite", clock=time_.clock())
+    try:
+        [rid] = await add(queue, 1)
+        [mine] = (await queue.lock_head(limit=1, lock_secs=2, client_key=A)).items
+        time_.elapse(2.1)
+        assert [r.id for r in (await queue.lock_head(limit=1, lock_secs=LONG, client_key=B)).items] == [rid]
+        failure = mine.model_copy(update={"retry_count": 1, "error_messages": ["boom"]})
+        for attempt in (failure, failure.model_copy(update={"handled_at": datetime.now(UTC)})):
+            with pytest.raises(LockLostError) as caught:
+                await queue.update_request(attempt, client_key=A, lock_required=True)
+            assert caught.value.error_type == "request-handled-or-locked"
+        assert [(lock_id, holder) for lock_id, holder, _ in await queue.locks()] == [(rid, B)]
+        stored_request = await queue.get_request(rid)
+        assert stored_request is not None
+        assert (stored_request.retry_count, stored_request.error_messages, stored_request.handled_at) == (0, [], None)
+        assert (await queue.get_info()).handled_request_count == 0
+    finally:
+        await queue.aclose()
+
+
+@pytest.mark.anyio
+async def test_fenced_update_of_a_request_another_client_handled_keeps_it_handled(tmp_path: Path) -> None:
+    """A fenced failure record (no handledAt) for a request another client handled raises LockLostError and does
+    not make it pending again."""
+    time_ = SteppedTime()
+    queue = SqliteQueue(tmp_path / "q.sqlite", clock=time_.clock())
+    try:
+        [rid] = await add(queue, 1)
+        [mine] = (await queue.lock_head(limit=1, lock_secs=2, client_key=A)).items
+        time_.elapse(2.1)
+        [theirs] = (await queue.lock_head(limit=1, lock_secs=LONG, client_key=B)).items
+        await queue.update_request(
+            theirs.model_copy(update={"handled_at": datetime.now(UTC)}), client_key=B, lock_required=True
+        )
+        with pytest.raises(LockLostError, match="handled"):
+            await queue.update_request(mine.model_copy(update={"retry_count": 1}), client_key=A, lock_required=True)
+        info = await queue.get_info()
+        assert (info.handled_request_count, info.pending_request_count) == (1, 0)
+        assert (await queue.lock_head(limit=1, lock_secs=LONG, client_key="client-c")).items == []
+        stored_request = await queue.get_request(rid)
+        assert stored_request is not None
+        assert (stored_request.retry_count, stored_request.handled_at is not None) == (0, True)
+    finally:
+        await queue.aclose()
+
+
+@pytest.mark.anyio
+async def test_fenced_update_of_an_unlocked_or_unknown_request_is_refused(store: SqliteQueue) -> None:
+    """A fenced update of a request nobody locked raises LockLostError; of an unknown id, NotFoundError; neither
+    stores anything."""
+    await add(store, 1)
+    with pytest.raises(LockLostError, match="not locked by this client"):
+        await store.update_request(stored(1, retry_count=5), client_key=A, lock_required=True)
+    with pytest.raises(NotFoundError) as caught:
+        await store.update_request(stored(2, handled_at=datetime.now(UTC)), client_key=A, lock_required=True)
+    assert caught.value.error_type == "record-not-found"
+    info = await store.get_info()
+    assert (info.total_request_count, info.handled_request_count) == (1, 0)
+    request = await store.get_request(request_id_for(url(1)))
+    assert request is not None
+    assert request.retry_count == 0
+
+
+@pytest.mark.anyio
+async def test_fenced_update_by_the_holder_of_an_expired_lock_nobody_retook_applies_and_keeps_the_lock(
+    tmp_path: Path,
+) -> None:
+    """The holder of an expired lock nobody retook may still write its failure record (fenced) and then release
+    the lock it still holds."""
+    time_ = SteppedTime()
+    queue = SqliteQueue(tmp_path / "q.sqlite", clock=time_.clock())
+    try:
+        [rid] = await add(queue, 1)
+        [mine] = (await queue.lock_head(limit=1, lock_secs=2, client_key=A)).items
+        time_.elapse(5)
+        await queue.update_request(mine.model_copy(update={"retry_count": 1}), client_key=A, lock_required=True)
+        await queue.delete_lock(rid, client_key=A, forefront=True)
+        [again] = (await queue.lock_head(limit=1, lock_secs=2, client_key=A)).items
+        assert again.retry_count == 1
+        await queue.update_request(
+            again.model_copy(update={"handled_at": datetime.now(UTC)}), client_key=A, lock_required=True
+        )
+        assert (await queue.get_info()).handled_request_count == 1
+    finally:
+        await queue.aclose()
+
+
 # -- unlock_requests and hadMultipleClients (§2.2 (12), §8) -------------------------------------------------------
 
 

@@ -168,6 +168,26 @@ def _check_lock_secs(lock_secs: float, endpoint: str) -> None:
         raise InvalidInputError(f"lockSecs must be > 0 and <= {_MAX_LOCK_SECS}, got {lock_secs}", endpoint=endpoint)
 
 
+def _check_holder(row: tuple[int | None, str | None, int | None] | None, client_key: str, endpoint: str) -> None:
+    """Check that `client_key` holds the lock of a request row `(order_no, lock_client, lock_expires)`.
+
+    A lock that expired is still its holder's until another client locks the request.
+
+    Raises:
+        NotFoundError: there is no such request (`row` is None).
+        LockLostError: the request is handled, unlocked, or locked by another client.
+    """
+    if row is None:
+        raise NotFoundError("Request was not found", endpoint=endpoint, error_type="record-not-found")
+    order_no, holder, expires = row
+    if order_no is None:
+        raise LockLostError("request is already handled", endpoint=endpoint, error_type="request-handled-or-locked")
+    if expires is None or holder != client_key:
+        raise LockLostError(
+            "request is not locked by this client", endpoint=endpoint, error_type="request-handled-or-locked"
+        )
+
+
 def _dump(request: Request | RequestDraft, endpoint: str) -> str:
     """Serialize a request (or a plain draft, see `_prepare`) for the `data` column, without echoed lock fields."""
     try:
@@ -539,17 +559,7 @@ class SqliteQueue:
         row = self._db.execute(
             "SELECT order_no, lock_client, lock_expires FROM requests WHERE id = ?", (request_id,)
         ).fetchone()
-        if row is None:
-            raise NotFoundError("Request was not found", endpoint=endpoint, error_type="record-not-found")
-        order_no, holder, expires = row
-        if order_no is None:
-            raise LockLostError("request is already handled", endpoint=endpoint, error_type="request-handled-or-locked")
-        if expires is None or holder != client_key:
-            raise LockLostError(
-                "request is not locked by this client",
-                endpoint=endpoint,
-                error_type="request-handled-or-locked",
-            )
+        _check_holder(row, client_key, endpoint)
 
     def _prolong(self, request_id: str, lock_secs: float, client_key: str, forefront: bool) -> datetime:
         endpoint = f"prolong_lock {request_id}"
@@ -596,13 +606,18 @@ class SqliteQueue:
     async def update_request(
         self, request: Request, *, client_key: str, forefront: bool = False, lock_required: bool = False
     ) -> RequestRegistration:
-        """Replace the stored request (inserting it when unknown).
+        """Replace the stored request (inserting it when unknown, unless `lock_required`).
 
         With `handled_at` set it leaves the head and its lock is released; without it, it is pending again and
         keeps any lock it has. Lock fields echoed in the body (`lockExpiresAt`) are not stored.
 
+        `lock_required` fences the write, in the same transaction: it is applied only while `client_key` holds the
+        request's lock (an expired lock nobody retook counts, and a write without `handled_at` keeps it).
+
         Raises:
             InvalidInputError: the id does not match the uniqueKey, or the request cannot be stored as JSON.
+            LockLostError: `lock_required`, and the request is handled, unlocked or locked by another client.
+            NotFoundError: `lock_required`, and there is no such request.
         """
         endpoint = f"update_request {request.id}"
         _check_client_key(client_key, endpoint)
@@ -613,12 +628,20 @@ class SqliteQueue:
                 error_type="request-id-invalid",
             )
         data = _dump(request, endpoint)
-        return await self._run(self._update, request, data, client_key, forefront, endpoint=endpoint)
+        fenced = endpoint if lock_required else ""
+        return await self._run(self._update, request, data, client_key, forefront, fenced, endpoint=endpoint)
 
-    def _update(self, request: Request, data: str, client_key: str, forefront: bool) -> RequestRegistration:
+    def _update(
+        self, request: Request, data: str, client_key: str, forefront: bool, fenced: str
+    ) -> RequestRegistration:
+        """Store `request`; `fenced` is the endpoint when the write requires `client_key`'s lock, else ""."""
         now = self._clock()
         handled = request.handled_at is not None
-        row = self._db.execute("SELECT order_no, lock_expires FROM requests WHERE id = ?", (request.id,)).fetchone()
+        row = self._db.execute(
+            "SELECT order_no, lock_client, lock_expires FROM requests WHERE id = ?", (request.id,)
+        ).fetchone()
+        if fenced:
+            _check_holder(row, client_key, fenced)
         position = -now if forefront else now
         if row is None:
             self._db.execute(
@@ -628,14 +651,15 @@ class SqliteQueue:
             self._db.execute("UPDATE queue SET total = total + 1, handled = handled + ?", (int(handled),))
             self._touch(now, client_key)
             return RequestRegistration(request_id=request.id, was_already_present=False, was_already_handled=False)
-        order_no, lock_expires = row
+        order_no, _, lock_expires = row
         was_handled = order_no is None
         if handled:
             self._db.execute(
                 "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, data = ? WHERE id = ?",
                 (data, request.id),
             )
-        elif lock_expires is not None and lock_expires > now:
+        elif lock_expires is not None and (fenced or lock_expires > now):
+            # A live lock stays; so does the fencing holder's expired one (it is still theirs to release).
             self._db.execute("UPDATE requests SET data = ? WHERE id = ?", (data, request.id))
         else:
             self._db.execute(
