@@ -202,3 +202,20 @@ def test_corrupt_brotli_body_is_400(http: httpx.Client, queue: str, damage: str)
     body = {"garbage": b"\x00\x01garbage", "truncated": good[:-3], "trailing": good + b"xx"}[damage]
     response = http.post(f"{queue}/requests/batch", content=body, headers={**JSON, "Content-Encoding": "br"})
     assert "cannot be decompressed" in error(response, 400)
+
+
+# -- queue names --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["abc\n", "abc\n\n", "\nabc", "ab\nc"])
+def test_queue_name_with_a_newline_is_400(http: httpx.Client, name: str) -> None:
+    """A queue name with a newline anywhere, a trailing one included, is refused."""
+    error(http.post("/v2/request-queues", params={"name": name}))
+
+
+def test_queue_reference_with_a_trailing_newline_is_404(http: httpx.Client) -> None:
+    """A queue looked up by a name with a trailing newline is not found, not matched to another name."""
+    name = f"nl-{uuid.uuid4().hex[:8]}"
+    assert http.post("/v2/request-queues", params={"name": name}).status_code == 201
+    for ref in (f"{name}%0A", f"~{name}%0A", f"user~{name}%0A"):
+        error(http.get(f"/v2/request-queues/{ref}"), 404, "record-not-found")
