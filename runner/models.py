@@ -2,15 +2,23 @@
 
 Every model accepts and keeps unknown fields (`extra="allow"`), as the official clients do, so a request read from
 one backend and written back to it loses nothing.
+
+Requests are read leniently where the API allows more than headlock's model (contract §3.2): `userData` and
+`errorMessages` may be null (read as `{}` and `[]`), header values may be any JSON value (read as strings: JSON text
+for numbers and booleans, null values dropped), and `payload` may be an object, which is kept as it is (a PUT
+writes it back unchanged; handlers that send it must encode it themselves).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, field_serializer, field_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import CoreSchema, core_schema
 
 __all__ = [
     "AddedRequest",
@@ -40,6 +48,52 @@ def parse_datetime(value: Any) -> Any:
     return value
 
 
+class _OrElse:
+    """Pydantic marker: the field's own schema first; only what fails it goes through `fallback`, then `convert`.
+
+    A union tried left to right, so a value of the declared type costs no Python call (a `BeforeValidator` would
+    cost one on every request read or built); a value that fits neither gets the one error `message`.
+    """
+
+    def __init__(self, fallback: CoreSchema, convert: Callable[[Any], Any], message: str) -> None:
+        self._fallback = fallback
+        self._convert = convert
+        self._message = message
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        lenient = core_schema.no_info_after_validator_function(self._convert, self._fallback)
+        return core_schema.union_schema(
+            [handler(source), lenient],
+            mode="left_to_right",
+            custom_error_type="lenient_type",
+            custom_error_message=self._message,
+        )
+
+
+def _header_text(headers: dict[str, Any]) -> dict[str, str]:
+    """Header values as strings: JSON text for non-strings (`5`, `true`), null values dropped."""
+    return {
+        name: value if isinstance(value, str) else json.dumps(value, default=str)
+        for name, value in headers.items()
+        if value is not None
+    }
+
+
+_NULL = core_schema.none_schema()
+_UserData = Annotated[dict[str, Any], _OrElse(_NULL, lambda _: {}, "Input should be an object or null")]
+_ErrorMessages = Annotated[list[str], _OrElse(_NULL, lambda _: [], "Input should be a list of strings or null")]
+_Headers = Annotated[
+    dict[str, str] | None,
+    _OrElse(
+        core_schema.dict_schema(core_schema.str_schema(), core_schema.any_schema()),
+        _header_text,
+        "Input should be an object or null",
+    ),
+]
+_Payload = str | dict[str, Any] | None
+"""A string, or an object (the API allows one: e.g. a JS client's serialized Buffer); kept as it is."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -63,9 +117,9 @@ class RequestDraft(_Model):
     unique_key: str
     url: str
     method: str = "GET"
-    user_data: dict[str, Any] = Field(default_factory=dict)
-    headers: dict[str, str] | None = None
-    payload: str | None = None
+    user_data: _UserData = Field(default_factory=dict)
+    headers: _Headers = None
+    payload: _Payload = None
     no_retry: bool | None = None
 
 
@@ -77,12 +131,12 @@ class Request(_Model):
     url: str
     method: str = "GET"
     retry_count: int = 0
-    user_data: dict[str, Any] = Field(default_factory=dict)
-    headers: dict[str, str] | None = None
-    payload: str | None = None
+    user_data: _UserData = Field(default_factory=dict)
+    headers: _Headers = None
+    payload: _Payload = None
     loaded_url: str | None = None
     no_retry: bool | None = None
-    error_messages: list[str] = Field(default_factory=list)
+    error_messages: _ErrorMessages = Field(default_factory=list)
     handled_at: datetime | None = None
 
     _parse_handled_at = field_validator("handled_at", mode="before")(parse_datetime)

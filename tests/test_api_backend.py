@@ -135,6 +135,23 @@ async def test_open_by_name_is_get_or_create(base_url: str, queue: ApiQueue, que
     assert queue.calls == {"POST /v2/request-queues 201": 1}
 
 
+async def test_open_by_id_checks_the_queue_with_one_get(base_url: str, queue: ApiQueue, queue_name: str) -> None:
+    """Opening by id (or `~name`) makes one GET of the queue, and queue_id is then its id."""
+    for ref in (queue.queue_id, f"~{queue_name}"):
+        async with await ApiQueue.open(base_url=base_url, token=TOKEN, queue_id=ref) as again:
+            assert again.queue_id == queue.queue_id
+            assert again.calls == {"GET / 200": 1}
+
+
+async def test_open_by_unknown_id_raises_not_found(base_url: str) -> None:
+    """Opening an id the server does not know raises NotFoundError naming the endpoint and the id."""
+    with pytest.raises(NotFoundError) as missing:
+        await ApiQueue.open(base_url=base_url, token=TOKEN, queue_id="NoSuchQueue123456", retry=FAST)
+    assert missing.value.endpoint == "GET /v2/request-queues/{queueId}"
+    assert (missing.value.status, missing.value.error_type) == (404, "record-not-found")
+    assert "NoSuchQueue123456" in str(missing.value)
+
+
 async def test_open_needs_exactly_one_of_id_and_name(base_url: str) -> None:
     """open() refuses neither or both of queue_id and name."""
     with pytest.raises(ConfigError):
@@ -166,20 +183,43 @@ async def test_lock_head_fetches_requests_added_elsewhere(queue: ApiQueue, other
     assert get_calls(queue) == 3
 
 
-async def test_cached_update_body_and_head_retry_count_win(queue: ApiQueue, other: ApiQueue) -> None:
-    """An updated request is cached as sent; the head's retryCount beats an older cached copy."""
+async def test_stale_cached_copy_is_fetched_and_own_update_is_cached(queue: ApiQueue, other: ApiQueue) -> None:
+    """A cached copy whose retryCount differs from the head's is fetched again; an own update is cached as sent."""
     (added,) = (await queue.batch_add([draft(1)], client_key="a")).processed_requests
     (locked,) = (await other.lock_head(limit=1, lock_secs=60, client_key="b")).items
     retried = locked.model_copy(update={"retry_count": 2, "user_data": {"n": 1, "seen": True}})
     await other.update_request(retried, client_key="b")
     await other.delete_lock(added.request_id, client_key="b")
     (again,) = (await queue.lock_head(limit=1, lock_secs=60, client_key="a")).items
-    assert (again.retry_count, again.user_data) == (2, {"n": 1})  # queue's cache predates other's update
+    assert (again.retry_count, again.user_data) == (2, {"n": 1, "seen": True})
+    assert get_calls(queue) == 1
     await queue.update_request(again.model_copy(update={"user_data": {"n": 1, "mine": 1}}), client_key="a")
     await queue.delete_lock(added.request_id, client_key="a")
     (third,) = (await queue.lock_head(limit=1, lock_secs=60, client_key="a")).items
     assert third.user_data == {"n": 1, "mine": 1}
-    assert get_calls(queue) == 0
+    assert get_calls(queue) == 1
+
+
+async def test_another_clients_error_messages_survive_a_cached_copy(queue: ApiQueue, other: ApiQueue) -> None:
+    """A request this client added and another failed comes back with the other's error message (item 13)."""
+    (added,) = (await queue.batch_add([draft(1)], client_key="a")).processed_requests
+    (locked,) = (await other.lock_head(limit=1, lock_secs=60, client_key="b")).items
+    failed = locked.model_copy(update={"retry_count": 1, "error_messages": ["b: HTTP 500"]})
+    await other.update_request(failed, client_key="b")
+    await other.delete_lock(added.request_id, client_key="b")
+    (mine,) = (await queue.lock_head(limit=1, lock_secs=60, client_key="a")).items
+    assert (mine.retry_count, mine.error_messages) == (1, ["b: HTTP 500"])
+    own_failure = mine.model_copy(
+        update={
+            "retry_count": 2,
+            "error_messages": [*mine.error_messages, "a: timeout"],
+            "handled_at": datetime.now(UTC),
+        }
+    )
+    await queue.update_request(own_failure, client_key="a")
+    stored = await other.get_request(added.request_id)
+    assert stored is not None
+    assert stored.error_messages == ["b: HTTP 500", "a: timeout"]
 
 
 async def test_prolong_returns_new_expiry(queue: ApiQueue) -> None:

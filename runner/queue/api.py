@@ -3,6 +3,12 @@
 Layers, each with one job: `_call` sends one request with rate limiting, per-attempt timeouts and retries (429,
 5xx, network errors); `_check`/`_fetch` map the answer to `runner.errors` at this boundary and parse it; the
 Protocol methods on top add the request cache that makes `lock_head` return complete requests.
+
+Retries can be ambiguous. An attempt that failed before anything was sent (connect error, pool timeout) or was
+refused with 429 was not applied; one that timed out or lost its connection after sending, or got a 5xx, may have
+been. `_call` reports whether any attempt before its answer was ambiguous, and every error it raises after one
+carries `maybe_applied=True`. The endpoints where it matters act on it: head/lock reports `may_have_orphans`, a batch
+add counts its own first attempt's requests as new, a delete-lock answered "not locked" after one is done.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Literal, NamedTuple, NoReturn, Self, TypedDict, TypeVar, Unpack
+from typing import Any, Literal, NamedTuple, NoReturn, Self, TypedDict, TypeVar, Unpack
 from urllib.parse import quote
 
 import anyio
@@ -52,6 +58,8 @@ from runner.queue.protocol import MAX_BATCH
 __all__ = ["ApiQueue", "ApiQueueOptions", "ApiRetryPolicy", "CallTimeouts", "RateLimits"]
 
 M = TypeVar("M", bound=BaseModel)
+_Body = Request | Sequence[RequestDraft] | dict[str, Any] | None
+"""What a call can carry: a request, drafts, or a raw JSON object (an unreadable request written back as read)."""
 
 _log = structlog.get_logger("headlock.queue.api")
 
@@ -286,8 +294,63 @@ def _retryable(status: int) -> bool:
     return status == 429 or status >= 500
 
 
+def _lock_gone(response: httpx.Response) -> bool:
+    """Whether an error answer of a lock operation says the lock is not (or no longer) there."""
+    return response.status_code in (403, 404, 409) or _error_payload(response)[0] == "request-handled-or-locked"
+
+
+def _claim_present(result: BatchAddResult) -> BatchAddResult:
+    """`result` with the items reported present and unhandled reported new (after an ambiguous attempt)."""
+    return result.model_copy(
+        update={
+            "processed_requests": [
+                item.model_copy(update={"was_already_present": False})
+                if item.was_already_present and not item.was_already_handled
+                else item
+                for item in result.processed_requests
+            ]
+        }
+    )
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    """The first problem of a validation error, as `where: what`."""
+    first = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+
+
+def _api_time(value: datetime) -> str:
+    """A timestamp as the API writes it: ISO-8601 UTC with milliseconds and `Z`."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 # Transport errors a retry cannot fix.
 _PERMANENT = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
+# Transport errors raised before any byte of the request reached the server: the attempt was certainly not applied.
+# Every other one (read/write timeouts and errors, a connection closed before the answer) may have been.
+_UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, *_PERMANENT)
+
+
+class _Answer(NamedTuple):
+    """The answer `_call` returns: the response of its last attempt, when that attempt started, and whether an
+    earlier attempt may have been applied."""
+
+    response: httpx.Response
+    sent_at: float
+    """`anyio.current_time()` when the attempt that got `response` started (after the rate limiter's wait)."""
+    ambiguous: bool
+    """An earlier attempt got no answer after sending, or a 5xx: the call may have taken effect before this one."""
+
+
+class _Fetched(NamedTuple):
+    """What `_complete` made of a head: the complete requests, and what became of the others."""
+
+    items: list[Request]
+    quarantined: int
+    """Unreadable requests ended as failed."""
+    stranded: bool
+    """Some requests this call locked are in neither `items` nor `quarantined`, and their locks could not be
+    released (a failed quarantine or release): they stay locked by this client key until they expire."""
 
 
 # -- the queue ----------------------------------------------------------------------------------------------
@@ -365,28 +428,41 @@ class ApiQueue:
         client: httpx.AsyncClient | None = None,
         **options: Unpack[ApiQueueOptions],
     ) -> ApiQueue:
-        """Open a queue by `queue_id`, or by `name`, creating it when missing (`POST /v2/request-queues?name=`).
+        """Open a queue by `queue_id` (checked with `GET /v2/request-queues/{id}`), or by `name`, creating it when
+        missing (`POST /v2/request-queues?name=`). Either way `queue_id` is then the queue's id.
 
         Raises:
             ConfigError: not exactly one of `queue_id` and `name` is given.
-            QueueError: the get-or-create call failed.
+            NotFoundError: there is no queue `queue_id`.
+            QueueError: the get or get-or-create call failed.
         """
         if (queue_id is None) == (name is None):
             raise ConfigError("give exactly one of queue_id and name")
         queue = cls(client, base_url=base_url, queue_id=queue_id or "", token=token, **options)
-        if name is not None:
-            try:
+        try:
+            if name is not None:
                 info = await queue._fetch(_GET_OR_CREATE, QueueInfo, params={"name": name})
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await queue.aclose()
-                raise
-            queue._queue_id = info.id
+            else:
+                info = await queue._fetch(_GET_QUEUE, QueueInfo)
+        except NotFoundError as exc:
+            with anyio.CancelScope(shield=True):
+                await queue.aclose()
+            raise NotFoundError(
+                f"no request queue {queue_id!r} at {queue._base}",
+                endpoint=exc.endpoint,
+                status=exc.status,
+                error_type=exc.error_type,
+            ) from exc
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await queue.aclose()
+            raise
+        queue._queue_id = info.id
         return queue
 
     @property
     def queue_id(self) -> str:
-        """The queue's id (or the `~name` it was opened with)."""
+        """The queue's id (or the `~name` it was constructed with, when not opened with `open`)."""
         return self._queue_id
 
     def __repr__(self) -> str:
@@ -409,10 +485,8 @@ class ApiQueue:
         path = endpoint.template.format(id=quote(request_id or "", safe=""))
         return f"{self._base}/request-queues/{quote(self._queue_id, safe='~')}{path}"
 
-    def _encode(
-        self, endpoint: _Endpoint, body: Request | Sequence[RequestDraft] | None
-    ) -> tuple[dict[str, str], bytes | None]:
-        """Headers and content of a call; bodies of 1 KiB or more gzipped.
+    def _encode(self, endpoint: _Endpoint, body: _Body) -> tuple[dict[str, str], bytes | None]:
+        """Headers and content of a call; bodies of 1 KiB or more gzipped. A dict is sent as it is.
 
         Raises:
             InvalidInputError: the body cannot be written as JSON (e.g. an arbitrary object in `userData`).
@@ -421,7 +495,13 @@ class ApiQueue:
         if body is None:
             return headers, None
         try:
-            data = body.to_api() if isinstance(body, Request) else [draft.to_api() for draft in body]
+            data: object
+            if isinstance(body, Request):
+                data = body.to_api()
+            elif isinstance(body, dict):
+                data = body
+            else:
+                data = [draft.to_api() for draft in body]
             content = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"the body cannot be sent as JSON: {exc}", endpoint=endpoint.label) from exc
@@ -441,17 +521,18 @@ class ApiQueue:
         *,
         request_id: str | None = None,
         params: dict[str, str | int] | None = None,
-        body: Request | Sequence[RequestDraft] | None = None,
-    ) -> httpx.Response:
+        body: _Body = None,
+    ) -> _Answer:
         """Send one API call, retrying 429, 5xx and network errors; return the first other answer.
 
-        Raises:
+        Raises (each with `maybe_applied=True` when an attempt may have been applied, see the module docstring):
             RateLimitedError: 429 on every attempt.
             QueueUnavailableError: 5xx or network errors on every attempt.
         """
         url = self._url(endpoint, request_id)
         headers, content = self._encode(endpoint, body)
         attempts = self._retry.max_retries + 1
+        ambiguous = False
         for attempt in range(attempts):
             await self._limiters[endpoint.rate].acquire()
             started = anyio.current_time()
@@ -466,19 +547,26 @@ class ApiQueue:
                 )
             except httpx.RequestError as exc:
                 self._count(endpoint, "error", started)
+                ambiguous = ambiguous or not isinstance(exc, _UNSENT)
                 if isinstance(exc, _PERMANENT) or attempt + 1 == attempts:
-                    self._give_up(endpoint, exc, attempt + 1, request_id)
+                    self._give_up(endpoint, exc, attempt + 1, request_id, maybe_applied=ambiguous)
                 reason, retry_after = f"{type(exc).__name__}: {self._scrub(str(exc))}", None
             else:
                 self._count(endpoint, str(response.status_code), started)
                 if not _retryable(response.status_code):
-                    return response
+                    return _Answer(response, started, ambiguous)
+                ambiguous = ambiguous or response.status_code >= 500
                 if attempt + 1 == attempts:
-                    self._check(endpoint, response, request_id, attempts=attempts)
+                    self._check(endpoint, response, request_id, attempts=attempts, maybe_applied=ambiguous)
                 reason, retry_after = f"HTTP {response.status_code}", response.headers.get("retry-after")
             delay = self._retry.delay(attempt, retry_after)
             _log.warning(
-                "queue.api.retry", endpoint=endpoint.label, attempt=attempt + 1, delay=round(delay, 3), reason=reason
+                "queue.api.retry",
+                endpoint=endpoint.label,
+                attempt=attempt + 1,
+                delay=round(delay, 3),
+                reason=reason,
+                maybe_applied=ambiguous,
             )
             await anyio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises
@@ -488,13 +576,27 @@ class ApiQueue:
         self.calls[endpoint.counter(status)] += 1
         self._metrics.queue_call("api", endpoint.route, status, anyio.current_time() - started)
 
-    def _give_up(self, endpoint: _Endpoint, exc: httpx.RequestError, attempts: int, request_id: str | None) -> NoReturn:
+    def _give_up(
+        self,
+        endpoint: _Endpoint,
+        exc: httpx.RequestError,
+        attempts: int,
+        request_id: str | None,
+        *,
+        maybe_applied: bool,
+    ) -> NoReturn:
         where = f" (request {request_id})" if request_id else ""
         message = f"no answer after {attempts} attempt(s){where}: {type(exc).__name__}: {self._scrub(str(exc))}"
-        raise QueueUnavailableError(message, endpoint=endpoint.label) from exc
+        raise QueueUnavailableError(message, endpoint=endpoint.label, maybe_applied=maybe_applied) from exc
 
     def _check(
-        self, endpoint: _Endpoint, response: httpx.Response, request_id: str | None, *, attempts: int = 1
+        self,
+        endpoint: _Endpoint,
+        response: httpx.Response,
+        request_id: str | None,
+        *,
+        attempts: int = 1,
+        maybe_applied: bool = False,
     ) -> None:
         """Raise the `runner.errors` type for a non-2xx answer."""
         if response.is_success:
@@ -504,14 +606,19 @@ class ApiQueue:
         where = f" (request {request_id})" if request_id else ""
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         raise _error_class(endpoint, status, error_type)(
-            self._scrub(f"{message}{where}{tries}"), endpoint=endpoint.label, status=status, error_type=error_type
+            self._scrub(f"{message}{where}{tries}"),
+            endpoint=endpoint.label,
+            status=status,
+            error_type=error_type,
+            maybe_applied=maybe_applied,
         )
 
-    def _parse(self, endpoint: _Endpoint, response: httpx.Response, model: type[M]) -> M:
-        """The `data` of a 2xx answer as `model`.
+    def _data(self, endpoint: _Endpoint, response: httpx.Response) -> dict[str, Any]:
+        """The `data` object of a 2xx answer.
 
         Raises:
-            QueueUnavailableError: the answer is not JSON or not the documented shape.
+            QueueUnavailableError: the answer is not JSON or has no `data` object (`maybe_applied` unless a GET:
+                the call was answered with success).
         """
         try:
             payload = response.json()
@@ -520,21 +627,32 @@ class ApiQueue:
                 f"malformed JSON in the answer: {response.text[:100]!r}",
                 endpoint=endpoint.label,
                 status=response.status_code,
+                maybe_applied=endpoint.method != "GET",
             ) from exc
         data = payload.get("data") if isinstance(payload, dict) else None
         if not isinstance(data, dict):
             raise QueueUnavailableError(
-                "the answer has no `data` object", endpoint=endpoint.label, status=response.status_code
-            )
-        try:
-            return model.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise QueueUnavailableError(
-                f"unexpected answer shape: {where}: {first['msg']}",
+                "the answer has no `data` object",
                 endpoint=endpoint.label,
                 status=response.status_code,
+                maybe_applied=endpoint.method != "GET",
+            )
+        return data
+
+    def _parse(self, endpoint: _Endpoint, response: httpx.Response, model: type[M]) -> M:
+        """The `data` of a 2xx answer as `model`.
+
+        Raises:
+            QueueUnavailableError: the answer is not JSON or not the documented shape (`maybe_applied` as `_data`).
+        """
+        try:
+            return model.model_validate(self._data(endpoint, response))
+        except ValidationError as exc:
+            raise QueueUnavailableError(
+                f"unexpected answer shape: {_validation_reason(exc)}",
+                endpoint=endpoint.label,
+                status=response.status_code,
+                maybe_applied=endpoint.method != "GET",
             ) from None
 
     async def _fetch(
@@ -544,11 +662,11 @@ class ApiQueue:
         *,
         request_id: str | None = None,
         params: dict[str, str | int] | None = None,
-        body: Request | Sequence[RequestDraft] | None = None,
+        body: _Body = None,
     ) -> M:
-        response = await self._call(endpoint, request_id=request_id, params=params, body=body)
-        self._check(endpoint, response, request_id)
-        return self._parse(endpoint, response, model)
+        answer = await self._call(endpoint, request_id=request_id, params=params, body=body)
+        self._check(endpoint, answer.response, request_id, maybe_applied=answer.ambiguous)
+        return self._parse(endpoint, answer.response, model)
 
     # -- the request cache ----------------------------------------------------------------------------------
 
@@ -574,64 +692,169 @@ class ApiQueue:
             except ValidationError:
                 continue
 
-    async def _complete(self, items: Sequence[_HeadItem]) -> list[Request]:
-        """Full requests for head items: from the cache, else fetched concurrently (one GET each)."""
+    async def _complete(self, items: Sequence[_HeadItem], *, client_key: str) -> _Fetched:
+        """Full requests for the head items this call locked: from the cache, else fetched concurrently (one GET
+        each).
+
+        A cached copy whose `retryCount` differs from the head's is stale (another client has retried the request,
+        and may have recorded errors since): it is fetched instead. A request whose GET answer cannot be read as a
+        `Request` is quarantined (`_quarantine`). One whose GET fails (after the retries) is released at the front
+        of the queue for a later call, and the others are returned.
+
+        Raises:
+            QueueError: the first failed GET, when no request is left to return (the locks released first;
+                `maybe_applied` when some could not be).
+        """
         found: dict[str, Request | None] = {}
         missing: list[str] = []
         for item in items:
             cached = self._cache.get(item.id)
-            if cached is None:
+            if cached is not None and cached.retry_count == item.retry_count:
+                self._cache.move_to_end(item.id)
+                found[item.id] = cached.model_copy(deep=True)
+            else:
+                self._cache.pop(item.id, None)
                 missing.append(item.id)
-                continue
-            self._cache.move_to_end(item.id)
-            # The head's retryCount is the queue's; the cached copy may predate a retry by another client.
-            found[item.id] = cached.model_copy(update={"retry_count": item.retry_count}, deep=True)
-        failures: list[QueueError] = []
-        if missing:
-            limiter = anyio.CapacityLimiter(self._fetch_concurrency)
-
-            async def fetch(request_id: str, scope: anyio.CancelScope) -> None:
-                async with limiter:
-                    try:
-                        found[request_id] = await self.get_request(request_id)
-                    except QueueError as exc:
-                        failures.append(exc)
-                        scope.cancel()
-
-            async with anyio.create_task_group() as group:
-                for request_id in missing:
-                    group.start_soon(fetch, request_id, group.cancel_scope)
-        if failures:
-            raise failures[0]
+        unreadable, failures = await self._get_all(missing, found)
+        stranded = False
+        quarantined = 0
+        for request_id, (raw, reason) in unreadable.items():
+            if await self._quarantine(request_id, raw, reason, client_key=client_key):
+                quarantined += 1
+            else:
+                stranded = True
         complete = []
         for item in items:
+            if item.id in failures or item.id in unreadable:
+                continue
             request = found.get(item.id)
             if request is None:
                 _log.warning("queue.api.head_item_missing", request_id=item.id)  # deleted since the lock
                 continue
             complete.append(request)
-        return complete
+        if failures:
+            stranded = not await self._release(failures, client_key=client_key) or stranded
+            if not complete:
+                first = next(iter(failures.values()))
+                first.maybe_applied = stranded  # this call's locks may still be held
+                raise first
+        return _Fetched(complete, quarantined, stranded)
+
+    async def _get_all(
+        self, request_ids: Sequence[str], found: dict[str, Request | None]
+    ) -> tuple[dict[str, tuple[dict[str, Any], str]], dict[str, QueueError]]:
+        """GET `request_ids` concurrently into `found` (None: deleted); return the unreadable ones (`(raw object,
+        reason)` by id) and the failed ones (error by id)."""
+        unreadable: dict[str, tuple[dict[str, Any], str]] = {}
+        failures: dict[str, QueueError] = {}
+        if not request_ids:
+            return unreadable, failures
+        limiter = anyio.CapacityLimiter(self._fetch_concurrency)
+
+        async def get(request_id: str) -> None:
+            async with limiter:
+                try:
+                    raw = await self._get_raw(request_id)
+                except QueueError as exc:
+                    failures[request_id] = exc
+                    return
+            try:
+                found[request_id] = None if raw is None else Request.model_validate(raw)
+            except ValidationError as exc:
+                unreadable[request_id] = (raw or {}, _validation_reason(exc))
+
+        async with anyio.create_task_group() as group:
+            for request_id in request_ids:
+                group.start_soon(get, request_id)
+        return unreadable, failures
+
+    async def _get_raw(self, request_id: str) -> dict[str, Any] | None:
+        """The stored request as the server sent it, None on 404.
+
+        Raises:
+            QueueError: the call failed, or its answer is not JSON with a `data` object.
+        """
+        answer = await self._call(_GET_REQUEST, request_id=request_id)
+        if answer.response.status_code == 404:
+            return None
+        self._check(_GET_REQUEST, answer.response, request_id, maybe_applied=answer.ambiguous)
+        return self._data(_GET_REQUEST, answer.response)
+
+    async def _quarantine(self, request_id: str, raw: dict[str, Any], reason: str, *, client_key: str) -> bool:
+        """End an unreadable request as failed under the lock just taken; return whether the server took it.
+
+        The server's object is written back as it was read, plus `handledAt` and an error message appended to
+        `errorMessages`, so nothing of it is lost and it leaves the head for good instead of coming back each
+        time its lock lapses. When that PUT fails too, the lock is left to lapse.
+        """
+        message = f"quarantined: unreadable request: {reason}"
+        errors = raw.get("errorMessages")
+        kept = list(errors) if isinstance(errors, list) else [] if errors is None else [errors]
+        body = {**raw, "handledAt": _api_time(datetime.now(UTC)), "errorMessages": [*kept, message]}
+        body.setdefault("id", request_id)
+        params: dict[str, str | int] = {"clientKey": client_key, "forefront": _bool(False)}
+        try:
+            answer = await self._call(_UPDATE_REQUEST, request_id=request_id, params=params, body=body)
+            self._check(_UPDATE_REQUEST, answer.response, request_id, maybe_applied=answer.ambiguous)
+        except QueueError as exc:
+            _log.error("queue.request_quarantine_failed", request_id=request_id, reason=reason, error=str(exc))
+            return False
+        self._cache.pop(request_id, None)
+        _log.warning("queue.request_quarantined", request_id=request_id, reason=reason)
+        return True
+
+    async def _release(self, failures: dict[str, QueueError], *, client_key: str) -> bool:
+        """Give back, at the front of the queue, requests whose GET failed; return whether every lock went."""
+        released = True
+
+        async def release(request_id: str, error: QueueError) -> None:
+            nonlocal released
+            _log.warning("queue.api.head_item_unavailable", request_id=request_id, error=str(error))
+            try:
+                await self.delete_lock(request_id, client_key=client_key, forefront=True)
+            except QueueError as exc:
+                _log.warning("queue.api.head_item_release_failed", request_id=request_id, error=str(exc))
+                released = False
+
+        async with anyio.create_task_group() as group:
+            for request_id, error in failures.items():
+                group.start_soon(release, request_id, error)
+        return released
 
     # -- the Protocol ---------------------------------------------------------------------------------------
 
     async def lock_head(self, *, limit: int, lock_secs: float, client_key: str) -> LockedHead:
         """Lock up to `limit` (≤ 25) requests and return them complete.
 
-        If fetching a request fails, the call raises and the locks it took expire after `lock_secs`.
+        `locked_at` is when the attempt that took the locks started. After an ambiguous attempt (module docstring)
+        `may_have_orphans` is set: that attempt may have locked requests the answer does not list. A request that
+        cannot be read is quarantined (`quarantined`); one that cannot be fetched is released (see `_complete`).
+
+        Raises:
+            QueueError: the call failed (`maybe_applied` after an ambiguous attempt), or no request could be fetched.
         """
         params: dict[str, str | int] = {"lockSecs": _number(lock_secs), "limit": limit, "clientKey": client_key}
-        head = await self._fetch(_LOCK_HEAD, _LockedHeadData, params=params)
+        answer = await self._call(_LOCK_HEAD, params=params)
+        self._check(_LOCK_HEAD, answer.response, None, maybe_applied=answer.ambiguous)
+        head = self._parse(_LOCK_HEAD, answer.response, _LockedHeadData)
+        fetched = await self._complete(head.items, client_key=client_key)
         return LockedHead(
-            items=await self._complete(head.items),
+            items=fetched.items,
             lock_secs=head.lock_secs,
             queue_has_locked_requests=head.queue_has_locked_requests,
             had_multiple_clients=head.had_multiple_clients,
+            locked_at=answer.sent_at,
+            may_have_orphans=answer.ambiguous or fetched.stranded,
+            quarantined=fetched.quarantined,
         )
 
     async def prolong_lock(
         self, request_id: str, *, lock_secs: float, client_key: str, forefront: bool = False
     ) -> datetime:
         """Extend this client's lock to now + `lock_secs`; return the new expiry.
+
+        The expiry is the server's clock. A caller dating it on its own clock should take the time before this
+        call: the attempt that succeeded may have been sent later (after retries), so that is early, never late.
 
         Raises:
             LockLostError: another client holds the lock, or the request is handled.
@@ -647,12 +870,18 @@ class ApiQueue:
     async def delete_lock(self, request_id: str, *, client_key: str, forefront: bool = False) -> None:
         """Release this client's lock; the request goes to the head (`forefront`) or the end.
 
+        After an ambiguous attempt, an answer that the lock is not there (403, 404, 409) means that attempt released
+        it: the call is done.
+
         Raises:
             LockLostError: another client holds the lock, or the request is handled.
         """
         params: dict[str, str | int] = {"clientKey": client_key, "forefront": _bool(forefront)}
-        response = await self._call(_DELETE_LOCK, request_id=request_id, params=params)
-        self._check(_DELETE_LOCK, response, request_id)
+        answer = await self._call(_DELETE_LOCK, request_id=request_id, params=params)
+        if answer.ambiguous and not answer.response.is_success and _lock_gone(answer.response):
+            _log.info("queue.api.lock_already_released", request_id=request_id, status=answer.response.status_code)
+            return
+        self._check(_DELETE_LOCK, answer.response, request_id, maybe_applied=answer.ambiguous)
 
     async def unlock_requests(self, *, client_key: str) -> int:
         """Release every lock `client_key` holds; return how many."""
@@ -681,6 +910,10 @@ class ApiQueue:
     ) -> BatchAddResult:
         """Add up to 25 requests; items the API reports unprocessed are resent with backoff a few times.
 
+        After an ambiguous attempt (module docstring) the items reported `wasAlreadyPresent` and not handled may be
+        that attempt's own: they are reported new (`was_already_present=False`) and cached like new ones. A request
+        that really was there before is then counted as new (a rare overcount, never an undercount).
+
         Raises:
             InvalidInputError: more than 25 requests (no call is made).
         """
@@ -692,10 +925,16 @@ class ApiQueue:
         pending = list(requests)
         processed = []
         result = BatchAddResult()
+        ambiguous = False
         for attempt in range(self._retry.unprocessed_retries + 1):
             if not pending:
                 break
-            result = await self._fetch(_BATCH_ADD, BatchAddResult, params=params, body=pending)
+            answer = await self._call(_BATCH_ADD, params=params, body=pending)
+            self._check(_BATCH_ADD, answer.response, None, maybe_applied=answer.ambiguous)
+            result = self._parse(_BATCH_ADD, answer.response, BatchAddResult)
+            ambiguous = ambiguous or answer.ambiguous
+            if ambiguous:
+                result = _claim_present(result)
             processed.extend(result.processed_requests)
             self._remember_added(pending, result)
             unprocessed = {item.unique_key for item in result.unprocessed_requests}
@@ -708,11 +947,11 @@ class ApiQueue:
 
     async def get_request(self, request_id: str) -> Request | None:
         """Return the stored request, or None on 404."""
-        response = await self._call(_GET_REQUEST, request_id=request_id)
-        if response.status_code == 404:
+        answer = await self._call(_GET_REQUEST, request_id=request_id)
+        if answer.response.status_code == 404:
             return None
-        self._check(_GET_REQUEST, response, request_id)
-        return self._parse(_GET_REQUEST, response, Request)
+        self._check(_GET_REQUEST, answer.response, request_id, maybe_applied=answer.ambiguous)
+        return self._parse(_GET_REQUEST, answer.response, Request)
 
     async def get_info(self) -> QueueInfo:
         """Return the queue's metadata and counters.
