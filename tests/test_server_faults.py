@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from runner.server import create_app
-from runner.server._wire import MAX_PAYLOAD_BYTES
+from runner.server._wire import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES
 from runner.uniquekey import request_id_for
 from tests._server import running_server, serving_app
 
@@ -219,3 +219,82 @@ def test_queue_reference_with_a_trailing_newline_is_404(http: httpx.Client) -> N
     assert http.post("/v2/request-queues", params={"name": name}).status_code == 201
     for ref in (f"{name}%0A", f"~{name}%0A", f"user~{name}%0A"):
         error(http.get(f"/v2/request-queues/{ref}"), 404, "record-not-found")
+
+
+# -- JSON bodies --------------------------------------------------------------------------------------------
+
+ENDPOINTS = [
+    ("POST", "/requests"),
+    ("POST", "/requests/batch"),
+    ("PUT", f"/requests/{request_id_for(item(1)['uniqueKey'])}"),
+    ("DELETE", "/requests/batch"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ENDPOINTS, ids=[f"{m} {p.split('/')[-1]}" for m, p in ENDPOINTS])
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 1000, 100_000])
+def test_deeply_nested_body_is_400(http: httpx.Client, queue: str, method: str, path: str, depth: int) -> None:
+    """A body nested deeper than the limit is 400 invalid-input saying so, on every endpoint that reads one."""
+    body = "[" * depth + "]" * depth
+    message = error(http.request(method, queue + path, content=body, headers=JSON))
+    assert "too deeply nested" in message
+
+
+def test_nesting_up_to_the_limit_is_stored_and_read_back(http: httpx.Client, queue: str) -> None:
+    """A request nested exactly to the limit is added, read back and locked; one level more is refused."""
+    body = f'{{"uniqueKey":"deep","url":"http://example.com/deep","userData":{nested(MAX_JSON_DEPTH - 1)}}}'
+    assert http.post(f"{queue}/requests", content=body, headers=JSON).status_code == 201
+    assert http.get(f"{queue}/requests/{request_id_for('deep')}").status_code == 200
+    assert len(http.post(f"{queue}/head/lock", params={"lockSecs": 60}).json()["data"]["items"]) == 1
+    deeper = f'{{"uniqueKey":"deeper","url":"http://example.com/d","userData":{nested(MAX_JSON_DEPTH)}}}'
+    assert "too deeply nested" in error(http.post(f"{queue}/requests", content=deeper, headers=JSON))
+    assert http.get(queue).json()["data"]["totalRequestCount"] == 1
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(http: httpx.Client, queue: str) -> None:
+    """Brackets and escaped quotes inside JSON strings are text, not nesting."""
+    text = '[{"\\"' * 500
+    response = http.post(f"{queue}/requests", json=item(1, userData={"text": text, text: 1}))
+    assert response.status_code == 201, response.text
+    stored = http.get(f"{queue}/requests/{request_id_for(item(1)['uniqueKey'])}").json()["data"]
+    assert stored["userData"] == {"text": text, text: 1}
+
+
+MALFORMED_BODIES: list[tuple[str, str, bytes]] = [
+    ("int-over-4300-digits", "/requests", b'{"uniqueKey":"a","url":"a","userData":{"n":' + b"1" * 5000 + b"}}"),
+    ("top-level-huge-int", "/requests", b"1" * 5000),
+    ("nan", "/requests", b'{"uniqueKey":"a","url":"a","userData":{"n":NaN}}'),
+    ("infinity", "/requests", b'{"uniqueKey":"a","url":"a","extra":-Infinity}'),
+    ("float-overflow", "/requests", b'{"uniqueKey":"a","url":"a","userData":{"n":1e999}}'),
+    ("lone-surrogate-unique-key", "/requests", b'{"uniqueKey":"\\ud800","url":"a"}'),
+    ("lone-surrogate-batch", "/requests/batch", b'[{"uniqueKey":"\\udfff","url":"a"}]'),
+    ("lone-surrogate-user-data-key", "/requests", b'{"uniqueKey":"a","url":"a","userData":{"\\ud800":1}}'),
+    ("surrogate-pair-reversed", "/requests", b'{"uniqueKey":"\\ude00\\ud83d","url":"a"}'),
+    ("raw-surrogate-bytes", "/requests", b'{"uniqueKey":"\xed\xa0\x80","url":"a"}'),
+    ("not-utf-8", "/requests", b'{"uniqueKey":"\xff","url":"a"}'),
+    ("batch-item-not-object", "/requests/batch", b'[{"uniqueKey":"a","url":"a"}, 5]'),
+    ("batch-nan-item", "/requests/batch", b"[NaN]"),
+    ("retry-count-infinite", "/requests", b'{"uniqueKey":"a","url":"a","retryCount":1e400}'),
+    ("handled-at-out-of-range", "/requests", b'{"uniqueKey":"a","url":"a","handledAt":"0001-01-01T00:00:00+14:00"}'),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), [c[1:] for c in MALFORMED_BODIES], ids=[c[0] for c in MALFORMED_BODIES])
+def test_malformed_bodies_are_400(http: httpx.Client, queue: str, path: str, body: bytes) -> None:
+    """Bodies that are not JSON the store can keep (huge or non-finite numbers, broken Unicode) are 400."""
+    error(http.post(queue + path, content=body, headers=JSON))
+    assert http.get(queue).json()["data"]["totalRequestCount"] == 0
+
+
+def test_escaped_surrogate_pairs_are_accepted(http: httpx.Client, queue: str) -> None:
+    """An ASCII-escaped character outside the BMP (a valid surrogate pair) is stored as that character."""
+    body = b'{"uniqueKey":"http://example.com/\\ud83d\\ude00","url":"http://example.com/x","userData":{"e":"\\ud83d\\ude00"}}'
+    assert http.post(f"{queue}/requests", content=body, headers=JSON).status_code == 201
+    stored = http.get(f"{queue}/requests/{request_id_for('http://example.com/😀')}").json()["data"]
+    assert stored["userData"] == {"e": "😀"}
+
+
+def test_utf16_body_is_still_accepted(http: httpx.Client, queue: str) -> None:
+    """A JSON body in UTF-16 with a BOM, which JSON allows, is read."""
+    response = http.post(f"{queue}/requests", content=json.dumps(item(1)).encode("utf-16"), headers=JSON)
+    assert response.status_code == 201, response.text

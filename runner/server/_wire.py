@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import operator
+import re
 import zlib
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from itertools import accumulate, repeat
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -26,6 +29,7 @@ from runner.errors import (
 from runner.queue.protocol import MAX_CLIENT_KEY
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "MAX_LOCK_SECS",
     "MAX_PAYLOAD_BYTES",
     "client_key",
@@ -45,6 +49,9 @@ M = TypeVar("M", bound=BaseModel)
 
 MAX_PAYLOAD_BYTES = 9_437_184
 """The platform's `MAX_PAYLOAD_SIZE_BYTES`; applied to the raw and to the decompressed body."""
+MAX_JSON_DEPTH = 100
+"""Deepest nesting of arrays and objects a body may have. The store reads requests back with pydantic, whose JSON
+parser refuses more than 200 levels: a deeper request would be stored, then break every lock_head of its queue."""
 MAX_LOCK_SECS = 10 * 365 * 24 * 3600.0
 """Longest lock granted (the store's bound). The platform documents none; this keeps expiries in SQLite's integers."""
 
@@ -309,11 +316,68 @@ async def read_json(request: Request) -> Any:
             chunks.append(chunk)
     if size > MAX_PAYLOAD_BYTES:
         raise _too_large(str(size))
-    body = _decode(b"".join(chunks), request.headers.get("content-encoding"))
+    return _parse_json(_decode(b"".join(chunks), request.headers.get("content-encoding")))
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def _too_deep() -> InvalidInputError:
+    return _invalid(
+        f"Invalid input: the request body is too deeply nested (over {MAX_JSON_DEPTH} levels of arrays and objects)"
+    )
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in `text`, which is valid JSON (0 for a bare scalar)."""
+    # On valid JSON the string pattern matches each string whole, so what is left are the brackets outside them.
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii").translate(_BRACKET_STEPS)
+    # An opening bracket is a step of +1, a closing one of -1 (shifted by one: bytes are unsigned); all in C.
+    return max(accumulate(map(operator.sub, brackets, repeat(1))), default=0)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"the number {text} is out of range")
+    return number
+
+
+def _parse_json(body: bytes) -> Any:
+    """Parse a JSON body (UTF-8, -16 or -32) into values the store can keep and give back unchanged.
+
+    Refused: invalid JSON or Unicode (a lone surrogate too, raw or `\\u`-escaped), `NaN` and `Infinity`, numbers
+    out of range (a float that overflows, an integer of more than 4300 digits), nesting over `MAX_JSON_DEPTH`.
+
+    Raises:
+        InvalidInputError: 400 invalid-input, saying which of these it is.
+    """
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _invalid(f"Invalid input: the request body is not valid JSON ({exc})") from exc
+        text = body.decode(json.detect_encoding(body))
+    except UnicodeDecodeError as exc:
+        raise _invalid(f"Invalid input: the request body is not valid JSON ({exc})") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        # The parser recurses per level: about a thousand levels exhaust the interpreter's recursion limit.
+        raise _too_deep() from None
+    except ValueError as exc:  # JSONDecodeError, NaN, an overflowing float, an integer over 4300 digits
+        raise _invalid(f"Invalid input: the request body is not valid JSON ({exc})") from None
+    if _depth(text) > MAX_JSON_DEPTH:
+        raise _too_deep()
+    if _SURROGATE_ESCAPE.search(text):  # rare: only then is it worth checking every string
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise _invalid("Invalid input: the request body escapes a lone surrogate (\\ud800-\\udfff)") from None
+    return value
 
 
 def validate(model: type[M], value: Any, what: str) -> M:
