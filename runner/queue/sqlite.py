@@ -462,30 +462,63 @@ class SqliteQueue:
         self._checkpointer.committed()
 
     def _write_batch_locked(self, batch: list[_Write[Any]]) -> None:
+        """Run `batch` in one transaction, each write in a savepoint, and give every write its true outcome.
+
+        A write that fails is rolled back to its savepoint and the others go on. But on a full disk or an I/O
+        error (a spilled page cache that cannot be written, a failed COMMIT) SQLite may end the whole transaction
+        itself: then nothing of the group is stored and every write of it, those that had succeeded too, gets a
+        `QueueUnavailableError` (the ones after it do not run; a failure decided on the group's undone writes is
+        not a true answer either).
+        """
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             for op in batch:
                 op.error = self._map(exc, op.endpoint)
+                op.error.__cause__ = exc
             return
+        try:
+            lost = self._run_savepoints(batch)
+            if lost is None:
+                self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            lost = exc
+        if lost is None:
+            return
+        self._known_clients.clear()  # the undone writes may have recorded client keys
+        if self._db.in_transaction:
+            # A failing ROLLBACK must not hide the error that caused it.
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+        for op in batch:
+            op.result = None
+            op.error = QueueUnavailableError(
+                f"SQLite error on {self.path}: {lost} (the transaction was rolled back: nothing of this call was"
+                " stored)",
+                endpoint=op.endpoint,
+            )
+            op.error.__cause__ = lost
+
+    def _run_savepoints(self, batch: list[_Write[Any]]) -> BaseException | None:
+        """Run each write of `batch` in its own savepoint; return the error that ended the transaction, if one did.
+
+        Raises:
+            sqlite3.Error: a SAVEPOINT, ROLLBACK TO or RELEASE failed (the transaction is lost too).
+        """
         for op in batch:
             self._db.execute("SAVEPOINT op")
             try:
                 op.result = op.fn(*op.args)
             except Exception as exc:  # noqa: BLE001 - handed to the caller, who raises it
-                self._db.execute("ROLLBACK TO op")
+                if not self._db.in_transaction:  # SQLite rolled everything back itself
+                    return exc
                 self._known_clients.clear()  # the undone write may have recorded a client key
                 op.error = self._map(exc, op.endpoint) if isinstance(exc, sqlite3.Error) else exc
+                if op.error is not exc:
+                    op.error.__cause__ = exc
+                self._db.execute("ROLLBACK TO op")
             self._db.execute("RELEASE op")
-        try:
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._known_clients.clear()
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            for op in batch:
-                if op.error is None:
-                    op.error = self._map(exc, op.endpoint)
+        return None
 
     def _clock(self) -> int:
         """Return the store's time in microseconds, strictly after the file's last write's (see `StoreClock`).
