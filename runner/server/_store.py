@@ -104,7 +104,9 @@ class QueueRegistry:
         """Learn the ids of queue files not indexed yet (created before start-up or by other processes)."""
         known = set(self._ids.values())
         directory = self._storage_dir / "request_queues"
-        paths = [p for p in sorted(directory.glob("*.sqlite")) if p.stem not in known]
+        # File system calls run in a worker thread, as every store call does: none blocks the event loop.
+        found = await anyio.to_thread.run_sync(lambda: sorted(directory.glob("*.sqlite")))
+        paths = [p for p in found if p.stem not in known]
         for path in paths:
             queue_id = await anyio.to_thread.run_sync(_read_id, path)
             if queue_id is None:
@@ -133,7 +135,7 @@ class QueueRegistry:
             path = queue_path(self._storage_dir, name)
         except InvalidInputError:
             raise _not_found() from None
-        if not path.exists():
+        if not await anyio.to_thread.run_sync(path.exists):
             raise _not_found()
         queue, _ = await self._get(name)
         return queue
@@ -156,7 +158,7 @@ class QueueRegistry:
         async with self._lock:
             if name in self._open:
                 return self._open[name], False
-            created = not queue_path(self._storage_dir, name).exists()
+            created = not await anyio.to_thread.run_sync(queue_path(self._storage_dir, name).exists)
             store = await anyio.to_thread.run_sync(SqliteQueue.open, self._storage_dir, name)
             try:
                 info = await store.get_info()
