@@ -298,3 +298,45 @@ def test_utf16_body_is_still_accepted(http: httpx.Client, queue: str) -> None:
     """A JSON body in UTF-16 with a BOM, which JSON allows, is read."""
     response = http.post(f"{queue}/requests", content=json.dumps(item(1)).encode("utf-16"), headers=JSON)
     assert response.status_code == 201, response.text
+
+
+# -- batch delete -------------------------------------------------------------------------------------------
+
+BAD_DELETE_ITEMS: list[tuple[str, Any]] = [
+    ("empty-id", [{"id": ""}]),
+    ("empty-id-empty-key", [{"id": "", "uniqueKey": ""}]),
+    ("null-id", [{"id": None}]),
+    ("null-id-with-key", [{"id": None, "uniqueKey": "http://example.com/1"}]),
+    ("int-id", [{"id": 5}]),
+    ("int-key-with-id", [{"id": "abc", "uniqueKey": 5}]),
+    ("list-key", [{"uniqueKey": ["http://example.com/1"]}]),
+    ("no-id-or-key", [{}]),
+    ("other-fields-only", [{"url": "http://example.com/1"}]),
+    ("number-item", [1]),
+    ("list-item", [[]]),
+    ("null-item", [None]),
+    ("second-item-bad", [{"id": "abc"}, {"id": ""}]),
+    ("object-not-array", {"id": "abc"}),
+    ("26-items", [{"id": f"id{n}"} for n in range(26)]),
+]
+
+
+@pytest.mark.parametrize("body", [c[1] for c in BAD_DELETE_ITEMS], ids=[c[0] for c in BAD_DELETE_ITEMS])
+def test_batch_delete_refuses_malformed_items(http: httpx.Client, queue: str, body: Any) -> None:
+    """A batch delete with an empty, mistyped or missing id/uniqueKey is 400 and deletes nothing."""
+    rid = http.post(f"{queue}/requests", json=item(1), params={"clientKey": "a"}).json()["data"]["requestId"]
+    body = json.loads(json.dumps(body).replace('"abc"', json.dumps(rid)))
+    error(http.request("DELETE", f"{queue}/requests/batch", json=body))
+    assert http.get(f"{queue}/requests/{rid}").status_code == 200
+
+
+def test_batch_delete_by_empty_unique_key(http: httpx.Client, queue: str) -> None:
+    """The empty string is a valid uniqueKey: a request added with it is deleted by it."""
+    added = http.post(
+        f"{queue}/requests", json={"uniqueKey": "", "url": "http://example.com/"}, params={"clientKey": "a"}
+    )
+    assert added.status_code == 201
+    response = http.request("DELETE", f"{queue}/requests/batch", json=[{"uniqueKey": ""}])
+    assert response.status_code == 200
+    assert response.json()["data"]["processedRequests"] == [{"id": request_id_for(""), "uniqueKey": ""}]
+    assert http.get(queue).json()["data"]["totalRequestCount"] == 0

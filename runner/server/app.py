@@ -77,6 +77,26 @@ def _draft(item: Any) -> RequestDraft:
     return draft
 
 
+def _deletion(item: Any) -> dict[str, str]:
+    """A batch-delete item, `{id}` or `{uniqueKey}` (the id wins when both are given), as the answer lists it.
+
+    Raises:
+        InvalidInputError: the item is not an object, has neither field, an id that is not a non-empty string
+            (no request has an empty id) or a uniqueKey that is not a string.
+    """
+    if not isinstance(item, dict) or not ("id" in item or "uniqueKey" in item):
+        raise InvalidInputError("Invalid input: each item must be an object with an id or a uniqueKey", status=400)
+    request_id, unique_key = item.get("id"), item.get("uniqueKey")
+    if "id" in item and not (isinstance(request_id, str) and request_id):
+        raise InvalidInputError(f"Invalid input: id must be a non-empty string, got {request_id!r}", status=400)
+    if "uniqueKey" in item and not isinstance(unique_key, str):
+        raise InvalidInputError(f"Invalid input: uniqueKey must be a string, got {unique_key!r}", status=400)
+    deleted: dict[str, str] = {"id": request_id} if isinstance(request_id, str) else {}
+    if isinstance(unique_key, str):
+        deleted = {"id": deleted.get("id") or request_id_for(unique_key), "uniqueKey": unique_key}
+    return deleted
+
+
 class _Endpoints:
     """The route handlers, sharing the app's queue registry."""
 
@@ -197,12 +217,7 @@ class _Endpoints:
             raise InvalidInputError(
                 f"Invalid input: the body must be a JSON array of at most {MAX_BATCH} items", status=400
             )
-        processed: list[dict[str, str]] = []
-        for item in body:
-            if not isinstance(item, dict) or not isinstance(item.get("id", item.get("uniqueKey")), str):
-                raise InvalidInputError("Invalid input: each item needs an id or a uniqueKey", status=400)
-            request_id = item.get("id") or request_id_for(item["uniqueKey"])
-            processed.append({"id": request_id, **({"uniqueKey": item["uniqueKey"]} if "uniqueKey" in item else {})})
+        processed = [_deletion(item) for item in body]
         with queue.keyless.key(key) as client_key:
             await queue.store.delete_requests([p["id"] for p in processed], client_key=client_key)
         return wire.data_response({"processedRequests": processed, "unprocessedRequests": []})
