@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
 from runner.models import Request, RequestDraft
@@ -70,6 +73,32 @@ async def poll_lock_head(queue: SqliteQueue, client_key: str) -> list[Request]:
                 return head.items
             await anyio.sleep(0.02)
     pytest.fail("lock_head never returned the request")
+
+
+class Raw:
+    """A connection of the test's own to a queue file, used from async tests through a worker thread, off the loop."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        """Run one statement; return its rows."""
+        return await anyio.to_thread.run_sync(lambda: self.db.execute(sql, params).fetchall())
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        await anyio.to_thread.run_sync(self.db.executemany, sql, rows)
+
+
+@asynccontextmanager
+async def raw_connection(path: Path, *, busy_timeout: float = 5.0) -> AsyncIterator[Raw]:
+    """A `Raw` connection (autocommit) to `path`, closed on exit."""
+    db = await anyio.to_thread.run_sync(
+        partial(sqlite3.connect, path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
+    )
+    try:
+        yield Raw(db)
+    finally:
+        await anyio.to_thread.run_sync(db.close)
 
 
 class SteppedTime:
@@ -165,7 +194,7 @@ async def test_open_by_name_creates_named_queue(tmp_path: Path) -> None:
         info = await queue.get_info()
     finally:
         await queue.aclose()
-    assert (tmp_path / "request_queues" / "shop-1.sqlite").is_file()
+    assert await anyio.to_thread.run_sync((tmp_path / "request_queues" / "shop-1.sqlite").is_file)
     assert info.name == "shop-1"
     assert len(info.id) == 17
     assert (info.total_request_count, info.handled_request_count, info.pending_request_count) == (0, 0, 0)
@@ -175,7 +204,7 @@ async def test_open_by_name_creates_named_queue(tmp_path: Path) -> None:
 async def test_corrupt_file_raises_queue_unavailable_naming_path(tmp_path: Path) -> None:
     """A file that is not SQLite makes the first call raise QueueUnavailableError naming the path, every time."""
     path = tmp_path / "q.sqlite"
-    path.write_bytes(b"definitely not a database\x00\xff" * 64)
+    await anyio.to_thread.run_sync(path.write_bytes, b"definitely not a database\x00\xff" * 64)
     queue = SqliteQueue(path)
     try:
         for _ in range(2):  # a failed open is tried again by the next call
@@ -192,18 +221,16 @@ async def test_foreign_sqlite_file_raises_queue_unavailable_until_it_is_a_queue(
     """A SQLite file with a different `requests` table is refused by the first call, naming the path; once the
     table is gone the next call creates the queue."""
     path = tmp_path / "q.sqlite"
-    with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE requests (id TEXT PRIMARY KEY, body TEXT)")
-    db.close()
+    async with raw_connection(path) as raw:
+        await raw.execute("CREATE TABLE requests (id TEXT PRIMARY KEY, body TEXT)")
     queue = SqliteQueue(path)
     try:
         with pytest.raises(QueueUnavailableError, match=re.escape(f"{path} is not a headlock queue database")):
             await add(queue, 1)
         with pytest.raises(QueueUnavailableError, match=re.escape(f"{path} is not a headlock queue database")):
             await queue.get_info()
-        raw = sqlite3.connect(path, isolation_level=None)
-        raw.execute("DROP TABLE requests")
-        raw.close()
+        async with raw_connection(path) as raw:
+            await raw.execute("DROP TABLE requests")
         await add(queue, 1)
         assert (await queue.get_info()).total_request_count == 1
     finally:
@@ -218,8 +245,6 @@ async def test_open_takes_no_lock_and_the_first_call_waits_off_the_event_loop(tm
     first = SqliteQueue(path)
     await add(first, 1)
     await first.aclose()
-    raw = sqlite3.connect(path, isolation_level=None)
-    raw.execute("BEGIN IMMEDIATE")
     ticks = 0
     answered = anyio.Event()
     infos = []
@@ -228,7 +253,8 @@ async def test_open_takes_no_lock_and_the_first_call_waits_off_the_event_loop(tm
         infos.append(await queue.get_info())
         answered.set()
 
-    try:
+    async with raw_connection(path) as raw:
+        await raw.execute("BEGIN IMMEDIATE")
         started = time.monotonic()
         queue = SqliteQueue.open(tmp_path, "q", busy_timeout=5)
         assert time.monotonic() - started < 0.5
@@ -242,35 +268,119 @@ async def test_open_takes_no_lock_and_the_first_call_waits_off_the_event_loop(tm
                         await anyio.sleep(0.01)  # the ticker whose progress is measured, not a wait
                         ticks += 1
                     assert not answered.is_set()  # still waiting for the lock, yet the loop ran
-                    raw.execute("ROLLBACK")
+                    await raw.execute("ROLLBACK")
                     await answered.wait()
         finally:
             await queue.aclose()
-    finally:
-        raw.close()
     assert ticks >= 5
     assert [info.total_request_count for info in infos] == [1]
 
 
+def nested(depth: int) -> dict[str, object]:
+    """A dict nested `depth` levels deep."""
+    value: dict[str, object] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("depth", [150, 200, 250])  # the JSON parser stops at 200 levels in all (3 above these)
 @pytest.mark.anyio
-async def test_unreadable_row_raises_queue_unavailable_and_changes_nothing(store: SqliteQueue) -> None:
-    """A stored row that does not parse raises QueueUnavailableError; the failed lock_head leaves no trace."""
-    [rid] = await add(store, 1)
-    raw = sqlite3.connect(store.path, isolation_level=None)
-    try:
-        raw.execute("UPDATE requests SET data = ? WHERE id = ?", ('{"id": 1}', rid))
-        with pytest.raises(QueueUnavailableError, match=f"stored request {rid} is unreadable"):
-            await store.lock_head(limit=1, lock_secs=LONG, client_key=B)
-        with pytest.raises(QueueUnavailableError):
-            await store.get_request(rid)
-        assert await store.locks() == []
-        assert not (await store.get_info()).had_multiple_clients
-        raw.execute("UPDATE requests SET data = ? WHERE id = ?", (json.dumps(stored(1).to_api()), rid))
-    finally:
-        raw.close()
-    head = await store.lock_head(limit=1, lock_secs=LONG, client_key=B)
-    assert [r.id for r in head.items] == [rid]
-    assert head.had_multiple_clients
+async def test_deeply_nested_user_data_reads_back(store: SqliteQueue, depth: int) -> None:
+    """userData nested past the JSON parser's depth limit (200) but within what the store writes reads back whole:
+    lock_head, get_request and list_head return it and the head behind it is not blocked."""
+    deep = RequestDraft(unique_key=url("deep"), url=url("deep"), user_data={"n": "deep", "x": nested(depth)})
+    await store.batch_add([deep], client_key=A)
+    await add(store, 1)
+    head = await store.lock_head(limit=25, lock_secs=LONG, client_key=A)
+    assert [r.user_data["n"] for r in head.items] == ["deep", "1"]
+    assert head.items[0].user_data["x"] == nested(depth)
+    assert head.quarantined == 0
+    request = await store.get_request(request_id_for(url("deep")))
+    assert request is not None
+    assert request.user_data["x"] == nested(depth)
+    await store.update_request(request.model_copy(update={"retry_count": 1}), client_key=A, lock_required=True)
+    assert [item["uniqueKey"] for item in (await store.list_head(10)).items] == [url("deep"), url(1)]
+
+
+DAMAGE: dict[str, tuple[bytes, str, str, int, list[str]]] = {
+    # name: (stored bytes, salvaged uniqueKey, salvaged url, retryCount, errorMessages kept)
+    "not a request": (b'{"id": 1}', "", "", 0, []),
+    "bad field": (
+        b'{"uniqueKey": "http://example.com/2", "url": "http://example.com/2", "retryCount": 2,'
+        b' "errorMessages": ["e1"], "userData": "not a dict"}',
+        url(2),
+        url(2),
+        2,
+        ["e1"],
+    ),
+    "truncated": (
+        b'{"id": "x", "uniqueKey": "http://example.com/2", "url": "http://example.com/2", "userD',
+        url(2),
+        url(2),
+        0,
+        [],
+    ),
+    "not utf-8": (b'{"uniqueKey": "http://example.com/2\xff", "url": "http://example.com/2"}', "", url(2), 0, []),
+    "lone surrogate": (b'{"uniqueKey": "k\\ud800", "url": "http://example.com/2"}', "k?", url(2), 0, []),
+    "nested too deep": (b'{"url": "http://example.com/2", "userData": ' + b"[" * 100_000, "", url(2), 0, []),
+    "not an object": (b"[1, 2]", "", "", 0, []),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+@pytest.mark.anyio
+async def test_an_unreadable_row_is_quarantined_and_the_rest_of_the_head_is_locked(
+    store: SqliteQueue, damage: tuple[bytes, str, str, int, list[str]]
+) -> None:
+    """lock_head ends a row that cannot be read as handled-failed (original text kept, reason logged and counted)
+    and locks and returns the rest of the batch; a read of the row before that raises QueueUnavailableError."""
+    raw_data, unique_key, salvaged_url, retry_count, messages = damage
+    rid1, rid2, rid3 = await add(store, 1, 2, 3)
+    async with raw_connection(store.path) as raw:
+        await raw.execute("UPDATE requests SET data = CAST(? AS TEXT) WHERE id = ?", (raw_data, rid2))
+    with pytest.raises(QueueUnavailableError, match=f"stored request {rid2} is unreadable"):
+        await store.get_request(rid2)
+    listed = (await store.list_head(10)).items
+    assert [item["id"] for item in listed] == [rid1, rid2, rid3]
+    assert listed[1].get("url", "") == salvaged_url
+    with capture_logs() as logs:
+        head = await store.lock_head(limit=25, lock_secs=LONG, client_key=B)
+    assert [r.id for r in head.items] == [rid1, rid3]
+    assert head.quarantined == 1
+    [event] = [e for e in logs if e["event"] == "queue.request_quarantined"]
+    assert event["request_id"] == rid2
+    assert event["reason"]
+    assert [(lock_id, holder) for lock_id, holder, _ in await store.locks()] == [(rid1, B), (rid3, B)]
+    info = await store.get_info()
+    assert (info.total_request_count, info.handled_request_count, info.pending_request_count) == (3, 1, 2)
+    assert info.had_multiple_clients
+    ended = await store.get_request(rid2)
+    assert ended is not None
+    assert (ended.id, ended.unique_key, ended.url, ended.retry_count) == (rid2, unique_key, salvaged_url, retry_count)
+    assert ended.handled_at is not None
+    assert ended.error_messages == [*messages, f"quarantined: stored request unreadable: {event['reason']}"]
+    assert ended.model_extra is not None
+    assert ended.model_extra["unreadableData"] == raw_data.decode("utf-8", "backslashreplace")
+    again = await store.lock_head(limit=25, lock_secs=LONG, client_key="client-c")
+    assert (again.items, again.quarantined, again.queue_has_locked_requests) == ([], 0, True)
+
+
+@pytest.mark.anyio
+async def test_a_head_of_unreadable_rows_is_quarantined_and_the_rows_behind_it_fill_the_batch(
+    store: SqliteQueue,
+) -> None:
+    """When more rows than `limit` at the head are unreadable, one lock_head quarantines them all and still
+    returns `limit` readable requests from behind them."""
+    ids = await add(store, *range(25))
+    await add(store, *range(25, 30))
+    async with raw_connection(store.path) as raw:
+        await raw.executemany("UPDATE requests SET data = '{' WHERE id = ?", [(i,) for i in ids[:12]])
+    head = await store.lock_head(limit=5, lock_secs=LONG, client_key=A)
+    assert [r.user_data["n"] for r in head.items] == ["12", "13", "14", "15", "16"]
+    assert head.quarantined == 12
+    info = await store.get_info()
+    assert (info.handled_request_count, info.pending_request_count) == (12, 18)
 
 
 @pytest.mark.anyio
@@ -926,15 +1036,12 @@ async def test_lock_head_uses_head_index_on_large_queue(store: SqliteQueue) -> N
         FROM seq
     """
     await store.get_info()  # the first call creates the schema
-    raw = sqlite3.connect(store.path, isolation_level=None)
-    try:
-        raw.execute("BEGIN")
-        raw.execute(seed, (url(""),))
-        raw.execute("UPDATE queue SET total = 250000, handled = 50000")
-        raw.execute("COMMIT")
-        plan = [row[3] for row in raw.execute("EXPLAIN QUERY PLAN " + _HEAD_QUERY, (-(10**16), 10**16, 25))]
-    finally:
-        raw.close()
+    async with raw_connection(store.path) as raw:
+        await raw.execute("BEGIN")
+        await raw.execute(seed, (url(""),))
+        await raw.execute("UPDATE queue SET total = 250000, handled = 50000")
+        await raw.execute("COMMIT")
+        plan = [row[3] for row in await raw.execute("EXPLAIN QUERY PLAN " + _HEAD_QUERY, (-(10**16), 10**16, 25))]
     assert len(plan) == 1
     assert "USING INDEX requests_head" in plan[0]
     assert not any("SCAN" in step or "TEMP B-TREE" in step for step in plan)
@@ -949,23 +1056,22 @@ async def test_locked_database_raises_queue_unavailable_and_loses_nothing(tmp_pa
     """A write blocked past busy_timeout raises QueueUnavailableError; after the lock goes, the store works."""
     path = tmp_path / "q.sqlite"
     queue = SqliteQueue(path, busy_timeout=0.2)
-    raw = sqlite3.connect(path, isolation_level=None, timeout=0)
     try:
         await add(queue, 1)
-        raw.execute("BEGIN EXCLUSIVE")
-        with pytest.raises(QueueUnavailableError, match="locked") as caught:
-            await add(queue, 2)
-        assert re.search(re.escape(str(path)), str(caught.value))
-        with pytest.raises(QueueUnavailableError):
-            await queue.lock_head(limit=1, lock_secs=LONG, client_key=A)
-        raw.execute("ROLLBACK")
+        async with raw_connection(path, busy_timeout=0) as raw:
+            await raw.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(QueueUnavailableError, match="locked") as caught:
+                await add(queue, 2)
+            assert re.search(re.escape(str(path)), str(caught.value))
+            with pytest.raises(QueueUnavailableError):
+                await queue.lock_head(limit=1, lock_secs=LONG, client_key=A)
+            await raw.execute("ROLLBACK")
         assert (await queue.get_info()).total_request_count == 1
         await add(queue, 2)
         assert await lock_keys(queue) == ["1", "2"]
         info = await queue.get_info()
         assert (info.total_request_count, info.pending_request_count) == (2, 2)
     finally:
-        raw.close()
         await queue.aclose()
 
 

@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
+import structlog
 from pydantic import ValidationError
 
 from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
@@ -49,6 +50,8 @@ from runner.uniquekey import request_id_for
 __all__ = ["Head", "SqliteQueue", "StoreClock", "queue_path", "validate_queue_name"]
 
 T = TypeVar("T")
+
+_log = structlog.get_logger("headlock.queue.sqlite")
 
 _MAX_LOCK_SECS = 10 * 365 * 24 * 3600
 """Longest lock accepted: far beyond any real lease, and it keeps expiries inside SQLite's 64-bit integers."""
@@ -91,9 +94,12 @@ _SCHEMA_PROBES = (
     "SELECT client_key FROM clients LIMIT 0",
     "SELECT id, order_no, lock_client, lock_expires, data FROM requests LIMIT 0",
 )
-# The available head is the index range [-now, now]; rowid breaks ties so one batch keeps its order.
+# The available head is the index range [-now, now]; rowid breaks ties so one batch keeps its order. `data` is read
+# as bytes, which the JSON parser takes as they are (no str built first), and so that a row whose text is not UTF-8
+# (damage) reaches the parser and its quarantine instead of failing the whole query in the sqlite3 module.
 _HEAD_QUERY = (
-    "SELECT rowid, id, order_no, data FROM requests WHERE order_no BETWEEN ? AND ? ORDER BY order_no, rowid LIMIT ?"
+    "SELECT rowid, id, order_no, CAST(data AS BLOB) FROM requests WHERE order_no BETWEEN ? AND ?"
+    " ORDER BY order_no, rowid LIMIT ?"
 )
 
 
@@ -198,12 +204,114 @@ def _dump(request: Request | RequestDraft, endpoint: str) -> str:
         ) from exc
 
 
-def _load(request_id: str, data: str, endpoint: str) -> Request:
-    """Parse a stored `data` column; a row that does not parse is damage to the file, not a caller's mistake."""
+_UNREADABLE = (ValueError, RecursionError)
+"""What parsing a damaged row raises: pydantic's ValidationError, a JSON or UTF-8 decoding error (ValueErrors), or a
+RecursionError from `json.loads` on nesting far deeper than anything the store writes."""
+
+
+def _parse(data: str | bytes) -> Request:
+    """Parse a stored `data` column.
+
+    The JSON parser refuses nesting past depth 200, yet the serializer writes up to about 255: such a row is parsed
+    again with `json.loads` and validated as a dict, a cost paid only on that path.
+
+    Raises:
+        ValueError, RecursionError: the row is not a valid request (see `_UNREADABLE`).
+    """
     try:
         return Request.model_validate_json(data)
     except ValidationError as exc:
-        raise QueueUnavailableError(f"stored request {request_id} is unreadable: {exc}", endpoint=endpoint) from exc
+        if not _too_deep(exc):
+            raise
+    return Request.model_validate(json.loads(data))
+
+
+def _too_deep(exc: ValidationError) -> bool:
+    errors = exc.errors(include_url=False, include_input=False)
+    return len(errors) == 1 and errors[0]["type"] == "json_invalid" and "recursion limit" in errors[0]["msg"]
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a stored row is unreadable, in one line."""
+    if isinstance(exc, ValidationError):
+        errors = exc.errors(include_url=False, include_input=False)
+        loc = ".".join(map(str, errors[0]["loc"]))
+        first = f"{loc}: {errors[0]['msg']}" if loc else errors[0]["msg"]
+        return first if len(errors) == 1 else f"{first} (and {len(errors) - 1} more errors)"
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _load(request_id: str, data: str | bytes, endpoint: str) -> Request:
+    """Parse a stored `data` column; a row that does not parse is damage to the file, not a caller's mistake.
+
+    Raises:
+        QueueUnavailableError: the row is unreadable (`lock_head` quarantines such rows; see `_quarantined`).
+    """
+    try:
+        return _parse(data)
+    except _UNREADABLE as exc:
+        raise QueueUnavailableError(
+            f"stored request {request_id} is unreadable: {_reason(exc)}", endpoint=endpoint
+        ) from exc
+
+
+def _text(data: str | bytes) -> str:
+    return data.decode("utf-8", "backslashreplace") if isinstance(data, bytes) else data
+
+
+def _clean(value: str) -> str:
+    """`value` without lone surrogates (`json.loads` lets them through; they have no UTF-8 form)."""
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
+def _string_field(text: str, key: str) -> str | None:
+    """The string value of `"key": "..."` found in a JSON text that may not parse as a whole, or None."""
+    match = re.search(rf'"{key}"\s*:\s*("(?:[^"\\]|\\.)*")', text)
+    if match is None:
+        return None
+    try:
+        value = json.loads(match.group(1))
+    except ValueError:
+        return None
+    return _clean(value) if isinstance(value, str) else None
+
+
+def _salvage(text: str) -> dict[str, Any]:
+    """What can be read of an unreadable row: `uniqueKey`, `url`, `retryCount`, `errorMessages` (best effort)."""
+    try:
+        body = json.loads(text)
+    except _UNREADABLE:
+        body = None
+    if not isinstance(body, dict):
+        body = {key: value for key in ("uniqueKey", "url") if (value := _string_field(text, key)) is not None}
+    unique_key, url, retries, messages = (body.get(k) for k in ("uniqueKey", "url", "retryCount", "errorMessages"))
+    return {
+        "uniqueKey": _clean(unique_key) if isinstance(unique_key, str) else "",
+        "url": _clean(url) if isinstance(url, str) else "",
+        "retryCount": retries if type(retries) is int and retries >= 0 else 0,
+        "errorMessages": [_clean(m) for m in messages if isinstance(m, str)] if isinstance(messages, list) else [],
+    }
+
+
+def _quarantined(request_id: str, data: str | bytes, reason: str, now: int) -> str:
+    """The `data` that replaces an unreadable row: a readable request ended as failed, keeping the original text.
+
+    Its `uniqueKey` and `url` are what could be read of the row ("" when nothing could), and `unreadableData` holds
+    the row's text (not UTF-8 bytes as `\\xNN`).
+    """
+    text = _text(data)
+    fields = _salvage(text)
+    message = f"quarantined: stored request unreadable: {reason}"
+    request = Request.model_validate(
+        {
+            **fields,
+            "id": request_id,
+            "handledAt": _to_datetime(now),
+            "errorMessages": [*fields["errorMessages"], message],
+            "unreadableData": text,
+        }
+    )
+    return _dump(request, "lock_head")
 
 
 def _from_draft(draft: RequestDraft, endpoint: str) -> Request:
@@ -242,7 +350,8 @@ def _prepare(draft: RequestDraft, endpoint: str) -> tuple[str, str, bool, str]:
     return request_id, draft.unique_key, False, f'{{"id":"{request_id}",{_DRAFT_DEFAULTS},{body[1:]}'
 
 
-_HEAD_FIELDS = ("id", "uniqueKey", "url", "method", "retryCount")
+_HEAD_FIELDS = ("uniqueKey", "url", "method", "retryCount")
+"""The fields of a head item after its `id` (taken from the row)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,32 +393,27 @@ class SqliteQueue:
         metrics: Metrics | None = None,
         clock: StoreClock | None = None,
     ) -> None:
-        """Open (creating if needed) the queue file at `path`; report each operation to `metrics` if given.
+        """A queue stored in the file at `path` (created if needed); report each operation to `metrics` if given.
 
         `clock` is this store's time (a new `StoreClock` by default; tests inject one with stepped time sources).
 
-        Cheap and synchronous: it takes no lock on the file. The schema is created (and WAL mode set) by the first
-        operation, in the store's thread, so a file another process holds locked cannot freeze the event loop.
-
-        Raises:
-            QueueUnavailableError: the file cannot be opened. A file that is not a queue database is refused by
-                the first operation (which raises `QueueUnavailableError` naming the path; the next one tries again).
+        Cheap, synchronous and safe on the event loop: it touches no file. The first operation, in the store's
+        thread, creates the directory and the file, sets WAL mode and the schema; a failure there (the file is
+        locked past `busy_timeout`, is not a queue database, cannot be created) raises `QueueUnavailableError`
+        naming the path, and the next operation tries again.
         """
         self.path = path
         self._metrics = metrics or Metrics()
         self._time = clock or StoreClock()
+        self._busy_timeout = busy_timeout
         self._limiter = anyio.CapacityLimiter(1)
         self._write_turn = anyio.Lock(fast_acquire=True)
         self._opening = anyio.Lock(fast_acquire=True)
-        self._ready = False
+        self._db: sqlite3.Connection  # connected by `_setup`
+        self._connected = self._ready = self._closed = False
         self._pending: list[_Write[Any]] = []
         self._known_clients: set[str] = set()
         self._checkpointer = Checkpointer(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
-        except (OSError, sqlite3.Error) as exc:
-            raise QueueUnavailableError(f"cannot open queue database {path}: {exc}", endpoint="open queue") from exc
 
     @classmethod
     def open(
@@ -336,18 +440,26 @@ class SqliteQueue:
                 await anyio.to_thread.run_sync(self._setup, endpoint, limiter=self._limiter)
 
     def _setup(self, endpoint: str) -> None:
-        """Put the file in WAL mode and create the schema (once; a failure leaves it to the next operation).
+        """Connect, put the file in WAL mode and create the schema (once; a failure leaves it to the next operation).
 
         Raises:
-            QueueUnavailableError: naming `endpoint` and the path: the file is locked past the busy timeout, is not
-                a database, or is a database of something else.
+            QueueUnavailableError: naming `endpoint` and the path: the store is closed, or the file cannot be
+                created, is locked past the busy timeout, is not a database, or is a database of something else.
         """
+        if self._closed:
+            raise QueueUnavailableError(f"the queue {self.path} is closed", endpoint=endpoint)
         try:
+            if not self._connected:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_timeout
+                )
+                self._connected = True
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             # Checkpoints run in their own thread (see `_checkpoint`), not inside whichever commit crosses 1000 pages.
             self._db.execute("PRAGMA wal_autocheckpoint=0")
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
             raise QueueUnavailableError(f"cannot open queue database {self.path}: {exc}", endpoint=endpoint) from exc
         self._write(self._init_schema, self.path.stem, endpoint, endpoint=endpoint)
         try:
@@ -546,35 +658,70 @@ class SqliteQueue:
     # -- the Protocol -------------------------------------------------------------------------------------
 
     async def lock_head(self, *, limit: int, lock_secs: float, client_key: str) -> LockedHead:
-        """Lock up to `limit` (≤ 25) available requests in queue order and return them complete."""
+        """Lock up to `limit` (≤ 25) available requests in queue order and return them complete.
+
+        A stored request that cannot be read (damage to the file) is quarantined instead of failing the call: it
+        is ended as handled-failed, its text kept in `unreadableData` and an error message added, and it is
+        counted in `LockedHead.quarantined`; the requests behind it take its place in the batch.
+        """
         endpoint = "lock_head"
         _check_client_key(client_key, endpoint)
         if not 1 <= limit <= MAX_LOCK_LIMIT:
             raise InvalidInputError(f"limit must be 1-{MAX_LOCK_LIMIT}, got {limit}", endpoint=endpoint)
         _check_lock_secs(lock_secs, endpoint)
-        return await self._run(self._lock_head, limit, lock_secs, client_key, endpoint=endpoint)
+        head, quarantined = await self._run(self._lock_head, limit, lock_secs, client_key, endpoint=endpoint)
+        for request_id, reason in quarantined:  # logged once committed
+            _log.warning("queue.request_quarantined", request_id=request_id, reason=reason, path=str(self.path))
+        return head
 
-    def _lock_head(self, limit: int, lock_secs: float, client_key: str) -> LockedHead:
+    def _lock_head(self, limit: int, lock_secs: float, client_key: str) -> tuple[LockedHead, list[tuple[str, str]]]:
+        """Lock and read the head; also return `(request_id, reason)` of each row it quarantined (see `lock_head`)."""
         now = self._clock()
-        rows = self._db.execute(_HEAD_QUERY, (-now, now, limit)).fetchall()
         expires = now + int(lock_secs * 1_000_000)
-        # By rowid: the index entry already gave it, so no second lookup through the id index per row.
-        self._db.executemany(
-            "UPDATE requests SET order_no = ?, lock_client = ?, lock_expires = ? WHERE rowid = ?",
-            [(expires if order_no > 0 else -expires, client_key, expires, rowid) for rowid, _, order_no, _ in rows],
-        )
-        self._touch(now, client_key, changed=bool(rows))
+        items: list[Request] = []
+        quarantined: list[tuple[str, str]] = []
+        wanted = limit
+        # A quarantined row leaves the head, so each further round reads rows not seen yet: it ends with a round
+        # that quarantined nothing, or at the end of the head.
+        while wanted:
+            rows = self._db.execute(_HEAD_QUERY, (-now, now, wanted)).fetchall()
+            locks = []
+            for rowid, request_id, order_no, data in rows:
+                try:
+                    items.append(_parse(data))
+                except _UNREADABLE as exc:
+                    quarantined.append((request_id, self._quarantine(rowid, request_id, data, exc, now)))
+                    continue
+                # By rowid: the index entry already gave it, so no second lookup through the id index per row.
+                locks.append((expires if order_no > 0 else -expires, client_key, expires, rowid))
+            self._db.executemany(
+                "UPDATE requests SET order_no = ?, lock_client = ?, lock_expires = ? WHERE rowid = ?", locks
+            )
+            wanted = 0 if len(rows) < wanted else wanted - len(locks)
+        self._touch(now, client_key, changed=bool(items or quarantined))
         has_locks = (
-            bool(rows)
+            bool(items)
             or self._db.execute("SELECT EXISTS (SELECT 1 FROM requests WHERE lock_expires > ?)", (now,)).fetchone()[0]
         )
         multiple = self._db.execute("SELECT had_multiple_clients FROM queue").fetchone()[0]
-        return LockedHead(
-            items=[_load(rid, data, "lock_head") for _, rid, _, data in rows],
+        head = LockedHead(
+            items=items,
             lock_secs=lock_secs,
             queue_has_locked_requests=bool(has_locks),
             had_multiple_clients=bool(multiple),
+            quarantined=len(quarantined),
         )
+        return head, quarantined
+
+    def _quarantine(self, rowid: int, request_id: str, data: str | bytes, exc: BaseException, now: int) -> str:
+        """End an unreadable row as handled-failed, in the caller's transaction; return the reason."""
+        reason = _reason(exc)
+        self._db.execute(
+            "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, data = ? WHERE rowid = ?",
+            (_quarantined(request_id, data, reason, now), rowid),
+        )
+        self._db.execute("UPDATE queue SET handled = handled + 1")
+        return reason
 
     async def prolong_lock(
         self, request_id: str, *, lock_secs: float, client_key: str, forefront: bool = False
@@ -769,15 +916,22 @@ class SqliteQueue:
         self._db.execute("BEGIN")
         try:
             rows = self._db.execute(
-                "SELECT data FROM requests WHERE order_no IS NOT NULL ORDER BY order_no, rowid LIMIT ?", (limit,)
+                "SELECT id, CAST(data AS BLOB) FROM requests WHERE order_no IS NOT NULL ORDER BY order_no, rowid"
+                " LIMIT ?",
+                (limit,),
             ).fetchall()
             modified, multiple = self._db.execute("SELECT modified_at, had_multiple_clients FROM queue").fetchone()
         finally:
             self._db.execute("COMMIT")
         items = []
-        for (data,) in rows:
-            request = json.loads(data)
-            items.append({key: request[key] for key in _HEAD_FIELDS if key in request})
+        for request_id, data in rows:
+            try:
+                request = json.loads(data)
+            except _UNREADABLE:
+                request = None
+            if not isinstance(request, dict):  # an unreadable row (not quarantined yet): what can be read of it
+                request = _salvage(_text(data))
+            items.append({"id": request_id} | {key: request[key] for key in _HEAD_FIELDS if key in request})
         return Head(items=items, queue_modified_at=_to_datetime(modified), had_multiple_clients=bool(multiple))
 
     async def delete_requests(self, request_ids: Sequence[str], *, client_key: str) -> list[str]:
@@ -801,9 +955,14 @@ class SqliteQueue:
         return deleted
 
     async def get_request(self, request_id: str) -> Request | None:
-        """Return the stored request, or None."""
+        """Return the stored request, or None.
+
+        Raises:
+            QueueUnavailableError: the stored request is unreadable (damage to the file). It reads as the failed
+                request `lock_head` makes of it once that has quarantined it; a read does not write it.
+        """
         row = await self._run(
-            lambda: self._db.execute("SELECT data FROM requests WHERE id = ?", (request_id,)).fetchone(),
+            lambda: self._db.execute("SELECT CAST(data AS BLOB) FROM requests WHERE id = ?", (request_id,)).fetchone(),
             endpoint=f"get_request {request_id}",
             write=False,
         )
@@ -846,6 +1005,10 @@ class SqliteQueue:
 
         Idempotent.
         """
-        async with self._limiter:
-            await anyio.to_thread.run_sync(self._checkpointer.close)
+        await anyio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    def _close(self) -> None:
+        self._closed = True
+        self._checkpointer.close()
+        if self._connected:
             self._db.close()
