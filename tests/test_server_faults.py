@@ -12,8 +12,12 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+from structlog.testing import capture_logs
 
 from runner.server import create_app
 from runner.server._wire import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES
@@ -340,3 +344,41 @@ def test_batch_delete_by_empty_unique_key(http: httpx.Client, queue: str) -> Non
     assert response.status_code == 200
     assert response.json()["data"]["processedRequests"] == [{"id": request_id_for(""), "uniqueKey": ""}]
     assert http.get(queue).json()["data"]["totalRequestCount"] == 0
+
+
+# -- disconnects --------------------------------------------------------------------------------------------
+
+
+class Finished:
+    """Test middleware: sets `event` when the app is done with a call to a path ending in `suffix`, however it ended."""
+
+    def __init__(self, app: ASGIApp, *, suffix: str, event: anyio.Event) -> None:
+        self.app = app
+        self.suffix = suffix
+        self.event = event
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if scope["type"] == "http" and scope["path"].endswith(self.suffix):
+                self.event.set()
+
+
+@pytest.mark.anyio
+async def test_client_leaving_mid_body_is_not_a_server_error(tmp_path: Path) -> None:
+    """A client that disconnects while sending its body is logged as server.client_disconnected, not as a 500."""
+    finished = anyio.Event()
+    with capture_logs() as logs:
+        app = create_app(tmp_path, middleware=[Middleware(Finished, suffix="/requests", event=finished)])
+        async with serving_app(app) as base, httpx.AsyncClient(base_url=base) as http:
+            queue_id = (await http.post("/v2/request-queues", params={"name": "left"})).json()["data"]["id"]
+            stream = await anyio.connect_tcp("127.0.0.1", int(base.rsplit(":", 1)[1]))
+            await stream.send(
+                f"POST /v2/request-queues/{queue_id}/requests HTTP/1.1\r\nHost: test\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
+            )
+            await stream.aclose()
+            with anyio.fail_after(10):
+                await finished.wait()
+    assert [e["event"] for e in logs if e["event"].startswith("server.")] == ["server.client_disconnected"]

@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -318,7 +318,10 @@ async def _no_receive() -> Message:  # pragma: no cover - a JSONResponse never r
 
 
 class _RateLimitHeader:
-    """Adds `X-RateLimit-Limit` to every answer and turns an unexpected exception into a 500 envelope."""
+    """Adds `X-RateLimit-Limit` to every answer and turns an unexpected exception into a 500 envelope.
+
+    A client that disconnects while sending its body gets no answer and is logged as such, not as a server error.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -339,6 +342,9 @@ class _RateLimitHeader:
 
         try:
             await self.app(scope, receive, send_with_header)
+        except ClientDisconnect:
+            # The client left before its body arrived: there is nobody to answer, and it is no fault of the server.
+            _log.info("server.client_disconnected", method=scope["method"], path=scope["path"])
         except Exception:
             if started:
                 raise
