@@ -50,8 +50,8 @@ M = TypeVar("M", bound=BaseModel)
 MAX_PAYLOAD_BYTES = 9_437_184
 """The platform's `MAX_PAYLOAD_SIZE_BYTES`; applied to the raw and to the decompressed body."""
 MAX_JSON_DEPTH = 100
-"""Deepest nesting of arrays and objects a body may have. The store reads requests back with pydantic, whose JSON
-parser refuses more than 200 levels: a deeper request would be stored, then break every lock_head of its queue."""
+"""Deepest nesting of arrays and objects a body may have: far more than requests need, and well within what the store
+can write and read back (its serializer stops at about 255 levels). Deeper bodies get a 400 that says so."""
 MAX_LOCK_SECS = 10 * 365 * 24 * 3600.0
 """Longest lock granted (the store's bound). The platform documents none; this keeps expiries in SQLite's integers."""
 
