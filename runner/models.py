@@ -168,8 +168,9 @@ class LockedHead(_Model):
     """`anyio.current_time()` when the call that took these locks was sent (its successful attempt, after any
     retries); the locks expire `lock_secs` after it at the earliest. None: the caller's own start time."""
     may_have_orphans: bool = Field(default=False, exclude=True)
-    """An earlier attempt of this call got no answer and may have locked requests that are not in `items`: they
-    stay locked by this client key, untracked, until they expire or `unlock_requests` frees them."""
+    """An earlier attempt of this call got no answer and may have locked requests that are not in `items` (or the
+    backend locked some it could neither return nor release): they stay locked by this client key, untracked, until
+    they expire or `unlock_requests` frees them."""
     quarantined: int = Field(default=0, exclude=True)
     """Requests the backend could not read and ended as failed (with an error message) instead of returning them."""
 

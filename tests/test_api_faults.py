@@ -174,6 +174,21 @@ async def test_odd_request_shapes_in_one_reply_are_read() -> None:
     assert (wire["payload"], wire["lockByClient"]) == (body["payload"], "someone")
 
 
+async def test_a_quarantine_the_server_refuses_leaves_that_lock_to_lapse(
+    direct: ApiQueue, proxy: FaultProxy, queue: ApiQueue
+) -> None:
+    """When the quarantine PUT is refused too, the rest is returned and the answer says a lock was stranded."""
+    await direct.batch_add([draft(1), draft(2)], client_key="b")
+    unreadable = request_id_for(url(2))
+    proxy.add("GET", f"/requests/{unreadable}$", Rewrite(lambda body: {"data": {**body["data"], "userData": "x"}}))
+    with capture_logs() as logs:
+        head = await queue.lock_head(limit=2, lock_secs=60, client_key="a")
+    assert [r.url for r in head.items] == [url(1)]
+    assert (head.quarantined, head.may_have_orphans) == (0, True)
+    assert [e["request_id"] for e in logs if e["event"] == "queue.request_quarantine_failed"] == [unreadable]
+    assert await queue.unlock_requests(client_key="a") == 2  # the stranded lock is still ours
+
+
 async def test_a_failed_get_releases_that_request_and_returns_the_rest(
     direct: ApiQueue, proxy: FaultProxy, queue: ApiQueue
 ) -> None:
@@ -246,9 +261,9 @@ async def test_head_lock_timing_out_after_sending_may_have_orphans(
         base_url=proxy.url, token=None, queue_id=direct.queue_id, retry=FAST, timeout=0.5
     ) as api:
         head = await api.lock_head(limit=1, lock_secs=60, client_key="a")
-    assert api.calls["POST /head/lock error"] == 1
-    assert [r.url for r in head.items] == [url(2)]
-    assert head.may_have_orphans
+        assert api.calls["POST /head/lock error"] == 1
+        assert (len(head.items), head.may_have_orphans) == (1, True)
+        assert await api.unlock_requests(client_key="a") == 2  # the timed-out attempt locked the other one
 
 
 async def test_head_lock_answered_at_once_has_no_orphans(direct: ApiQueue, queue: ApiQueue) -> None:

@@ -370,9 +370,10 @@ class ApiQueue:
     """A `RequestQueue` served over the request-queue API.
 
     `lock_head` returns complete requests although the API's head items lack `userData`, `headers` and
-    `payload`: requests this instance added or updated come from a bounded cache, the others are fetched with
-    GET (concurrently). `calls` counts every HTTP attempt as `"METHOD path-template status"` (status `error` for a
-    network failure). The token goes in the `Authorization` header only, never in URLs, logs, errors or `repr`.
+    `payload`: requests this instance added or updated come from a bounded cache (unless the head's `retryCount`
+    shows another client has retried one since), the others are fetched with GET (concurrently). `calls` counts
+    every HTTP attempt as `"METHOD path-template status"` (status `error` for a network failure). The token goes
+    in the `Authorization` header only, never in URLs, logs, errors or `repr`.
     """
 
     def __init__(
@@ -448,7 +449,7 @@ class ApiQueue:
             with anyio.CancelScope(shield=True):
                 await queue.aclose()
             raise NotFoundError(
-                f"no request queue {queue_id!r} at {queue._base}",
+                f"no request queue {queue_id or name!r} at {queue._base}",
                 endpoint=exc.endpoint,
                 status=exc.status,
                 error_type=exc.error_type,
