@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -145,6 +146,7 @@ class Committer:
         """Set by shutdown: commits started from now on end by then (their shielded scope's deadline)."""
         self.backoff_until = 0.0
         """When the last retry backoff given here ends (`anyio.current_time()`): its lock is ours until then."""
+        self._backoff_ends: list[float] = []  # a heap
         self._add_turn = anyio.Lock(fast_acquire=True)
         self._pending: dict[bool, list[_PendingAdd]] = {False: [], True: []}
         self._expired: OrderedDict[str, str] = OrderedDict()
@@ -312,8 +314,16 @@ class Committer:
             sent = anyio.current_time()
             await self.queue.prolong_lock(lease.request.id, lock_secs=delay, client_key=self.client_key)
             self.backoff_until = max(self.backoff_until, sent + delay * 1.05 + 1)
+            heapq.heappush(self._backoff_ends, sent + delay)
         else:
             await self.queue.delete_lock(lease.request.id, client_key=self.client_key)
+
+    def next_backoff_end(self) -> float | None:
+        """When the soonest retry backoff still running ends (its request comes back to the head), if any."""
+        now = anyio.current_time()
+        while self._backoff_ends and self._backoff_ends[0] <= now:
+            heapq.heappop(self._backoff_ends)
+        return self._backoff_ends[0] if self._backoff_ends else None
 
     async def _abandon(self, lease: Lease, exc: QueueError) -> None:
         """A commit call failed for good: drop the lease and let the lock lapse, so another attempt happens."""

@@ -21,6 +21,8 @@ log = structlog.get_logger("headlock.fetcher")
 
 BUSY_POLL = 5.0
 """Seconds between head polls while this process holds work and the head is empty."""
+_BACKOFF_SLACK = 0.05
+"""Seconds after a retry backoff's end before looking for its request (the queue dates the lock a bit later)."""
 
 
 async def fetch(
@@ -37,6 +39,7 @@ async def fetch(
     max_requests: int | None = None,
     idle: Backoff | None = None,
     backoff_until: Callable[[], float] = lambda: 0.0,
+    next_backoff_end: Callable[[], float | None] = lambda: None,
 ) -> None:
     """Lock up to `min(batch, free room)` requests per call and send them; close `send` when the queue is done.
 
@@ -101,7 +104,11 @@ async def fetch(
                 return
             # While we hold work, the head may be empty only because we hold it: a finishing lease (which may
             # have enqueued more) is what to wait for; other clients' expiring locks are looked at less often.
-            with anyio.move_on_after(BUSY_POLL if leases else idle.next()):
+            wait = BUSY_POLL if leases else idle.next()
+            if (comes_back := next_backoff_end()) is not None:
+                # A request given back here for a retry is due: look then, not after the idle delay.
+                wait = min(wait, max(comes_back - anyio.current_time(), 0) + _BACKOFF_SLACK)
+            with anyio.move_on_after(wait):
                 await leases.wait_changed()
 
 

@@ -81,8 +81,7 @@ async def run(
     metrics = metrics or Metrics()
     own_http = http is None
     client = http or default_http_client(cfg)  # first: a missing extra fails before anything needs closing
-    leases = Leases()
-    stats = RunStats()
+    leases, stats = Leases(), RunStats()
     metrics.track(stats, leases)
     committer = Committer(
         queue,
@@ -93,8 +92,7 @@ async def run(
         policy=RetryPolicy(max_retries=cfg.max_retries, backoff=cfg.retry_backoff),
     )
     send, receive = anyio.create_memory_object_stream[Lease](math.inf)
-    fetch_scope = anyio.CancelScope()
-    crawl_scope = anyio.CancelScope()
+    fetch_scope, crawl_scope = anyio.CancelScope(), anyio.CancelScope()
     crawl_done = anyio.Event()
     structlog.contextvars.bind_contextvars(client_key=client_key)
     monitor = LoopMonitor()
@@ -162,6 +160,9 @@ async def run(
                 buffered.close()
                 released = await release_all(committer, deadline=_stop_deadline(stopper, cfg.grace))
                 services.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # A task group wraps what stops the run; the caller gets the one error itself (e.g. NotFoundError).
+        raise _sole_error(group) or group  # noqa: B904 - the group is the sole error's context
     finally:
         if own_http:
             with anyio.CancelScope(shield=True):
@@ -174,6 +175,19 @@ async def run(
     summary = RunSummary(reason=reason, client_key=client_key, stats=stats.as_dict(), released=released)
     log.info("run.finished", **summary.as_dict())
     return summary
+
+
+def _sole_error(group: BaseExceptionGroup[Any]) -> Exception | None:
+    """The only non-cancellation leaf of `group`, if there is exactly one."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        elif not isinstance(exc, anyio.get_cancelled_exc_class()):
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 and isinstance(leaves[0], Exception) else None
 
 
 def _stop_deadline(stopper: Stopper, grace: float) -> float | None:
@@ -236,5 +250,6 @@ async def _fetch_until_stopped(
             keep_alive=cfg.keep_alive,
             max_requests=cfg.max_requests,
             backoff_until=lambda: committer.backoff_until,
+            next_backoff_end=committer.next_backoff_end,
         )
     send.close()  # cancelled or done: no more work either way

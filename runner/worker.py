@@ -71,6 +71,12 @@ class Worker:
     async def _attempt(self, lease: Lease) -> None:
         committer, leases, stats = self.committer, self.committer.leases, self.committer.stats
         started = anyio.current_time()
+        if not lease.valid(started):
+            # Buffered past its lock (e.g. the loop was blocked): not provably ours, so neither run nor committed.
+            stats.lost += 1
+            self.log.warning("lease.dropped", reason=lease.lost_reason or "lock ran out before the handler started")
+            leases.lose(lease, "lock ran out before the handler started", expired=True)
+            return
         unrecorded = committer.take_expired(lease.request.id)
         if unrecorded is not None:
             # An earlier attempt here ran out of lock before it was recorded: it counts, so record it under this

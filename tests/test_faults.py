@@ -1,0 +1,452 @@
+"""The runtime's guarantees under injected faults: every request ends, and a lease is only as good as its proof.
+
+Faults come from real parts: the real `headlock serve` app behind a fault-injecting layer (`tests/_faults.py`), a
+real SQLite store, a real file-size limit for a full disk, and handlers that really block the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import resource
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import structlog
+
+from runner import (
+    Context,
+    Dataset,
+    InvalidItemError,
+    NoRetry,
+    NotFoundError,
+    Request,
+    RequestDraft,
+    SqliteQueue,
+    Stopper,
+    WorkerSettings,
+    request_id_for,
+    run,
+)
+from runner.dataset import encode_item, read_items
+from runner.heartbeat import keep_alive
+from runner.leases import Leases
+from runner.models import utc_now
+from runner.queue.api import ApiQueue
+from runner.stats import RunStats
+from tests._faults import FaultPlan, Rule, faulty_server
+
+pytestmark = pytest.mark.anyio
+
+URL = "https://a.example/1"
+RID = request_id_for(URL)
+PUT_REQUEST = r"/requests/[^/]+$"
+LOCK = r"/requests/[^/]+/lock$"
+HEAD_LOCK = r"/head/lock$"
+
+
+def fast(**overrides: object) -> WorkerSettings:
+    """Worker settings for tests: no retry backoff, short grace."""
+    base: dict[str, object] = {"concurrency": 4, "retry_backoff": 0.0, "grace": 5.0, "handler_timeout": 10.0}
+    return WorkerSettings.model_validate(base | overrides)
+
+
+async def seed(queue: Any, urls: list[str]) -> None:
+    """Add `urls` to `queue` in one batch."""
+    await queue.batch_add([RequestDraft(unique_key=u, url=u) for u in urls], client_key="seeder")
+
+
+@pytest.fixture
+async def queue(storage: Path):  # type: ignore[no-untyped-def]
+    """An embedded queue in a fresh storage dir."""
+    q = SqliteQueue.open(storage, "default")
+    yield q
+    await q.aclose()
+
+
+@pytest.fixture
+def dataset(storage: Path):  # type: ignore[no-untyped-def]
+    """The default dataset in the fresh storage dir."""
+    ds = Dataset.open(storage, "default")
+    yield ds
+    ds.close()
+
+
+async def api_queue(base_url: str, **options: Any) -> ApiQueue:
+    """The served `default` queue over HTTP, with short timeouts and quick retries."""
+    return await ApiQueue.open(base_url=base_url, token=None, name="default", **options)
+
+
+def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The captured log events called `name`."""
+    return [e for e in logs if e["event"] == name]
+
+
+# -- every request ends --------------------------------------------------------------------------------------
+
+
+async def test_a_commit_that_outlives_its_timeout_lets_go_of_the_lease(
+    storage: Path, dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handled mark stalled past the commit timeout drops the lease: no endless prolonging, the run ends."""
+    monkeypatch.setattr("runner.worker.COMMIT_TIMEOUT", 1.0)
+
+    async def handle(ctx: Context) -> None:
+        pass
+
+    async with faulty_server(storage / "server") as (url, plan):
+        plan.add(Rule("PUT", PUT_REQUEST, stall_before=4.0))
+        api = await api_queue(url, timeout=10.0)
+        await seed(api, [URL])
+        with structlog.testing.capture_logs() as logs, anyio.fail_after(30):
+            summary = await run(api, handle, dataset, workers=fast(lock_secs=2.0))
+        request = await api.get_request(RID)
+        await api.aclose()
+    assert events(logs, "request.commit_timed_out")
+    assert request is not None
+    assert request.handled_at is not None
+    assert summary.stats["handled"] + summary.stats["lost"] >= 1
+
+
+async def test_a_commit_the_queue_refuses_is_recorded_and_retried_per_policy(
+    queue: SqliteQueue, dataset: Dataset
+) -> None:
+    """A link with no JSON form makes the commit fail for good: recorded as an attempt, then failed, not looped."""
+
+    async def handle(ctx: Context) -> None:
+        await ctx.enqueue("https://a.example/child", user_data={"when": object()})
+
+    await seed(queue, [URL])
+    with anyio.fail_after(20):
+        summary = await run(queue, handle, dataset, workers=fast(max_retries=1))
+    request = await queue.get_request(RID)
+    assert request is not None
+    assert request.handled_at is not None
+    assert request.retry_count == 2
+    assert len(request.error_messages) == 2
+    assert all(m.startswith("commit failed: ") and "JSON" in m for m in request.error_messages)
+    assert summary.stats["failed"] == 1
+    assert await queue.get_request(request_id_for("https://a.example/child")) is None
+
+
+async def test_a_handler_blocking_the_event_loop_ends_after_max_retries_and_says_so(
+    queue: SqliteQueue, dataset: Dataset
+) -> None:
+    """A handler that blocks the loop past its lock counts each attempt, fails after max_retries, and is reported."""
+
+    async def blocking(ctx: Context) -> None:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # the loop is blocked: no prolong can be sent
+            pass
+
+    await seed(queue, [URL])
+    with structlog.testing.capture_logs() as logs, anyio.fail_after(30):
+        summary = await run(queue, blocking, dataset, workers=fast(lock_secs=1.0, max_retries=1))
+    request = await queue.get_request(RID)
+    assert request is not None
+    assert request.handled_at is not None
+    assert request.retry_count == 2
+    assert len(request.error_messages) == 2
+    for message in request.error_messages:
+        match = re.fullmatch(r"lock expired: the event loop was blocked for (\d+\.\d) s", message)
+        assert match is not None, message
+        assert float(match.group(1)) >= 1.0
+    assert summary.stats["failed"] == 1
+    assert events(logs, "loop.blocked")
+    assert await queue.locks() == []
+
+
+async def test_a_no_retry_from_the_handlers_own_task_group_fails_at_once(queue: SqliteQueue, dataset: Dataset) -> None:
+    """NoRetry raised inside a task group (so wrapped in an exception group) still fails without retries."""
+
+    async def handle(ctx: Context) -> None:
+        async def refuse() -> None:
+            raise NoRetry("not for us")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refuse)
+
+    await seed(queue, [URL])
+    with anyio.fail_after(20):
+        summary = await run(queue, handle, dataset, workers=fast(max_retries=3))
+    request = await queue.get_request(RID)
+    assert request is not None
+    assert request.error_messages == ["NoRetry: not for us"]
+    assert (summary.stats["failed"], summary.stats["retried"]) == (1, 0)
+
+
+async def test_a_wrong_queue_id_stops_the_run_instead_of_retrying_forever(storage: Path, dataset: Dataset) -> None:
+    """A 404 on get-head-and-lock (no such queue) is fatal: the run raises NotFoundError at once."""
+
+    async def handle(ctx: Context) -> None:
+        pass
+
+    async with faulty_server(storage / "server") as (url, _plan):
+        api = ApiQueue(base_url=url, queue_id="NoSuchQueue12345", token=None)
+        with anyio.fail_after(10), pytest.raises(NotFoundError, match="head/lock"):
+            await run(api, handle, dataset, workers=fast())
+        await api.aclose()
+
+
+# -- bad items and a full disk -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        pytest.param({("tuple", "key"): 1}, id="tuple-key"),
+        pytest.param({"x": math.nan}, id="nan"),
+        pytest.param({"x": b"bytes"}, id="bytes"),
+        pytest.param({"x": {1, 2}}, id="set"),
+        pytest.param("a string", id="string"),
+        pytest.param(["not a dict"], id="list-of-strings"),
+    ],
+)
+async def test_an_item_json_cannot_represent_is_the_handlers_error(
+    queue: SqliteQueue, dataset: Dataset, item: object
+) -> None:
+    """`push_data` refuses a value JSON has no form for: that request's attempts fail, the run and others go on."""
+
+    async def handle(ctx: Context) -> None:
+        if ctx.url == URL:
+            await ctx.push_data(item)  # type: ignore[arg-type]
+        else:
+            await ctx.push_data({"url": ctx.url})
+
+    await seed(queue, [URL, "https://a.example/2"])
+    with anyio.fail_after(20):
+        summary = await run(queue, handle, dataset, workers=fast(max_retries=1))
+    request = await queue.get_request(RID)
+    assert request is not None
+    assert request.retry_count == 2
+    assert all(m.startswith("InvalidItemError: ") for m in request.error_messages)
+    assert (summary.stats["handled"], summary.stats["failed"]) == (1, 1)
+    assert read_items(dataset.path) == [{"url": "https://a.example/2"}]
+
+
+async def test_a_circular_item_is_refused_by_push_data() -> None:
+    """A dict that contains itself is refused with InvalidItemError, not a crash."""
+    item: dict[str, Any] = {}
+    item["self"] = item
+    with pytest.raises(InvalidItemError, match="Circular"):
+        encode_item(item)
+
+
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """A real full disk for this process: files cannot grow past `limit` bytes (writes fail with EFBIG)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+async def test_a_full_disk_fails_the_attempt_and_never_leaves_a_partial_line(
+    queue: SqliteQueue, dataset: Dataset
+) -> None:
+    """Items that do not fit on the disk fail that attempt (recorded, retried): the file holds only whole lines."""
+    dataset.push([{"filler": "x" * 1000}] * 900)  # about 900 KB already there
+    big = "y" * 60_000
+
+    async def handle(ctx: Context) -> None:
+        await ctx.push_data([{"url": ctx.url, "big": big}] * 3)
+
+    await seed(queue, [URL])
+    size = dataset.path.stat().st_size
+    with file_size_limit(size + 100_000), anyio.fail_after(20):
+        summary = await run(queue, handle, dataset, workers=fast(max_retries=1))
+    assert dataset.path.stat().st_size == size  # nothing half-written stayed
+    assert all(line.endswith("}") for line in dataset.path.read_text().splitlines())
+    request = await queue.get_request(RID)
+    assert request is not None
+    assert request.retry_count == 2
+    assert all("commit failed: " in m and "dataset" in m for m in request.error_messages)
+    assert summary.stats["failed"] == 1
+
+
+# -- a lease is only as good as its proof --------------------------------------------------------------------
+
+
+async def test_a_lost_leases_late_failure_is_not_written_over_the_new_holders_outcome(
+    storage: Path, queue: SqliteQueue, dataset: Dataset
+) -> None:
+    """A handler failing after its lock was taken and handled by another client records nothing (fenced)."""
+    stolen = anyio.Event()
+    thief = SqliteQueue.open(storage, "default")
+
+    async def handle(ctx: Context) -> None:
+        # Behind the worker's back: its lock is released and the request taken and handled by another client.
+        await thief.unlock_requests(client_key="victim")
+        head = await thief.lock_head(limit=1, lock_secs=30, client_key="thief")
+        await thief.update_request(head.items[0].model_copy(update={"handled_at": utc_now()}), client_key="thief")
+        stolen.set()
+        raise RuntimeError("late failure")
+
+    await seed(queue, [URL])
+    with anyio.fail_after(20):
+        summary = await run(queue, handle, dataset, workers=fast(client_key="victim", lock_secs=30.0))
+    await thief.aclose()
+    request = await queue.get_request(RID)
+    assert stolen.is_set()
+    assert request is not None
+    assert request.handled_at is not None  # still the thief's outcome
+    assert (request.retry_count, request.error_messages) == (0, [])
+    assert summary.stats["lost"] == 1
+
+
+async def test_a_request_handed_out_again_replaces_its_stale_lease_and_cancels_its_handler() -> None:
+    """Locking a request whose lease is still registered loses the old lease (handler cancelled, counts right)."""
+    leases = Leases()
+    stored = Request(id=RID, unique_key=URL, url=URL)
+    old = leases.add(stored, anyio.current_time() + 10)
+    scope = anyio.CancelScope()
+    assert leases.start(old, scope)
+    new = leases.add(stored, anyio.current_time() + 10)
+    assert old.lost
+    assert old.expired
+    assert scope.cancel_called
+    assert leases.get(RID) is new
+    assert leases.statistics() == (1, 0, 1)
+    leases.remove(old)  # a late removal of the old lease leaves the new one alone
+    assert leases.get(RID) is new
+
+
+async def test_a_lock_taken_after_retries_is_dated_from_the_attempt_that_took_it(
+    storage: Path, dataset: Dataset
+) -> None:
+    """Get-head-and-lock answered 503 twice: the lease counts from the third attempt, so the handler's work stands."""
+
+    async def handle(ctx: Context) -> None:
+        await ctx.push_data({"url": ctx.url})
+
+    async with faulty_server(storage / "server") as (url, plan):
+        api = await api_queue(url, timeout=10.0)
+        await seed(api, [URL, "https://a.example/2"])
+        plan.add(Rule("POST", HEAD_LOCK, times=2, answer=503, retry_after="1.5"))
+        with anyio.fail_after(30):
+            summary = await run(api, handle, dataset, workers=fast(lock_secs=2.5))
+        request = await api.get_request(RID)
+        await api.aclose()
+    assert plan.count("POST", HEAD_LOCK) >= 3
+    assert request is not None
+    assert (request.retry_count, request.error_messages) == (0, [])
+    assert (summary.stats["handled"], summary.stats["lost"]) == (2, 0)
+
+
+async def test_one_stalled_prolong_does_not_hold_back_the_others(storage: Path) -> None:
+    """While one lease's prolong stalls until its lock runs out, a lease due at the next beat is still prolonged."""
+    lock_secs = 4.0
+    async with faulty_server(storage / "server") as (url, plan):
+        api = await api_queue(url, timeout=30.0)
+        await seed(api, [URL, "https://a.example/2"])
+        head = await api.lock_head(limit=2, lock_secs=30, client_key="k")
+        first, second = sorted(head.items, key=lambda r: r.url)
+        plan.add(Rule("PUT", rf"/requests/{first.id}/lock$", times=10, stall_before=30.0))
+        leases, stats = Leases(), RunStats()
+        now = anyio.current_time()
+        stalled = leases.add(first, now + 2.6)  # due at the first beat (t = 1): its prolong stalls until 2.6
+        later = leases.add(second, now + 3.6)  # not due at t = 1; due at t = 2, well before the stall ends
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(keep_alive, api, leases, stats, client_key="k", lock_secs=lock_secs))
+            with anyio.fail_after(10):
+                await leases.wait_changed(until=lambda: stalled.lost)
+            renewed = later.expires_at
+            tg.cancel_scope.cancel()
+        await api.aclose()
+    assert stalled.lost
+    assert not later.lost
+    assert renewed > now + 3.6  # prolonged while the other lease's call was stalled
+
+
+async def test_a_prolong_in_flight_cannot_stretch_a_short_retry_backoff(storage: Path, dataset: Dataset) -> None:
+    """A heartbeat prolong still in flight when the attempt fails lands first: the retry comes after the backoff."""
+    attempts: list[float] = []
+    failed_at: list[float] = []
+
+    async with faulty_server(storage / "server") as (url, plan):
+        api = await api_queue(url, timeout=10.0)
+        await seed(api, [URL])
+        arrived = plan.arrived("PUT", LOCK)
+        plan.add(Rule("PUT", LOCK, stall_before=0.5))
+
+        async def handle(ctx: Context) -> None:
+            attempts.append(anyio.current_time())
+            if len(attempts) == 1:
+                await arrived.wait()  # the heartbeat's prolong is on its way (stalled before the server)
+                failed_at.append(anyio.current_time())
+                raise RuntimeError("fails while its lock is being prolonged")
+
+        with anyio.fail_after(30):
+            summary = await run(api, handle, dataset, workers=fast(lock_secs=4.0, retry_backoff=1.0))
+        await api.aclose()
+    assert len(attempts) == 2
+    # The stalled prolong (4 s) landing after the give-back's (a backoff of 0.75-1.25 s) would hold the request
+    # until 4.5 s after the failure.
+    assert attempts[1] - failed_at[0] < 3.0
+    assert summary.stats["handled"] == 1
+
+
+async def test_locks_taken_by_a_call_whose_answer_was_lost_do_not_hold_up_the_end(
+    storage: Path, dataset: Dataset
+) -> None:
+    """A get-head-and-lock applied but unanswered leaves orphan locks: they are freed when idle, not waited out."""
+    handled: Counter[str] = Counter()
+
+    async def handle(ctx: Context) -> None:
+        handled[ctx.url] += 1
+
+    urls = [f"https://a.example/{i}" for i in range(3)]
+    async with faulty_server(storage / "server") as (url, plan):
+        api = await api_queue(url, timeout=1.0)
+        await seed(api, urls)
+        plan.add(Rule("POST", HEAD_LOCK, stall_after=5.0))  # locks applied, the answer comes after the timeout
+        with anyio.fail_after(20):  # the orphans' locks (60 s) would otherwise be waited out
+            await run(api, handle, dataset, workers=fast(lock_secs=60.0))
+        info = await api.get_info()
+        await api.aclose()
+    assert set(handled) == set(urls)
+    assert info.handled_request_count == 3
+
+
+async def test_shutdown_ends_within_grace_plus_ten_seconds_whatever_stalls(storage: Path, dataset: Dataset) -> None:
+    """A handled mark and give-backs that never answer cannot stretch a graceful stop past grace + 10 s."""
+    started = anyio.Event()
+
+    async def handle(ctx: Context) -> None:
+        started.set()
+
+    stopper = Stopper()
+    plan: FaultPlan
+    async with faulty_server(storage / "server") as (url, plan):
+        api = await api_queue(url, timeout=120.0, max_retries=0)
+        await seed(api, [f"https://a.example/{i}" for i in range(10)])
+        plan.add(Rule("PUT", PUT_REQUEST, times=100, stall_before=300.0))
+        plan.add(Rule("DELETE", LOCK, times=100, stall_before=300.0))
+        plan.add(Rule("POST", r"/requests/unlock$", times=100, stall_before=300.0))
+
+        async def stop_soon() -> None:
+            await started.wait()
+            stopper.stop("test")
+
+        grace = 1.0
+        with anyio.fail_after(grace + 10 + 5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stop_soon)
+                began = anyio.current_time()
+                summary = await run(api, handle, dataset, workers=fast(grace=grace, concurrency=2), stopper=stopper)
+                took = anyio.current_time() - began
+        await api.aclose()
+    assert summary.reason == "test"
+    assert took <= grace + 10
