@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 import structlog
 
@@ -36,6 +37,8 @@ from runner import (
     request_id_for,
     run,
 )
+from runner.commit import Committer, RetryPolicy
+from runner.context import make_draft
 from runner.dataset import encode_item, read_items
 from runner.heartbeat import keep_alive
 from runner.leases import Leases
@@ -83,6 +86,11 @@ def dataset(storage: Path):  # type: ignore[no-untyped-def]
 async def api_queue(base_url: str, **options: Any) -> ApiQueue:
     """The served `default` queue over HTTP, with short timeouts and quick retries."""
     return await ApiQueue.open(base_url=base_url, token=None, name="default", **options)
+
+
+async def items_of(dataset: Dataset) -> list[dict[str, Any]]:
+    """The dataset's items, read off the event loop."""
+    return await anyio.to_thread.run_sync(read_items, dataset.path)
 
 
 def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -229,7 +237,7 @@ async def test_an_item_json_cannot_represent_is_the_handlers_error(
     assert request.retry_count == 2
     assert all(m.startswith("InvalidItemError: ") for m in request.error_messages)
     assert (summary.stats["handled"], summary.stats["failed"]) == (1, 1)
-    assert read_items(dataset.path) == [{"url": "https://a.example/2"}]
+    assert await items_of(dataset) == [{"url": "https://a.example/2"}]
 
 
 async def test_a_circular_item_is_refused_by_push_data() -> None:
@@ -257,18 +265,19 @@ async def test_a_full_disk_fails_the_attempt_and_never_leaves_a_partial_line(
     queue: SqliteQueue, dataset: Dataset
 ) -> None:
     """Items that do not fit on the disk fail that attempt (recorded, retried): the file holds only whole lines."""
-    dataset.push([{"filler": "x" * 1000}] * 900)  # about 900 KB already there
+    await anyio.to_thread.run_sync(dataset.push, [{"filler": "x" * 1000}] * 900)  # about 900 KB already there
     big = "y" * 60_000
 
     async def handle(ctx: Context) -> None:
         await ctx.push_data([{"url": ctx.url, "big": big}] * 3)
 
     await seed(queue, [URL])
-    size = dataset.path.stat().st_size
+    path = anyio.Path(dataset.path)
+    size = (await path.stat()).st_size
     with file_size_limit(size + 100_000), anyio.fail_after(20):
         summary = await run(queue, handle, dataset, workers=fast(max_retries=1))
-    assert dataset.path.stat().st_size == size  # nothing half-written stayed
-    assert all(line.endswith("}") for line in dataset.path.read_text().splitlines())
+    assert (await path.stat()).st_size == size  # nothing half-written stayed
+    assert all(line.endswith("}") for line in (await path.read_text()).splitlines())
     request = await queue.get_request(RID)
     assert request is not None
     assert request.retry_count == 2
@@ -450,3 +459,95 @@ async def test_shutdown_ends_within_grace_plus_ten_seconds_whatever_stalls(stora
         await api.aclose()
     assert summary.reason == "test"
     assert took <= grace + 10
+
+
+# -- the guards, each with a test that fails without it (see tests/mutation.py) -------------------------------
+
+
+async def test_nothing_is_committed_under_a_lease_whose_lock_ran_out(queue: SqliteQueue, dataset: Dataset) -> None:
+    """The committer's fence: a lease past its expiry stores no item, adds no link and marks nothing handled."""
+    await seed(queue, [URL])
+    head = await queue.lock_head(limit=1, lock_secs=30, client_key="k")
+    leases, stats = Leases(), RunStats()
+    committer = Committer(queue, leases, dataset, stats, client_key="k", policy=RetryPolicy())
+    lease = leases.add(head.items[0], anyio.current_time() - 0.001)  # our reckoning says it ran out
+    leases.start(lease, anyio.CancelScope())
+    ok = await committer.succeed(lease, {False: [make_draft("https://a.example/child")]}, [encode_item({"a": 1})])
+    assert not ok
+    request = await queue.get_request(RID)
+    assert request is not None
+    assert request.handled_at is None
+    assert await items_of(dataset) == []
+    assert RID not in leases
+    assert stats.lost == 1
+
+
+async def test_a_lease_whose_prolongs_keep_failing_is_lost_when_its_lock_runs_out(storage: Path) -> None:
+    """Prolongs answered 503 every time: the lease is lost at its expiry (its handler cancelled), not kept on."""
+    async with faulty_server(storage / "server") as (url, plan):
+        api = await api_queue(url, timeout=5.0, max_retries=0)
+        await seed(api, [URL])
+        head = await api.lock_head(limit=1, lock_secs=30, client_key="k")
+        plan.add(Rule("PUT", LOCK, times=1000, answer=503))
+        leases, stats = Leases(), RunStats()
+        lease = leases.add(head.items[0], anyio.current_time() + 1.5)
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(keep_alive, api, leases, stats, client_key="k", lock_secs=2.0))
+            with anyio.fail_after(10):
+                await leases.wait_changed(until=lambda: lease.lost)
+            tg.cancel_scope.cancel()
+        await api.aclose()
+    assert lease.lost
+    assert lease.expired
+    assert anyio.current_time() >= lease.expires_at
+    assert plan.count("PUT", LOCK) >= 1
+
+
+async def test_a_retry_waits_for_its_backoff(queue: SqliteQueue, dataset: Dataset) -> None:
+    """A failed request is attempted again only after the retry backoff (base 1 s: at least 0.75 s later)."""
+    attempts: list[float] = []
+    failed_at: list[float] = []
+
+    async def once_failing(ctx: Context) -> None:
+        attempts.append(anyio.current_time())
+        if len(attempts) == 1:
+            failed_at.append(anyio.current_time())
+            raise RuntimeError("first")
+
+    await seed(queue, [URL])
+    with anyio.fail_after(20):
+        await run(queue, once_failing, dataset, workers=fast(retry_backoff=1.0))
+    assert len(attempts) == 2
+    assert attempts[1] - failed_at[0] >= 0.75
+
+
+async def test_requests_given_back_on_shutdown_keep_their_place_at_the_front(
+    queue: SqliteQueue, dataset: Dataset
+) -> None:
+    """Prefetched requests released by a graceful stop go back to the head, ahead of the requests never locked."""
+    release = anyio.Event()
+    started: list[str] = []
+
+    async def handle(ctx: Context) -> None:
+        started.append(ctx.url)
+        if len(started) == 2:
+            stopper.stop("test")
+        await release.wait()
+
+    urls = [f"https://a.example/{i:02d}" for i in range(20)]
+    await seed(queue, urls)
+    stopper = Stopper()
+
+    async def let_go() -> None:
+        await stopper.graceful.wait()
+        release.set()
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(let_go)
+            summary = await run(queue, handle, dataset, workers=fast(concurrency=2, prefetch=5), stopper=stopper)
+    given_back = summary.stats["given_back"]
+    assert given_back == 5
+    head = await queue.lock_head(limit=given_back, lock_secs=30, client_key="after")
+    # The five prefetched ones (locked right after the two started) come first, not the 13 never locked.
+    assert sorted(r.url for r in head.items) == urls[2:7]
