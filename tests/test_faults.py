@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import httpx
 import pytest
 import structlog
 
@@ -41,10 +42,11 @@ from runner.commit import Committer, RetryPolicy
 from runner.context import make_draft
 from runner.dataset import encode_item, read_items
 from runner.heartbeat import keep_alive
-from runner.leases import Leases
+from runner.leases import Lease, Leases
 from runner.models import utc_now
 from runner.queue.api import ApiQueue
 from runner.stats import RunStats
+from runner.worker import Worker
 from tests._faults import FaultPlan, Rule, faulty_server
 
 pytestmark = pytest.mark.anyio
@@ -551,3 +553,73 @@ async def test_requests_given_back_on_shutdown_keep_their_place_at_the_front(
     head = await queue.lock_head(limit=given_back, lock_secs=30, client_key="after")
     # The five prefetched ones (locked right after the two started) come first, not the 13 never locked.
     assert sorted(r.url for r in head.items) == urls[2:7]
+
+
+async def test_a_lease_that_ran_out_while_buffered_is_not_run(queue: SqliteQueue, dataset: Dataset) -> None:
+    """A worker given a lease whose lock already ran out (by our reckoning) neither runs the handler nor commits."""
+    ran: list[str] = []
+
+    async def handle(ctx: Context) -> None:
+        ran.append(ctx.url)
+
+    await seed(queue, [URL])
+    head = await queue.lock_head(limit=1, lock_secs=30, client_key="k")
+    leases, stats = Leases(), RunStats()
+    committer = Committer(queue, leases, dataset, stats, client_key="k", policy=RetryPolicy())
+    send, receive = anyio.create_memory_object_stream[Lease](1)
+    send.send_nowait(leases.add(head.items[0], anyio.current_time() - 0.001))
+    send.close()
+    async with httpx.AsyncClient() as http:
+        await Worker(handle, committer, http, {}, 10.0).run(receive)
+    assert ran == []
+    assert stats.lost == 1
+    request = await queue.get_request(RID)
+    assert request is not None
+    assert (request.handled_at, request.retry_count) == (None, 0)
+
+
+async def test_a_lease_the_queue_refuses_is_dropped_not_recorded_as_an_attempt(
+    storage: Path, queue: SqliteQueue, dataset: Dataset
+) -> None:
+    """A prolong refused (another client holds the lock) cancels the handler; the attempt is neither recorded nor
+    re-proved, and the new holder's lock is left alone."""
+    started, cancelled = anyio.Event(), anyio.Event()
+    thief = SqliteQueue.open(storage, "default")
+    stopper = Stopper()
+
+    async def handle(ctx: Context) -> None:
+        started.set()
+        try:
+            await anyio.sleep(30)
+        finally:
+            cancelled.set()
+
+    async def steal() -> None:
+        await started.wait()
+        await thief.unlock_requests(client_key="victim")
+        await thief.lock_head(limit=1, lock_secs=30, client_key="thief")
+        await cancelled.wait()
+        stopper.stop("test")  # the run would otherwise wait for the thief's lock to run out
+
+    await seed(queue, [URL])
+    with structlog.testing.capture_logs() as logs, anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(steal)
+            summary = await run(
+                queue,
+                handle,
+                dataset,
+                workers=fast(client_key="victim", lock_secs=1.0),
+                stopper=stopper,
+            )
+    locks = await queue.locks()
+    await thief.aclose()
+    assert summary.stats["lost"] == 1
+    dropped = events(logs, "lease.dropped")
+    assert dropped
+    assert all("not locked by this client" in e["reason"] for e in dropped)
+    assert not events(logs, "lease.reclaim_failed")
+    assert [(rid, holder) for rid, holder, _ in locks] == [(RID, "thief")]
+    request = await queue.get_request(RID)
+    assert request is not None
+    assert request.retry_count == 0

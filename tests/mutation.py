@@ -1,0 +1,236 @@
+"""The guards' mutation check: remove each safety check in turn and show that a test fails without it.
+
+    python -m tests.mutation            # every mutant (about ten minutes on 2 cores)
+    python -m tests.mutation --list     # their names
+    python -m tests.mutation fence-committer heartbeat-bound   # some of them
+
+Each mutant replaces one exact snippet of one module (the guard) with a version that skips it, in a copy of the
+checkout (the working tree is never touched), then runs the tests named for it. The mutant is "killed" when they
+fail. Exit code 0 when every mutant is killed, 1 when one survives (its guard is untested), 2 when a snippet is no
+longer found (the guard moved: update the mutant) or its tests could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FAULTS = "tests/test_faults.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One guard removed: `original` in `path` becomes `mutated`; `tests` must then fail."""
+
+    name: str
+    path: str
+    original: str
+    mutated: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant(
+        "worker-expired",
+        "runner/worker.py",
+        "        if lease.lost or anyio.current_time() >= lease.expires_at:\n",
+        "        if lease.lost:\n",
+        (f"{FAULTS}::test_a_handler_blocking_the_event_loop_ends_after_max_retries_and_says_so",),
+    ),
+    Mutant(
+        "worker-lost",
+        "runner/worker.py",
+        "        if lease.lost and not lease.expired:\n",
+        "        if False:\n",
+        (f"{FAULTS}::test_a_lease_the_queue_refuses_is_dropped_not_recorded_as_an_attempt",),
+    ),
+    Mutant(
+        "worker-start-unproved",
+        "runner/worker.py",
+        "        if not lease.valid(started):\n",
+        "        if False:\n",
+        (f"{FAULTS}::test_a_lease_that_ran_out_while_buffered_is_not_run",),
+    ),
+    Mutant(
+        "fence-committer",
+        "runner/commit.py",
+        "        if self.leases.get(lease.request.id) is not lease or not lease.valid(anyio.current_time()):\n",
+        "        if False:\n",
+        (f"{FAULTS}::test_nothing_is_committed_under_a_lease_whose_lock_ran_out",),
+    ),
+    Mutant(
+        "fence-store",
+        "runner/queue/sqlite.py",
+        "        if fenced:\n            _check_holder(row, client_key, fenced)\n",
+        "",
+        (f"{FAULTS}::test_a_lost_leases_late_failure_is_not_written_over_the_new_holders_outcome",),
+    ),
+    Mutant(
+        # The commit lets go of its lease whatever happens (here: the `finally` of `succeed`, the path a commit
+        # timeout interrupts).
+        "commit-lets-go",
+        "runner/commit.py",
+        "            await self._abandon(lease, exc)\n            return False\n"
+        "        finally:\n            self.leases.remove(lease)\n        self.stats.handled += 1\n",
+        "            await self._abandon(lease, exc)\n            return False\n"
+        "        self.leases.remove(lease)\n        self.stats.handled += 1\n",
+        (f"{FAULTS}::test_a_commit_that_outlives_its_timeout_lets_go_of_the_lease",),
+    ),
+    Mutant(
+        "heartbeat-bound",
+        "runner/heartbeat.py",
+        "                with anyio.fail_after(max(lease.expires_at - started, 0)):\n",
+        "                with anyio.fail_after(None):\n",
+        (f"{FAULTS}::test_one_stalled_prolong_does_not_hold_back_the_others",),
+    ),
+    Mutant(
+        "heartbeat-failing-prolongs",
+        "runner/heartbeat.py",
+        "            except TimeoutError:\n                _lose(",
+        "            except TimeoutError:\n                return\n                _lose(",
+        (f"{FAULTS}::test_a_lease_whose_prolongs_keep_failing_is_lost_when_its_lock_runs_out",),
+    ),
+    Mutant(
+        "heartbeat-waits-for-each-beat",
+        "runner/heartbeat.py",
+        "                    beats.start_soon(partial(prolong, lease=lease, limiter=limiter))\n",
+        "                    await prolong(lease=lease, limiter=limiter)\n",
+        (f"{FAULTS}::test_one_stalled_prolong_does_not_hold_back_the_others",),
+    ),
+    Mutant(
+        "give-back-waits-for-prolong",
+        "runner/commit.py",
+        "            await lease.prolonging.wait()",
+        "            pass",
+        (f"{FAULTS}::test_a_prolong_in_flight_cannot_stretch_a_short_retry_backoff",),
+    ),
+    Mutant(
+        "retry-backoff",
+        "runner/commit.py",
+        "        if delay > 0:\n",
+        "        if False:\n",
+        (f"{FAULTS}::test_a_retry_waits_for_its_backoff",),
+    ),
+    Mutant(
+        "retry-after",
+        "runner/queue/api.py",
+        "        if requested is not None:\n            return min(requested, self.max_retry_after)\n",
+        "",
+        (
+            "tests/test_api_backend.py::test_429_honours_retry_after",
+            "tests/test_api_faults.py::test_retry_after_spaces_the_next_attempt",
+        ),
+    ),
+    Mutant(
+        "api-backoff",
+        "runner/queue/api.py",
+        "        delay = self.base_delay * 2.0**attempt * random.uniform(1, 2)\n",
+        "        delay = self.base_delay * random.uniform(1, 2)\n",
+        ("tests/test_api_faults.py::test_backoff_delays_grow_exponentially",),
+    ),
+    Mutant(
+        "give-back-forefront",
+        "runner/shutdown.py",
+        "        await committer.queue.delete_lock(request_id, client_key=committer.client_key, forefront=True)\n",
+        "        await committer.queue.delete_lock(request_id, client_key=committer.client_key, forefront=False)\n",
+        (f"{FAULTS}::test_requests_given_back_on_shutdown_keep_their_place_at_the_front",),
+    ),
+    Mutant(
+        "give-back-stale-lease",
+        "runner/leases.py",
+        "        if stale is not None:\n",
+        "        if False:\n",
+        (f"{FAULTS}::test_a_request_handed_out_again_replaces_its_stale_lease_and_cancels_its_handler",),
+    ),
+    Mutant(
+        "lease-dated-from-attempt",
+        "runner/fetcher.py",
+        "            expires_at = (head.locked_at if head.locked_at is not None else started) + lock_secs\n",
+        "            expires_at = started + lock_secs\n",
+        (f"{FAULTS}::test_a_lock_taken_after_retries_is_dated_from_the_attempt_that_took_it",),
+    ),
+    Mutant(
+        "orphans-freed",
+        "runner/fetcher.py",
+        "                if await _free_orphans(queue, client_key):\n",
+        "                if False:\n",
+        (f"{FAULTS}::test_locks_taken_by_a_call_whose_answer_was_lost_do_not_hold_up_the_end",),
+    ),
+    Mutant(
+        "unknown-queue-fatal",
+        "runner/fetcher.py",
+        "            except (UnauthorizedError, InvalidInputError, NotFoundError):\n",
+        "            except (UnauthorizedError, InvalidInputError):\n",
+        (f"{FAULTS}::test_a_wrong_queue_id_stops_the_run_instead_of_retrying_forever",),
+    ),
+    Mutant(
+        "shutdown-bounded",
+        "runner/shutdown.py",
+        "                lease.commit_scope.deadline = min(lease.commit_scope.deadline, cut)\n",
+        "                pass\n",
+        (f"{FAULTS}::test_shutdown_ends_within_grace_plus_ten_seconds_whatever_stalls",),
+    ),
+]
+
+
+def _copy_checkout(into: Path) -> None:
+    """Copy the project's sources (not the venv, git data or caches) to `into`."""
+    ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.pyc", "storage", ".pytest_cache", ".*_cache")
+    shutil.copytree(ROOT, into, ignore=ignore, dirs_exist_ok=True)
+
+
+def run_mutant(mutant: Mutant, *, timeout: float = 240) -> tuple[str, float]:
+    """Apply `mutant` to a fresh copy and run its tests: `killed`, `SURVIVED` or `missing`, and the seconds taken."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"headlock-mutant-{mutant.name}-") as tmp:
+        copy = Path(tmp)
+        _copy_checkout(copy)
+        target = copy / mutant.path
+        source = target.read_text()
+        if source.count(mutant.original) != 1:
+            return "missing", time.monotonic() - started
+        target.write_text(source.replace(mutant.original, mutant.mutated))
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--timeout", "90"]
+        try:
+            result = subprocess.run(
+                [*command, *mutant.tests], cwd=copy, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return "killed", time.monotonic() - started  # hung without the guard: that is a failure too
+        # pytest exits 1 when tests failed; anything else (a collection error, a crash) says nothing of the guard.
+        outcome = {0: "SURVIVED", 1: "killed"}.get(result.returncode, "error")
+        return outcome, time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen mutants (all by default) and print one line each."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for mutant in MUTANTS:
+            print(f"{mutant.name:32} {mutant.path}")
+        return 0
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    if unknown := set(args.names) - {m.name for m in MUTANTS}:
+        parser.error(f"unknown mutants: {', '.join(sorted(unknown))}")
+    outcomes = []
+    for mutant in chosen:
+        outcome, took = run_mutant(mutant)
+        outcomes.append(outcome)
+        print(f"{outcome:9} {mutant.name:32} {took:6.1f} s  {mutant.path}", flush=True)
+    if "missing" in outcomes or "error" in outcomes:
+        return 2
+    return 1 if "SURVIVED" in outcomes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
