@@ -420,9 +420,13 @@ async def test_forefront_batches_come_first_most_recent_first(store: SqliteQueue
 
 @pytest.mark.anyio
 async def test_lock_head_returns_complete_requests_up_to_limit(store: SqliteQueue) -> None:
-    """lock_head locks at most `limit` requests and returns them with userData and the lock duration."""
+    """lock_head locks at most `limit` requests and returns them with userData, the lock duration and when the call
+    was sent (`locked_at`, on anyio's clock)."""
     await add(store, 1, 2, 3)
+    before = anyio.current_time()
     head = await store.lock_head(limit=2, lock_secs=LONG, client_key=A)
+    assert head.locked_at is not None
+    assert before <= head.locked_at <= anyio.current_time()
     assert [r.user_data for r in head.items] == [{"n": "1"}, {"n": "2"}]
     assert [r.id for r in head.items] == [request_id_for(url(1)), request_id_for(url(2))]
     assert head.lock_secs == LONG

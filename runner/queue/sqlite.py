@@ -669,12 +669,16 @@ class SqliteQueue:
         if not 1 <= limit <= MAX_LOCK_LIMIT:
             raise InvalidInputError(f"limit must be 1-{MAX_LOCK_LIMIT}, got {limit}", endpoint=endpoint)
         _check_lock_secs(lock_secs, endpoint)
-        head, quarantined = await self._run(self._lock_head, limit, lock_secs, client_key, endpoint=endpoint)
+        # The locks are taken at or after this moment, so they expire `lock_secs` after it at the earliest.
+        locked_at = anyio.current_time()
+        head, quarantined = await self._run(self._lock_head, limit, lock_secs, client_key, locked_at, endpoint=endpoint)
         for request_id, reason in quarantined:  # logged once committed
             _log.warning("queue.request_quarantined", request_id=request_id, reason=reason, path=str(self.path))
         return head
 
-    def _lock_head(self, limit: int, lock_secs: float, client_key: str) -> tuple[LockedHead, list[tuple[str, str]]]:
+    def _lock_head(
+        self, limit: int, lock_secs: float, client_key: str, locked_at: float
+    ) -> tuple[LockedHead, list[tuple[str, str]]]:
         """Lock and read the head; also return `(request_id, reason)` of each row it quarantined (see `lock_head`)."""
         now = self._clock()
         expires = now + int(lock_secs * 1_000_000)
@@ -709,6 +713,7 @@ class SqliteQueue:
             lock_secs=lock_secs,
             queue_has_locked_requests=bool(has_locks),
             had_multiple_clients=bool(multiple),
+            locked_at=locked_at,
             quarantined=len(quarantined),
         )
         return head, quarantined
