@@ -219,8 +219,7 @@ async def test_corrupt_file_raises_queue_unavailable_naming_path(tmp_path: Path)
 
 @pytest.mark.anyio
 async def test_foreign_sqlite_file_raises_queue_unavailable_until_it_is_a_queue(tmp_path: Path) -> None:
-    """A SQLite file with a different `requests` table is refused by the first call, naming the path; once the
-    table is gone the next call creates the queue."""
+    """A SQLite file of something else is refused by each call, naming the path, until it can hold the queue."""
     path = tmp_path / "q.sqlite"
     async with raw_connection(path) as raw:
         await raw.execute("CREATE TABLE requests (id TEXT PRIMARY KEY, body TEXT)")
@@ -240,8 +239,7 @@ async def test_foreign_sqlite_file_raises_queue_unavailable_until_it_is_a_queue(
 
 @pytest.mark.anyio
 async def test_open_takes_no_lock_and_the_first_call_waits_off_the_event_loop(tmp_path: Path) -> None:
-    """Opening a file another connection holds write-locked returns at once; the first call waits for the lock in
-    the store's thread while the event loop goes on, and succeeds once the lock is gone."""
+    """Opening a write-locked file returns at once; the first call waits in the store's thread, the loop runs on."""
     path = queue_path(tmp_path, "q")
     first = SqliteQueue(path)
     await add(first, 1)
@@ -288,8 +286,7 @@ def nested(depth: int) -> dict[str, object]:
 @pytest.mark.parametrize("depth", [150, 200, 250])  # the JSON parser stops at 200 levels in all (3 above these)
 @pytest.mark.anyio
 async def test_deeply_nested_user_data_reads_back(store: SqliteQueue, depth: int) -> None:
-    """userData nested past the JSON parser's depth limit (200) but within what the store writes reads back whole:
-    lock_head, get_request and list_head return it and the head behind it is not blocked."""
+    """userData nested past the JSON parser's 200 levels reads back whole and does not block the head."""
     deep = RequestDraft(unique_key=url("deep"), url=url("deep"), user_data={"n": "deep", "x": nested(depth)})
     await store.batch_add([deep], client_key=A)
     await add(store, 1)
@@ -334,8 +331,10 @@ DAMAGE: dict[str, tuple[bytes, str, str, int, list[str]]] = {
 async def test_an_unreadable_row_is_quarantined_and_the_rest_of_the_head_is_locked(
     store: SqliteQueue, damage: tuple[bytes, str, str, int, list[str]]
 ) -> None:
-    """lock_head ends a row that cannot be read as handled-failed (original text kept, reason logged and counted)
-    and locks and returns the rest of the batch; a read of the row before that raises QueueUnavailableError."""
+    """lock_head ends an unreadable row as failed (text kept, logged, counted) and returns the rest of the batch.
+
+    Before that, `get_request` of the row raises QueueUnavailableError and `list_head` shows what can be read.
+    """
     raw_data, unique_key, salvaged_url, retry_count, messages = damage
     rid1, rid2, rid3 = await add(store, 1, 2, 3)
     async with raw_connection(store.path) as raw:
@@ -371,8 +370,7 @@ async def test_an_unreadable_row_is_quarantined_and_the_rest_of_the_head_is_lock
 async def test_a_head_of_unreadable_rows_is_quarantined_and_the_rows_behind_it_fill_the_batch(
     store: SqliteQueue,
 ) -> None:
-    """When more rows than `limit` at the head are unreadable, one lock_head quarantines them all and still
-    returns `limit` readable requests from behind them."""
+    """More unreadable rows than `limit` at the head are all quarantined, and readable ones fill the batch."""
     ids = await add(store, *range(25))
     await add(store, *range(25, 30))
     async with raw_connection(store.path) as raw:
@@ -420,8 +418,7 @@ async def test_forefront_batches_come_first_most_recent_first(store: SqliteQueue
 
 @pytest.mark.anyio
 async def test_lock_head_returns_complete_requests_up_to_limit(store: SqliteQueue) -> None:
-    """lock_head locks at most `limit` requests and returns them with userData, the lock duration and when the call
-    was sent (`locked_at`, on anyio's clock)."""
+    """lock_head locks at most `limit` requests; returns them with userData, lockSecs and `locked_at`."""
     await add(store, 1, 2, 3)
     before = anyio.current_time()
     head = await store.lock_head(limit=2, lock_secs=LONG, client_key=A)
@@ -682,8 +679,7 @@ async def test_a_backward_wall_clock_step_does_not_lengthen_locks(tmp_path: Path
 
 @pytest.mark.anyio
 async def test_a_forward_wall_clock_step_does_not_expire_locks_early(tmp_path: Path) -> None:
-    """After the wall clock steps forward an hour, a 2 s lock stays its holder's, for this store and for another
-    one opened on the file before the step, until 2 s of monotonic time have passed."""
+    """After a 1 h forward wall-clock step a 2 s lock is held for 2 s of monotonic time, for two stores."""
     time_ = SteppedTime()
     path = tmp_path / "q.sqlite"
     mine, other = SqliteQueue(path, clock=time_.clock()), SqliteQueue(path, clock=time_.clock())
@@ -709,8 +705,7 @@ async def test_a_forward_wall_clock_step_does_not_expire_locks_early(tmp_path: P
 
 @pytest.mark.anyio
 async def test_stores_with_different_wall_clocks_follow_the_one_ahead(tmp_path: Path) -> None:
-    """A store whose wall clock is an hour behind writes after the file's last time: FIFO holds across the two,
-    and a lock it takes lasts its length on the other's clock."""
+    """A store whose wall clock is 1 h behind follows the file's time: FIFO and lock lengths hold across stores."""
     ahead, behind = SteppedTime(), SteppedTime()
     behind.wall -= 3600 * 10**9
     path = tmp_path / "q.sqlite"
@@ -863,8 +858,7 @@ async def test_update_does_not_store_echoed_lock_fields(store: SqliteQueue) -> N
 async def test_fenced_update_after_another_client_took_the_expired_lock_raises_and_writes_nothing(
     tmp_path: Path,
 ) -> None:
-    """A fenced failure record or handled mark from a client whose expired lock another took raises LockLostError;
-    the request stays pending, locked by the other, with its stored body."""
+    """A fenced update after another client retook the expired lock raises LockLostError and writes nothing."""
     time_ = SteppedTime()
     queue = SqliteQueue(tmp_path / "q.sqlite", clock=time_.clock())
     try:
@@ -888,8 +882,7 @@ async def test_fenced_update_after_another_client_took_the_expired_lock_raises_a
 
 @pytest.mark.anyio
 async def test_fenced_update_of_a_request_another_client_handled_keeps_it_handled(tmp_path: Path) -> None:
-    """A fenced failure record (no handledAt) for a request another client handled raises LockLostError and does
-    not make it pending again."""
+    """A fenced failure record for a request another client handled raises LockLostError; it stays handled."""
     time_ = SteppedTime()
     queue = SqliteQueue(tmp_path / "q.sqlite", clock=time_.clock())
     try:
@@ -914,8 +907,7 @@ async def test_fenced_update_of_a_request_another_client_handled_keeps_it_handle
 
 @pytest.mark.anyio
 async def test_fenced_update_of_an_unlocked_or_unknown_request_is_refused(store: SqliteQueue) -> None:
-    """A fenced update of a request nobody locked raises LockLostError; of an unknown id, NotFoundError; neither
-    stores anything."""
+    """A fenced update of an unlocked request raises LockLostError, of an unknown id NotFoundError; none stores."""
     await add(store, 1)
     with pytest.raises(LockLostError, match="not locked by this client"):
         await store.update_request(stored(1, retry_count=5), client_key=A, lock_required=True)
@@ -933,8 +925,7 @@ async def test_fenced_update_of_an_unlocked_or_unknown_request_is_refused(store:
 async def test_fenced_update_by_the_holder_of_an_expired_lock_nobody_retook_applies_and_keeps_the_lock(
     tmp_path: Path,
 ) -> None:
-    """The holder of an expired lock nobody retook may still write its failure record (fenced) and then release
-    the lock it still holds."""
+    """The holder of an expired lock nobody retook may write a fenced update and then release its lock."""
     time_ = SteppedTime()
     queue = SqliteQueue(tmp_path / "q.sqlite", clock=time_.clock())
     try:
@@ -1089,8 +1080,7 @@ def wal_restarts(wal: Path) -> int:
 
 @pytest.mark.anyio
 async def test_wal_starts_over_under_sustained_writes_and_folds_in_at_close(tmp_path: Path) -> None:
-    """The store's commits drive the checkpoints: the WAL starts over while writes go on, and the last connection
-    folds it into the file at close.
+    """The store's commits drive checkpoints: the WAL starts over while writes go on and folds in at close.
 
     How many commits a checkpoint round spans (so how large the WAL grows) depends on how long its syncs take,
     which a loaded disk stretches to seconds: that is not asserted. That each round ends with the WAL starting over
@@ -1119,8 +1109,10 @@ async def test_wal_starts_over_under_sustained_writes_and_folds_in_at_close(tmp_
 
 
 def test_checkpoint_catch_up_starts_the_wal_over_at_the_next_write(tmp_path: Path) -> None:
-    """While a writer commits back to back, each checkpoint ends with a pass between two of its writes (it waits for
-    it on `writing`), and the write after that pass starts the WAL over."""
+    """A writer that waited for the checkpointer's last pass starts the WAL over with its next write.
+
+    The writer commits back to back, as the store does: each transaction inside `writing`, then `committed()`.
+    """
     path = tmp_path / "c.sqlite"
     wal = path.with_name(path.name + "-wal")
     db = sqlite3.connect(path, isolation_level=None)

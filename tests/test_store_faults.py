@@ -150,8 +150,7 @@ def run_child(*args: object) -> dict[str, Outcome]:
 
 @pytest.mark.parametrize("big", [8 << 20, 512 << 10], ids=["spilled-page-cache", "failed-commit"])
 def test_a_group_commit_on_a_full_disk_reports_no_lost_write_as_stored(tmp_path: Path, big: int) -> None:
-    """On a full disk no call of a group commit reports a write the file lacks as done; each failure is a
-    QueueError naming its call; once there is room the store works again."""
+    """On a full disk no call of a group commit reports a lost write as done; each failure is a QueueError."""
     path = tmp_path / "q.sqlite"
     outcomes = run_child("group", path, big)
     with closing(sqlite3.connect(path)) as db:
@@ -198,8 +197,7 @@ def test_a_group_commit_on_a_full_disk_reports_no_lost_write_as_stored(tmp_path:
 
 
 def test_opening_on_a_full_disk_raises_queue_unavailable_and_the_next_call_sets_up(tmp_path: Path) -> None:
-    """A first call that cannot set the file up on a full disk raises QueueUnavailableError naming the path;
-    once there is room the next call sets it up and stores."""
+    """A first call on a full disk raises QueueUnavailableError naming the path; the next one, with room, works."""
     path = tmp_path / "q.sqlite"
     outcomes = run_child("open", path)
     first = outcomes["first"]
