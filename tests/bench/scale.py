@@ -170,7 +170,9 @@ async def build(storage: Path, big: int, small: int, lock_calls: int) -> dict[st
         results["enqueue_api"] = await enqueue_api(big_queue, big)
         await enqueue_api(small_queue, small)
         bulk_path = queue_path(storage, "bulk")
-        await SqliteQueue(bulk_path).aclose()  # creates the schema
+        schema = SqliteQueue(bulk_path)
+        await schema.get_info()  # the first call creates the schema
+        await schema.aclose()
         results["enqueue_bulk"] = enqueue_bulk(bulk_path, stored_template(queue_path(storage, "big")), big)
         bulk_queue = SqliteQueue(bulk_path)
         try:
