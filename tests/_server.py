@@ -59,7 +59,11 @@ async def serving_app(app: ASGIApp) -> AsyncIterator[str]:
     sock.bind(("127.0.0.1", 0))
     # Listening before the server task starts: clients that connect early wait in the backlog.
     sock.listen()
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+    # A bounded shutdown: connections still open STOP_TIMEOUT s after the block ends are dropped, not waited for.
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=int(STOP_TIMEOUT)
+    )
+    server = uvicorn.Server(config)
     with sock:
         async with anyio.create_task_group() as group:
             group.start_soon(server.serve, [sock])

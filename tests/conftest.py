@@ -1,4 +1,4 @@
-"""Shared fixtures: the anyio backend, a local test site, a way to run the real `headlock` CLI, and polling."""
+"""Shared fixtures: the anyio backend, a blocking-call detector, a local test site, the real CLI, and polling."""
 
 from __future__ import annotations
 
@@ -9,14 +9,168 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import pytest
+from blockbuster import BlockBuster, BlockBusterFunction
 
 from handlers.demo_site import serve_site
 
 ROOT = Path(__file__).resolve().parent.parent
+
+_SCANNED = ["runner", "handlers", "tests"]
+"""A blocking call is reported when one of these packages is on its stack: our code, or a test calling a library."""
+
+_ALSO_WATCHED = ["os.utime", "fcntl.flock"]
+"""Calls blockbuster does not patch that our loop code makes: the health beat's utime, the dataset's file lock."""
+
+_Allowance = tuple[Iterable[str], str, Iterable[str]]
+"""(blocking calls, file, functions): the calls may block while one of the functions of that file is on the stack."""
+
+_ON_THE_LOOP_BY_DESIGN: list[_Allowance] = [
+    # One write() to an O_APPEND descriptor: it lands in the page cache in microseconds, cheaper than a thread hop
+    # (Dataset's docstring). `push` writes through `push_lines`, the committer calls `push_lines` itself.
+    (["os.write"], "runner/dataset.py", ["push", "push_lines"]),
+    # One utime() per liveness beat, at most every LIVENESS_EVERY seconds: cheaper than a thread hop
+    # (runner/heartbeat.py `_touch_health`, runner/health.py's docstring).
+    (["os.utime"], "runner/health.py", ["touch"]),
+]
+
+_MAKES_A_DIRECTORY = ["os.mkdir", "os.stat"]  # Path.mkdir(parents=True, exist_ok=True)
+_READS_A_FILE = ["os.stat", "io.TextIOWrapper.read", "io.BufferedReader.read"]
+_WRITES_A_FILE = ["io.TextIOWrapper.write", "io.BufferedWriter.write"]
+
+# TEMPORARY. Blocking calls on the event loop in runner/ and handlers/, allowed only until they are fixed; each one
+# that runs is listed at the end of the session ("blocking calls on the event loop, allowed until fixed"). Remove an
+# entry when its fix lands: the tests that reach the call then fail if it still blocks.
+_PENDING_RUNTIME_FIXES: list[_Allowance] = [
+    # Dataset.push_lines: the exclusive flock around the write waits for any other process appending to the same
+    # dataset. Documented with the write, but not one of the two calls on the loop by design: decide which it is.
+    (["fcntl.flock"], "runner/dataset.py", ["push_lines"]),
+    # health.touch: the first beat creates the health file's directory when it is missing.
+    (_MAKES_A_DIRECTORY, "runner/health.py", ["touch"]),
+    # run() -> default_http_client: the first aiohttp run imports httpx_aiohttp, which reads package metadata.
+    (["os.listdir", *_READS_A_FILE], "runner/runtime.py", ["default_http_client"]),
+    # Dataset.__init__ (so Dataset.open): mkdir of datasets/ (and an os.open, which blockbuster does not watch).
+    # The CLI's `_run` opens the dataset on the loop, as does tests/test_metrics.py.
+    (_MAKES_A_DIRECTORY, "runner/dataset.py", ["__init__"]),
+    # PrometheusMetrics.serve: leaving the block, server.shutdown() waits up to its 0.5 s poll for serve_forever.
+    # The CLI's `_run` serves metrics on the loop, as does tests/test_metrics.py.
+    (["threading.Lock.acquire"], "runner/metrics.py", ["serve"]),
+]
+
+# TEMPORARY. The same for test code in files other people own (the fix: read, write or stat files off the loop with
+# `anyio.to_thread.run_sync` or `anyio.Path`, or before the loop starts). Also listed at the end of the session.
+_PENDING_TEST_FIXES: list[_Allowance] = [
+    # generate_latest() in async tests: prometheus-client's process collector reads /proc.
+    (
+        ["os.listdir", "io.BufferedReader.read"],
+        "tests/test_metrics.py",
+        [
+            "test_a_run_reports_its_counters_and_store_calls",
+            "test_metrics_objects_keep_separate_registries_and_counters_never_go_back",
+            "test_api_queue_reports_every_http_attempt_by_endpoint_and_status",
+        ],
+    ),
+    # health.exists(), health.unlink() and check_health() on the loop.
+    (
+        ["os.stat", "os.unlink"],
+        "tests/test_metrics.py",
+        ["test_heartbeat_touches_the_health_file_with_nothing_to_prolong"],
+    ),
+    # api_config() writes the config file and read_items() reads the dataset, on the loop.
+    (
+        [*_WRITES_A_FILE, *_READS_A_FILE],
+        "tests/test_http_e2e.py",
+        ["test_crawl_completes_despite_20_percent_faulty_queue_calls"],
+    ),
+]
+
+_PENDING_HITS = pytest.StashKey[dict[tuple[str, str, str], Counter[str]]]()
+"""(call, file, function) of a pending allowance -> how often each test made that call."""
+
+
+@pytest.fixture(autouse=True)
+def blockbuster(request: pytest.FixtureRequest) -> Iterator[BlockBuster]:
+    """Fail a test whose event loop blocks: file, socket, sqlite, lock or sleep calls with our code on the stack.
+
+    Autouse, as in anyio's own suite; it acts only while an event loop runs in the calling thread, so it covers
+    async tests and fixtures and the `anyio.run` of sync tests, and never what runs in a worker thread.
+    """
+    hits = request.config.stash.setdefault(_PENDING_HITS, {})
+    detector = BlockBuster(_SCANNED)
+    for name in _ALSO_WATCHED:
+        detector.functions[name] = BlockBusterFunction(None, name, scanned_modules=_SCANNED)
+    for calls, file, functions in _ON_THE_LOOP_BY_DESIGN:
+        for name in calls:
+            detector.functions[name].can_block_in(file, set(functions))
+    pending: dict[str, list[tuple[str, str]]] = {}
+    for calls, file, functions in (*_PENDING_RUNTIME_FIXES, *_PENDING_TEST_FIXES):
+        for name in calls:
+            pending.setdefault(name, []).extend((file, function) for function in functions)
+    for name, places in pending.items():
+        watched = detector.functions[name]
+        watched.can_block_predicate = _AllowedForNow(
+            name, watched, watched.can_block_predicate, places, hits, request.node.nodeid
+        )
+    detector.activate()  # after the changes above: activation captures the allowances
+    try:
+        yield detector
+    finally:
+        detector.deactivate()
+
+
+@dataclass(frozen=True)
+class _AllowedForNow:
+    """A blockbuster predicate: is the call let through by blockbuster itself, or only by a pending allowance?
+
+    The latter is noted in `hits` for the session summary.
+    """
+
+    name: str
+    watched: BlockBusterFunction
+    allowed: Callable[..., bool]
+    places: list[tuple[str, str]]
+    hits: dict[tuple[str, str, str], Counter[str]]
+    test: str
+
+    def __call__(self, *args: object, **kwargs: object) -> bool:
+        if self.allowed(*args, **kwargs):
+            return True
+        pending: tuple[str, str] | None = None
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            if any(
+                code.co_name in names and code.co_filename.endswith(file)
+                for file, names in self.watched.can_block_functions
+            ):
+                return True  # allowed anyway (blockbuster's own list, or on the loop by design): nothing to report
+            if pending is None:
+                pending = next(
+                    (p for p in self.places if code.co_name == p[1] and code.co_filename.endswith(p[0])), None
+                )
+            frame = frame.f_back
+        if pending is None:
+            return False
+        self.hits.setdefault((self.name, *pending), Counter())[self.test] += 1
+        return True
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """List the blocking calls the pending allowances let through in this session, with the tests that made them."""
+    hits = config.stash.get(_PENDING_HITS, {})
+    if not hits:
+        return
+    terminalreporter.section("blocking calls on the event loop, allowed until fixed")
+    for (name, file, function), tests in sorted(hits.items()):
+        first = ", ".join(list(tests)[:2]) + (", ..." if len(tests) > 2 else "")
+        terminalreporter.write_line(f"{name} in {file} {function}(): {sum(tests.values())} calls, {len(tests)} tests")
+        terminalreporter.write_line(f"    {first}")
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +240,18 @@ def run_config(path: Path, handler: str, attempts_file: Path, api: str | None = 
     lines += [f"{key} = {json.dumps(value)}" for key, value in workers.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def reaped(*procs: subprocess.Popen[str]) -> Iterator[None]:
+    """On the way out (a failed assert included), kill whichever of `procs` still runs and collect its exit."""
+    try:
+        yield
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=10)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:

@@ -7,13 +7,14 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from runner import SqliteQueue
 from runner.dataset import read_items
-from tests.conftest import headlock, run_config, start_headlock, wait_for
+from tests.conftest import headlock, reaped, run_config, start_headlock, wait_for
 
 
 def write_urls(path: Path, count: int, prefix: str = "https://a.example/p") -> Path:
@@ -27,6 +28,27 @@ def attempts(path: Path) -> Counter[str]:
     if not path.exists():
         return Counter()
     return Counter(line.split()[0] for line in path.read_text().splitlines() if line)
+
+
+def attempting_pids(path: Path) -> set[str]:
+    """The pids recorded by tests.sample_handlers, one per process that started a handler."""
+    if not path.exists():
+        return set()
+    return {fields[1] for fields in map(str.split, path.read_text().splitlines()) if len(fields) == 2}
+
+
+def logged(path: Path, event: str) -> list[dict[str, Any]]:
+    """The JSON log events named `event` written to `path` so far (a line still being written is left out)."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    found = (json.loads(line) for line in lines if line.endswith("\n") and f'"{event}"' in line)
+    return [record for record in found if record.get("event") == event]
+
+
+def progressed(path: Path, *, in_flight: int, prefetched: int) -> bool:
+    """Whether a `run.progress` event in `path` shows exactly `in_flight` handlers running and `prefetched` waiting."""
+    return any(e["in_flight"] == in_flight and e["prefetched"] == prefetched for e in logged(path, "run.progress"))
 
 
 async def read_queue_state(storage: Path, name: str = "default") -> tuple[int, int, list[tuple[str, str, object]]]:
@@ -72,16 +94,23 @@ def test_three_processes_on_one_queue_handle_each_request_once(tmp_path: Path) -
     count = 600
     assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", count)), cwd=tmp_path).returncode == 0
     log = tmp_path / "attempts.log"
-    config = run_config(tmp_path / "c.toml", "slow", log, concurrency=8, batch=5, options={"sleep": 0.05})
+    gate = tmp_path / "gate"
+    options = {"gate": str(gate), "sleep": 0.05}
+    config = run_config(tmp_path / "c.toml", "gated", log, concurrency=8, batch=5, options=options)
     procs = [start_headlock("run", "--config", str(config), cwd=tmp_path) for _ in range(3)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=90)
-        assert proc.returncode == 0, err[-2000:]
+    with reaped(*procs):
+        # Handlers wait at the gate until every process has started one, so the work is shared however unevenly
+        # the three start up (each holds at most 33 of the 600 meanwhile).
+        wait_for(lambda: len(attempting_pids(log)) == 3, 30, "each process to start a handler")
+        gate.touch()
+        for proc in procs:
+            _, err = proc.communicate(timeout=90)
+            assert proc.returncode == 0, err[-2000:]
     seen = attempts(log)
     assert len(seen) == count
     assert max(seen.values()) == 1
     assert len(read_items(tmp_path / "storage/datasets/default.jsonl")) == count
-    assert len({line.split()[1] for line in log.read_text().splitlines()}) > 1  # the work really was shared
+    assert attempting_pids(log) == {str(proc.pid) for proc in procs}
     total, handled, locks = queue_state(tmp_path / "storage")
     assert (total, handled, locks) == (count, count, [])
 
@@ -104,9 +133,10 @@ def test_heartbeat_keeps_slow_requests_locked_across_processes(tmp_path: Path) -
     )
     summaries = [tmp_path / f"summary{i}.json" for i in range(2)]
     procs = [start_headlock("run", "--config", str(config), "--summary", str(s), cwd=tmp_path) for s in summaries]
-    for proc in procs:
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err[-2000:]
+    with reaped(*procs):
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err[-2000:]
     seen = attempts(log)
     assert len(seen) == count
     assert max(seen.values()) == 1
@@ -120,29 +150,46 @@ def test_heartbeat_keeps_slow_requests_locked_across_processes(tmp_path: Path) -
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_crawl_drains_and_leaves_no_lock(tmp_path: Path, signum: signal.Signals) -> None:
-    """A signal mid-crawl: in-flight handlers finish, prefetched are given back, exit 128+signum within grace + 2 s."""
+    """A signal mid-crawl: the prefetched are given back, in-flight handlers finish, exit 128+signum, no lock left."""
     assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", 100)), cwd=tmp_path).returncode == 0
     log = tmp_path / "attempts.log"
-    grace = 4.0
+    gate = tmp_path / "gate"
+    grace = 30.0
     config = run_config(
-        tmp_path / "c.toml", "slow", log, concurrency=5, prefetch=10, grace=grace, options={"sleep": 1.5}
+        tmp_path / "c.toml", "gated", log, concurrency=5, prefetch=10, grace=grace, options={"gate": str(gate)}
     )
     summary = tmp_path / "summary.json"
-    proc = start_headlock("run", "--config", str(config), "--summary", str(summary), cwd=tmp_path)
-    wait_for(lambda: sum(attempts(log).values()) >= 5, 20, "five handlers to start")
-    proc.send_signal(signum)
-    sent = time.monotonic()
-    _, err = proc.communicate(timeout=grace + 10)
-    elapsed = time.monotonic() - sent
-    assert proc.returncode == 128 + signum, err[-2000:]
-    assert elapsed < grace + 2
+    events = tmp_path / "events.jsonl"
+    proc = start_headlock(
+        "run",
+        "--config",
+        str(config),
+        "--summary",
+        str(summary),
+        "--log-format",
+        "json",
+        cwd=tmp_path,
+        stderr=events,
+        HEADLOCK_PROGRESS_EVERY="0.2",
+    )
+    with reaped(proc):
+        # Handlers wait at the gate: when the signal comes, exactly 5 run and 10 wait, however fast the machine is.
+        wait_for(lambda: progressed(events, in_flight=5, prefetched=10), 30, "5 handlers running and 10 prefetched")
+        proc.send_signal(signum)
+        wait_for(lambda: logged(events, "shutdown.draining"), 10, "the drain to start")
+        gate.touch()
+        released = time.monotonic()
+        proc.communicate(timeout=grace + 10)
+    assert proc.returncode == 128 + signum, events.read_text()[-2000:]
+    # The drain ends when the last handler does, not at the grace deadline; half the grace is a generous bound.
+    assert time.monotonic() - released < grace / 2
+    [draining] = logged(events, "shutdown.draining")
+    assert (draining["given_back"], draining["in_flight"]) == (10, 5)
     result = json.loads(summary.read_text())
     assert result["reason"] == signum.name
-    assert result["handled"] >= 5  # the in-flight ones finished
-    assert result["given_back"] >= 1
-    _, handled, locks = queue_state(tmp_path / "storage")
-    assert locks == []
-    assert handled == result["handled"]
+    assert (result["handled"], result["given_back"]) == (5, 10)  # the in-flight ones finished, the rest went back
+    assert sum(attempts(log).values()) == 5  # nothing started after the signal
+    assert queue_state(tmp_path / "storage") == (100, 5, [])
 
 
 @pytest.mark.slow
@@ -150,19 +197,24 @@ def test_second_signal_skips_the_grace_period_and_still_unlocks(tmp_path: Path) 
     """A second SIGTERM cancels in-flight handlers at once; their locks are still released."""
     assert headlock("enqueue", "--file", str(write_urls(tmp_path / "u.txt", 10)), cwd=tmp_path).returncode == 0
     log = tmp_path / "attempts.log"
-    config = run_config(tmp_path / "c.toml", "slow", log, concurrency=3, grace=60, options={"sleep": 60})
+    grace = 60.0
+    config = run_config(tmp_path / "c.toml", "slow", log, concurrency=3, grace=grace, options={"sleep": 60})
     events = tmp_path / "events.jsonl"
     proc = start_headlock("run", "--config", str(config), "--log-format", "json", cwd=tmp_path, stderr=events)
-    wait_for(lambda: sum(attempts(log).values()) >= 3, 20, "three handlers to start")
-    proc.send_signal(signal.SIGTERM)
-    # Signals of one kind coalesce while pending: send the second once the first is being handled.
-    wait_for(lambda: "shutdown.draining" in events.read_text(), 10, "the first signal to be handled")
-    proc.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    proc.communicate(timeout=20)
+    with reaped(proc):
+        wait_for(lambda: sum(attempts(log).values()) >= 3, 20, "three handlers to start")
+        proc.send_signal(signal.SIGTERM)
+        # Signals of one kind coalesce while pending: send the second once the first is being handled.
+        wait_for(lambda: logged(events, "shutdown.draining"), 10, "the first signal to be handled")
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        proc.communicate(timeout=grace / 2)
     assert proc.returncode == 143, events.read_text()[-2000:]
-    assert "shutdown.forced" in events.read_text()
-    assert time.monotonic() - sent < 5
+    assert logged(events, "shutdown.forced")
+    # Without the second signal the run would last the whole grace (the handlers sleep 60 s): a third of it is a
+    # generous bound for "at once" on a loaded machine.
+    assert time.monotonic() - sent < grace / 3
+    assert sum(attempts(log).values()) == 3  # nothing started after the first signal
     assert queue_state(tmp_path / "storage") == (10, 0, [])
 
 

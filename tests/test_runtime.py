@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.to_thread
 import httpx
 import pytest
 import structlog
@@ -67,6 +69,11 @@ def dataset(storage: Path):  # type: ignore[no-untyped-def]
     ds.close()
 
 
+async def stored_items(dataset: Dataset) -> list[dict[str, Any]]:
+    """The dataset's items, read in a worker thread (a file read blocks the event loop)."""
+    return await anyio.to_thread.run_sync(read_items, dataset.path)
+
+
 @pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
 async def test_crawl_handles_every_page_exactly_once(
     queue: SqliteQueue, dataset: Dataset, site: str, transport: str
@@ -81,7 +88,7 @@ async def test_crawl_handles_every_page_exactly_once(
             options={"max_depth": 10},
             start_urls=[f"{site}/page/0"],
         )
-    items = read_items(dataset.path)
+    items = await stored_items(dataset)
     urls = Counter(item["url"] for item in items)
     assert len(urls) == 300
     assert max(urls.values()) == 1
@@ -113,7 +120,7 @@ async def test_failing_twice_then_succeeding_is_handled_with_its_errors(queue: S
     assert request.error_messages == ["RuntimeError: boom 1", "RuntimeError: boom 2"]
     assert summary.stats["handled"] == 1
     assert summary.stats["retried"] == 2
-    assert len(read_items(dataset.path)) == 1
+    assert len(await stored_items(dataset)) == 1
 
 
 ONLY_ID = request_id_for("https://a.example/1")
@@ -134,7 +141,7 @@ async def test_always_failing_ends_handled_as_failed(queue: SqliteQueue, dataset
     assert request.retry_count == 3
     assert request.error_messages == ["ValueError: nope"] * 3
     assert summary.stats["failed"] == 1
-    assert read_items(dataset.path) == []
+    assert await stored_items(dataset) == []
 
 
 async def test_no_retry_fails_at_once(queue: SqliteQueue, dataset: Dataset) -> None:
@@ -220,7 +227,7 @@ async def test_enqueues_and_items_of_a_failed_attempt_are_not_committed(queue: S
         await run(queue, handler, dataset, workers=fast())
     info = await queue.get_info()
     assert info.total_request_count == 2
-    assert read_items(dataset.path) == [{"attempt": 1}]
+    assert await stored_items(dataset) == [{"attempt": 1}]
     assert await queue.get_request(request_id_for("https://a.example/from-attempt-0")) is None
     assert await queue.get_request(request_id_for("https://a.example/from-attempt-1")) is not None
 
@@ -385,7 +392,7 @@ async def test_fetch_handler_refuses_non_http_urls_without_retrying(queue: Sqlit
     stored = await queue.get_request(request_id_for("file:///etc/passwd"))
     assert stored is not None
     assert stored.error_messages == ["NoRetry: unsupported URL scheme 'file': only http and https are fetched"]
-    assert read_items(dataset.path) == []
+    assert await stored_items(dataset) == []
 
 
 class CountingMetrics(Metrics):
