@@ -7,11 +7,12 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import structlog
 
 from runner.commit import add_requests
@@ -90,10 +91,12 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         summary, code = await _crawl(settings)
     except BaseException as exc:
         if args.summary is not None:
-            _write_summary(args.summary, _failure_summary(exc, client_key=settings.workers.client_key))
+            failure = _failure_summary(exc, client_key=settings.workers.client_key)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_write_summary, args.summary, failure)
         raise
     if args.summary is not None:
-        _write_summary(args.summary, {**summary.as_dict(), "exit_code": code})
+        await anyio.to_thread.run_sync(_write_summary, args.summary, {**summary.as_dict(), "exit_code": code})
     return code
 
 
@@ -106,22 +109,21 @@ async def _crawl(settings: Settings) -> tuple[RunSummary, int]:
     metrics = _metrics(settings)
     stopper = Stopper()
     received: list[int] = []
-    with _serving_metrics(metrics, settings):
-        async with anyio.create_task_group() as tg:
-            # Signals are watched from before the queue is opened: a stop while the API is still being reached
-            # (a container stopped at start) ends the run at once instead of killing the process.
-            tg.start_soon(_watch_signals, stopper, received)
-            queue = await _open_unless_stopped(settings, stopper, metrics)
-            if queue is None:
-                summary = RunSummary(
-                    reason=stopper.reason or "stopped",
-                    client_key=settings.workers.client_key or "",
-                    stats=RunStats().as_dict(),
-                    released=0,
-                )
-            else:
-                summary = await _consume(queue, handler, settings, stopper, metrics)
-            tg.cancel_scope.cancel()
+    async with _serving_metrics(metrics, settings), anyio.create_task_group() as tg:
+        # Signals are watched from before the queue is opened: a stop while the API is still being reached
+        # (a container stopped at start) ends the run at once instead of killing the process.
+        tg.start_soon(_watch_signals, stopper, received)
+        queue = await _open_unless_stopped(settings, stopper, metrics)
+        if queue is None:
+            summary = RunSummary(
+                reason=stopper.reason or "stopped",
+                client_key=settings.workers.client_key or "",
+                stats=RunStats().as_dict(),
+                released=0,
+            )
+        else:
+            summary = await _consume(queue, handler, settings, stopper, metrics)
+        tg.cancel_scope.cancel()
     return summary, 128 + received[0] if received else EXIT_OK
 
 
@@ -144,7 +146,7 @@ async def _consume(
     queue: RequestQueue, handler: Handler, settings: Settings, stopper: Stopper, metrics: Metrics
 ) -> RunSummary:
     try:
-        dataset = Dataset.open(settings.storage_dir, settings.dataset)
+        dataset = await anyio.to_thread.run_sync(Dataset.open, settings.storage_dir, settings.dataset)
         try:
             return await run(
                 queue,
@@ -178,22 +180,27 @@ def _metrics(settings: Settings) -> Metrics:
         raise ConfigError(f"metrics_port: needs the metrics extra: pip install 'headlock[metrics]' ({exc})") from exc
 
 
-@contextlib.contextmanager
-def _serving_metrics(metrics: Metrics, settings: Settings) -> Iterator[None]:
-    """Serve `/metrics` while the block runs, if a port is set.
+@contextlib.asynccontextmanager
+async def _serving_metrics(metrics: Metrics, settings: Settings) -> AsyncIterator[None]:
+    """Serve `/metrics` while the block runs, if a port is set; started and stopped off the event loop.
 
     Raises:
         ConfigError: the address cannot be bound.
     """
-    with contextlib.ExitStack() as stack:
-        if settings.metrics_port:
-            address = f"{settings.metrics_host}:{settings.metrics_port}"
-            try:
-                url = stack.enter_context(metrics.serve(settings.metrics_host, settings.metrics_port))
-            except OSError as exc:
-                raise ConfigError(f"metrics_port: cannot serve metrics on {address}: {exc}") from exc
-            log.info("metrics.serving", url=url)
+    stack = contextlib.ExitStack()
+    if settings.metrics_port:
+        address = f"{settings.metrics_host}:{settings.metrics_port}"
+        serving = metrics.serve(settings.metrics_host, settings.metrics_port)
+        try:
+            url = await anyio.to_thread.run_sync(stack.enter_context, serving)
+        except OSError as exc:
+            raise ConfigError(f"metrics_port: cannot serve metrics on {address}: {exc}") from exc
+        log.info("metrics.serving", url=url)
+    try:
         yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(stack.close)  # the server's shutdown waits for its poll loop
 
 
 def _failure_summary(exc: BaseException, *, client_key: str | None) -> dict[str, Any]:
@@ -246,7 +253,8 @@ async def _watch_signals(stopper: Stopper, received: list[int]) -> None:
 async def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
     urls: list[str] = list(args.urls)
     if args.file:
-        text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
+        read = sys.stdin.read if str(args.file) == "-" else args.file.read_text
+        text = await anyio.to_thread.run_sync(read)
         urls.extend(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
     if not urls:
         raise ConfigError("enqueue: give URLs as arguments or --file FILE")

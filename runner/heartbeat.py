@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import structlog
 from anyio.abc import TaskStatus
 
@@ -64,8 +65,11 @@ async def keep_alive(
 async def _beat_liveness(
     path: Path, every: float, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
-    """Touch `path` now, report started, then touch it every `every` seconds; a failing write is logged, not fatal."""
-    failing = _touch_health(path, failing=False)
+    """Touch `path` now, report started, then touch it every `every` seconds; a failing write is logged, not fatal.
+
+    The first touch runs in a thread (it may create the file and its directory); later ones are one `utime`.
+    """
+    failing = await anyio.to_thread.run_sync(partial(_touch_health, path, failing=False))
     task_status.started()
     while True:
         await anyio.sleep(every)

@@ -38,6 +38,16 @@ _ON_THE_LOOP_BY_DESIGN: list[_Allowance] = [
     # One utime() per liveness beat, at most every LIVENESS_EVERY seconds: cheaper than a thread hop
     # (runner/heartbeat.py `_touch_health`, runner/health.py's docstring).
     (["os.utime"], "runner/health.py", ["touch"]),
+    # The exclusive flock around that write: held for the microseconds of one write by whoever holds it (another
+    # process appending to the same dataset), so waiting for it costs no more than the write itself.
+    (["fcntl.flock"], "runner/dataset.py", ["push_lines"]),
+    # The first run on the aiohttp engine imports its optional extra (the import reads package metadata): once per
+    # process, like any import.
+    (
+        ["os.listdir", "os.stat", "io.TextIOWrapper.read", "io.BufferedReader.read"],
+        "runner/runtime.py",
+        ["default_http_client"],
+    ),
 ]
 
 _MAKES_A_DIRECTORY = ["os.mkdir", "os.stat"]  # Path.mkdir(parents=True, exist_ok=True)
@@ -47,48 +57,11 @@ _WRITES_A_FILE = ["io.TextIOWrapper.write", "io.BufferedWriter.write"]
 # TEMPORARY. Blocking calls on the event loop in runner/ and handlers/, allowed only until they are fixed; each one
 # that runs is listed at the end of the session ("blocking calls on the event loop, allowed until fixed"). Remove an
 # entry when its fix lands: the tests that reach the call then fail if it still blocks.
-_PENDING_RUNTIME_FIXES: list[_Allowance] = [
-    # Dataset.push_lines: the exclusive flock around the write waits for any other process appending to the same
-    # dataset. Documented with the write, but not one of the two calls on the loop by design: decide which it is.
-    (["fcntl.flock"], "runner/dataset.py", ["push_lines"]),
-    # health.touch: the first beat creates the health file's directory when it is missing.
-    (_MAKES_A_DIRECTORY, "runner/health.py", ["touch"]),
-    # run() -> default_http_client: the first aiohttp run imports httpx_aiohttp, which reads package metadata.
-    (["os.listdir", *_READS_A_FILE], "runner/runtime.py", ["default_http_client"]),
-    # Dataset.__init__ (so Dataset.open): mkdir of datasets/ (and an os.open, which blockbuster does not watch).
-    # The CLI's `_run` opens the dataset on the loop, as does tests/test_metrics.py.
-    (_MAKES_A_DIRECTORY, "runner/dataset.py", ["__init__"]),
-    # PrometheusMetrics.serve: leaving the block, server.shutdown() waits up to its 0.5 s poll for serve_forever.
-    # The CLI's `_run` serves metrics on the loop, as does tests/test_metrics.py.
-    (["threading.Lock.acquire"], "runner/metrics.py", ["serve"]),
-]
+_PENDING_RUNTIME_FIXES: list[_Allowance] = []
 
 # TEMPORARY. The same for test code in files other people own (the fix: read, write or stat files off the loop with
 # `anyio.to_thread.run_sync` or `anyio.Path`, or before the loop starts). Also listed at the end of the session.
-_PENDING_TEST_FIXES: list[_Allowance] = [
-    # generate_latest() in async tests: prometheus-client's process collector reads /proc.
-    (
-        ["os.listdir", "io.BufferedReader.read"],
-        "tests/test_metrics.py",
-        [
-            "test_a_run_reports_its_counters_and_store_calls",
-            "test_metrics_objects_keep_separate_registries_and_counters_never_go_back",
-            "test_api_queue_reports_every_http_attempt_by_endpoint_and_status",
-        ],
-    ),
-    # health.exists(), health.unlink() and check_health() on the loop.
-    (
-        ["os.stat", "os.unlink"],
-        "tests/test_metrics.py",
-        ["test_heartbeat_touches_the_health_file_with_nothing_to_prolong"],
-    ),
-    # api_config() writes the config file and read_items() reads the dataset, on the loop.
-    (
-        [*_WRITES_A_FILE, *_READS_A_FILE],
-        "tests/test_http_e2e.py",
-        ["test_crawl_completes_despite_20_percent_faulty_queue_calls"],
-    ),
-]
+_PENDING_TEST_FIXES: list[_Allowance] = []
 
 _PENDING_HITS = pytest.StashKey[dict[tuple[str, str, str], Counter[str]]]()
 """(call, file, function) of a pending allowance -> how often each test made that call."""

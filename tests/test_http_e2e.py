@@ -6,9 +6,11 @@ import random
 import subprocess
 import sys
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -111,9 +113,8 @@ async def test_crawl_completes_despite_20_percent_faulty_queue_calls(tmp_path: P
 
     app = create_app(server_storage, middleware=[Middleware(keep, rate=0.2, stall=1.5)])  # type: ignore[arg-type]
     async with serving_app(app) as base_url:
-        cfg = api_config(
-            tmp_path / "c.toml", base_url, api="timeout = 0.75\nmax_retries = 10", workers="lock_secs = 15"
-        )
+        settings = {"api": "timeout = 0.75\nmax_retries = 10", "workers": "lock_secs = 15"}
+        cfg = await anyio.to_thread.run_sync(partial(api_config, tmp_path / "c.toml", base_url, **settings))
         add = await anyio.run_process(
             [sys.executable, "-m", "runner", "enqueue", "--config", str(cfg), f"{site}/page/0"],
             cwd=tmp_path,
@@ -135,7 +136,8 @@ async def test_crawl_completes_despite_20_percent_faulty_queue_calls(tmp_path: P
         assert result.returncode == 0, result.stderr.decode()[-3000:]
     assert sum(faults[0].injected.values()) >= 20
     assert set(faults[0].injected) == {"500", "429", "stall"}
-    urls = Counter(item["url"] for item in read_items(tmp_path / "storage/datasets/default.jsonl"))
+    items = await anyio.to_thread.run_sync(read_items, tmp_path / "storage/datasets/default.jsonl")
+    urls = Counter(item["url"] for item in items)
     assert len(urls) == 300
     twice = [url for url, n in urls.items() if n > 1]
     context = [line for r in results for line in r.stderr.decode().splitlines() if any(u in line for u in twice)]

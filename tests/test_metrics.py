@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import httpx
 import pytest
 from prometheus_client import generate_latest
@@ -61,7 +63,7 @@ async def test_a_run_reports_its_counters_and_store_calls(storage: Path) -> None
     """After a run, the registry's counters equal the summary's and every store operation is counted and timed."""
     metrics = PrometheusMetrics()
     queue = SqliteQueue.open(storage, "default", metrics=metrics)
-    dataset = Dataset.open(storage, "default")
+    dataset = await anyio.to_thread.run_sync(Dataset.open, storage, "default")  # it makes datasets/
     tries: dict[str, int] = {}
 
     async def handle(ctx: Context) -> None:
@@ -86,7 +88,7 @@ async def test_a_run_reports_its_counters_and_store_calls(storage: Path) -> None
     finally:
         dataset.close()
         await queue.aclose()
-    found = samples(generate_latest(metrics.registry).decode())
+    found = samples((await anyio.to_thread.run_sync(generate_latest, metrics.registry)).decode())  # reads /proc
     assert (summary.stats["handled"], summary.stats["failed"], summary.stats["retried"]) == (6, 1, 1)
     assert value(found, "headlock_requests_handled_total") == 6
     assert value(found, "headlock_requests_failed_total") == 1
@@ -111,10 +113,11 @@ async def test_metrics_objects_keep_separate_registries_and_counters_never_go_ba
     earlier, later = RunStats(handled=3, prolonged=2), RunStats(handled=1)
     first.track(earlier, Leases())
     first.track(later, Leases())
-    found = samples(generate_latest(first.registry).decode())
+    found = samples((await anyio.to_thread.run_sync(generate_latest, first.registry)).decode())  # reads /proc
     assert value(found, "headlock_requests_handled_total") == 4
     assert value(found, "headlock_lease_prolongs_total") == 2
-    assert value(samples(generate_latest(second.registry).decode()), "headlock_requests_handled_total") == 0
+    other = samples((await anyio.to_thread.run_sync(generate_latest, second.registry)).decode())
+    assert value(other, "headlock_requests_handled_total") == 0
 
 
 @pytest.mark.anyio
@@ -149,7 +152,7 @@ async def test_api_queue_reports_every_http_attempt_by_endpoint_and_status() -> 
         )
         head = await api.lock_head(limit=5, lock_secs=60, client_key="k")
     assert head.items == []
-    found = samples(generate_latest(metrics.registry).decode())
+    found = samples((await anyio.to_thread.run_sync(generate_latest, metrics.registry)).decode())  # reads /proc
     for status in ("503", "201"):
         assert value(found, "headlock_queue_calls_total", backend="api", endpoint="POST /head/lock", status=status) == 1
     assert value(found, "headlock_queue_call_duration_seconds_count", backend="api", endpoint="POST /head/lock") == 2
@@ -161,10 +164,14 @@ async def test_serve_answers_get_metrics_on_loopback() -> None:
     """`serve()` on port 0 yields the bound URL; GET on it returns the exposition; the server stops on exit."""
     metrics = PrometheusMetrics()
     metrics.queue_pending(7)
-    with metrics.serve("127.0.0.1", 0) as url:
+    stack = contextlib.ExitStack()  # started and stopped off the loop: the server's shutdown waits for its poll
+    url = await anyio.to_thread.run_sync(stack.enter_context, metrics.serve("127.0.0.1", 0))
+    try:
         assert url is not None
         async with httpx.AsyncClient() as client:
             response = await client.get(url)
+    finally:
+        await anyio.to_thread.run_sync(stack.close)
     assert response.status_code == 200
     assert value(samples(response.text), "headlock_queue_pending") == 7
     async with httpx.AsyncClient() as client:
@@ -186,6 +193,7 @@ def test_the_liveness_beat_is_capped_whatever_the_lock_duration() -> None:
 async def test_heartbeat_touches_the_health_file_with_nothing_to_prolong(tmp_path: Path) -> None:
     """With no lease held, the heartbeat still touches the health file on every beat (re-creating it if removed)."""
     health = tmp_path / "deep" / "headlock.health"
+    seen = anyio.Path(health)  # looked at from the loop: stat and unlink in a worker thread
     queue = SqliteQueue.open(tmp_path / "storage", "default")
     try:
         with anyio.fail_after(10):
@@ -201,15 +209,15 @@ async def test_heartbeat_touches_the_health_file_with_nothing_to_prolong(tmp_pat
                         task_status=task_status,
                     )
                 )
-                assert health.exists()  # touched before the heartbeat reports started
+                assert await seen.exists()  # touched before the heartbeat reports started
                 for _ in range(3):
-                    health.unlink()
-                    while not health.exists():  # noqa: ASYNC110 - a file appearing has no event to wait on
+                    await seen.unlink()
+                    while not await seen.exists():  # noqa: ASYNC110 - a file appearing has no event to wait on
                         await anyio.sleep(0.02)
                 tg.cancel_scope.cancel()
     finally:
         await queue.aclose()
-    assert check_health(health)[0]
+    assert (await anyio.to_thread.run_sync(check_health, health))[0]
 
 
 def test_health_is_fresh_then_stale_then_missing(tmp_path: Path) -> None:
