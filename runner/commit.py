@@ -229,9 +229,10 @@ class Committer:
         try:
             for forefront, drafts in enqueues.items():
                 await self.add(drafts, forefront=forefront)
+            # Checked once, after the adds (awaited) and before anything else is written: the dataset write is
+            # synchronous, so the lease cannot change between it and the handled mark's call.
             self._fence(lease, "the request's links were being added")
             self.stats.items += self.dataset.push_lines(items)
-            self._fence(lease, "the request's items were being stored")
             await self.queue.update_request(
                 request.model_copy(update={"handled_at": utc_now()}), client_key=self.client_key, lock_required=True
             )

@@ -106,17 +106,20 @@ class Worker:
             stats.lost += 1
             self.log.warning("lease.dropped", reason=lease.lost_reason or "lock lost while the handler ran")
             return
-        if lease.lost or anyio.current_time() >= lease.expires_at:
+        now = anyio.current_time()
+        if lease.lost or now >= lease.expires_at:
             # Nothing is committed after the lock ran out: another worker may hold the request now.
             await self._record_expired(lease, started)
             return
         if scope.cancelled_caught:
             error = f"handler timed out after {self.handler_timeout:g} s"
-        await self._commit(lease, error, permanent=permanent, ctx=ctx)
+        await self._commit(lease, error, permanent=permanent, ctx=ctx, now=now)
 
-    async def _commit(self, lease: Lease, error: str | None, *, permanent: bool, ctx: Context | None) -> None:
+    async def _commit(
+        self, lease: Lease, error: str | None, *, permanent: bool, ctx: Context | None, now: float | None = None
+    ) -> None:
         """Apply an attempt's outcome, shielded: a half-done commit cut by shutdown would redo the request."""
-        now = anyio.current_time()
+        now = anyio.current_time() if now is None else now
         with anyio.CancelScope(shield=True, deadline=min(now + COMMIT_TIMEOUT, self.committer.stop_deadline)) as cs:
             lease.commit_scope = cs
             if error is None and ctx is not None:

@@ -40,7 +40,7 @@ MUTANTS = [
     Mutant(
         "worker-expired",
         "runner/worker.py",
-        "        if lease.lost or anyio.current_time() >= lease.expires_at:\n",
+        "        if lease.lost or now >= lease.expires_at:\n",
         "        if lease.lost:\n",
         (f"{FAULTS}::test_a_handler_blocking_the_event_loop_ends_after_max_retries_and_says_so",),
     ),
