@@ -4,7 +4,6 @@ A handler is `async def handle(ctx: Context) -> None`; `run()` consumes a `Reque
 """
 
 from runner.context import Context
-from runner.dataset import Dataset
 from runner.errors import (
     ConfigError,
     DatasetWriteError,
@@ -25,6 +24,8 @@ from runner.metrics import Metrics, PrometheusMetrics
 from runner.models import BatchAddResult, LockedHead, QueueInfo, Request, RequestDraft, RequestRegistration
 from runner.queue.protocol import RequestQueue
 from runner.queue.sqlite import SqliteQueue
+from runner.results.jsonl import JsonlDataset
+from runner.results.protocol import ResultsSink
 from runner.router import Handler, Router
 from runner.runtime import RunSummary, run
 from runner.settings import Settings, WorkerSettings, load_settings
@@ -35,7 +36,6 @@ __all__ = [
     "BatchAddResult",
     "ConfigError",
     "Context",
-    "Dataset",
     "DatasetWriteError",
     "Handler",
     "HandlerImportError",
@@ -43,6 +43,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidItemError",
     "InvalidUrlError",
+    "JsonlDataset",
     "LockLostError",
     "LockedHead",
     "Metrics",
@@ -57,6 +58,7 @@ __all__ = [
     "RequestDraft",
     "RequestQueue",
     "RequestRegistration",
+    "ResultsSink",
     "Router",
     "RunSummary",
     "Settings",

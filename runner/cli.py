@@ -17,7 +17,6 @@ import structlog
 
 from runner.commit import add_requests
 from runner.context import make_draft
-from runner.dataset import Dataset
 from runner.errors import ConfigError, HeadlockError, InvalidUrlError
 from runner.health import DEFAULT_MAX_AGE, check_health
 from runner.loader import load_handler
@@ -25,6 +24,7 @@ from runner.logs import configure_logging
 from runner.metrics import Metrics, PrometheusMetrics
 from runner.open import open_queue
 from runner.queue.protocol import RequestQueue
+from runner.results.jsonl import JsonlDataset
 from runner.router import Handler
 from runner.runtime import RunSummary, run
 from runner.settings import Settings, load_settings, random_client_key
@@ -146,7 +146,7 @@ async def _consume(
     queue: RequestQueue, handler: Handler, settings: Settings, stopper: Stopper, metrics: Metrics
 ) -> RunSummary:
     try:
-        dataset = await anyio.to_thread.run_sync(Dataset.open, settings.storage_dir, settings.dataset)
+        dataset = await anyio.to_thread.run_sync(JsonlDataset.open, settings.storage_dir, settings.dataset)
         try:
             return await run(
                 queue,

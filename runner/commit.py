@@ -14,11 +14,11 @@ import anyio
 import structlog
 
 from runner.backoff import retry_delay
-from runner.dataset import Dataset
 from runner.errors import DatasetWriteError, InvalidInputError, LockLostError, QueueError
 from runner.leases import Lease, Leases
 from runner.models import RequestDraft, utc_now
 from runner.queue.protocol import MAX_BATCH, RequestQueue
+from runner.results.protocol import ResultsSink
 from runner.stats import RunStats
 
 __all__ = ["Committer", "RetryPolicy", "SeenKeys", "add_requests"]
@@ -128,7 +128,7 @@ class Committer:
         self,
         queue: RequestQueue,
         leases: Leases,
-        dataset: Dataset,
+        dataset: ResultsSink,
         stats: RunStats,
         *,
         client_key: str,
@@ -229,10 +229,12 @@ class Committer:
         try:
             for forefront, drafts in enqueues.items():
                 await self.add(drafts, forefront=forefront)
-            # Checked once, after the adds (awaited) and before anything else is written: the dataset write is
-            # synchronous, so the lease cannot change between it and the handled mark's call.
+            # Checked after the adds (awaited) and before anything else is written, and again after a push of
+            # items (a sink over the API awaits; the local file does not, but one more check costs nothing).
             self._fence(lease, "the request's links were being added")
-            self.stats.items += self.dataset.push_lines(items)
+            if items:
+                self.stats.items += await self.dataset.push_lines(items)
+                self._fence(lease, "the request's items were being stored")
             await self.queue.update_request(
                 request.model_copy(update={"handled_at": utc_now()}), client_key=self.client_key, lock_required=True
             )

@@ -9,9 +9,9 @@ from urllib.parse import SplitResult, urlsplit
 import httpx
 import structlog
 
-from runner.dataset import encode_item
 from runner.errors import InvalidItemError, InvalidUrlError
 from runner.models import Request, RequestDraft
+from runner.results.items import encode_item
 from runner.uniquekey import normalize_parts
 
 __all__ = ["Context", "make_draft"]

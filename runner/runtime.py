@@ -16,7 +16,6 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.commit import Committer, RetryPolicy
 from runner.context import make_draft
-from runner.dataset import Dataset
 from runner.errors import ConfigError
 from runner.fetcher import fetch
 from runner.heartbeat import keep_alive
@@ -25,6 +24,7 @@ from runner.loopwatch import LoopMonitor
 from runner.metrics import Metrics
 from runner.progress import report_progress
 from runner.queue.protocol import RequestQueue
+from runner.results.protocol import ResultsSink
 from runner.router import Handler
 from runner.settings import WorkerSettings, random_client_key
 from runner.shutdown import STOP_MARGIN, Stopper, drain_on_stop, release_all
@@ -54,7 +54,7 @@ class RunSummary:
 async def run(
     queue: RequestQueue,
     handler: Handler,
-    dataset: Dataset,
+    dataset: ResultsSink,
     *,
     workers: WorkerSettings | None = None,
     http: httpx.AsyncClient | None = None,

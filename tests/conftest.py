@@ -33,14 +33,14 @@ _Allowance = tuple[Iterable[str], str, Iterable[str]]
 
 _ON_THE_LOOP_BY_DESIGN: list[_Allowance] = [
     # One write() to an O_APPEND descriptor: it lands in the page cache in microseconds, cheaper than a thread hop
-    # (Dataset's docstring). `push` writes through `push_lines`, the committer calls `push_lines` itself.
-    (["os.write"], "runner/dataset.py", ["push", "push_lines"]),
+    # (JsonlDataset's docstring). `push` and the committer's `push_lines` both write through `write_lines`.
+    (["os.write"], "runner/results/jsonl.py", ["push", "write_lines"]),
     # One utime() per liveness beat, at most every LIVENESS_EVERY seconds: cheaper than a thread hop
     # (runner/heartbeat.py `_touch_health`, runner/health.py's docstring).
     (["os.utime"], "runner/health.py", ["touch"]),
     # The exclusive flock around that write: held for the microseconds of one write by whoever holds it (another
     # process appending to the same dataset), so waiting for it costs no more than the write itself.
-    (["fcntl.flock"], "runner/dataset.py", ["push_lines"]),
+    (["fcntl.flock"], "runner/results/jsonl.py", ["write_lines"]),
     # The first run on the aiohttp engine imports its optional extra (the import reads package metadata): once per
     # process, like any import.
     (

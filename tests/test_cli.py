@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from runner import SqliteQueue
-from runner.dataset import read_items
+from runner.results.jsonl import read_items
 from tests.conftest import headlock, reaped, run_config, start_headlock, wait_for
 
 

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runner.dataset import read_items
+from runner.results.jsonl import read_items
 from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.slow

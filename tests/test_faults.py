@@ -26,8 +26,8 @@ import structlog
 
 from runner import (
     Context,
-    Dataset,
     InvalidItemError,
+    JsonlDataset,
     NoRetry,
     NotFoundError,
     Request,
@@ -40,11 +40,12 @@ from runner import (
 )
 from runner.commit import Committer, RetryPolicy
 from runner.context import make_draft
-from runner.dataset import encode_item, read_items
 from runner.heartbeat import keep_alive
 from runner.leases import Lease, Leases
 from runner.models import utc_now
 from runner.queue.api import ApiQueue
+from runner.results.items import encode_item
+from runner.results.jsonl import read_items
 from runner.stats import RunStats
 from runner.worker import Worker
 from tests._faults import FaultPlan, Rule, faulty_server
@@ -80,7 +81,7 @@ async def queue(storage: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def dataset(storage: Path):  # type: ignore[no-untyped-def]
     """The default dataset in the fresh storage dir."""
-    ds = Dataset.open(storage, "default")
+    ds = JsonlDataset.open(storage, "default")
     yield ds
     ds.close()
 
@@ -90,7 +91,7 @@ async def api_queue(base_url: str, **options: Any) -> ApiQueue:
     return await ApiQueue.open(base_url=base_url, token=None, name="default", **options)
 
 
-async def items_of(dataset: Dataset) -> list[dict[str, Any]]:
+async def items_of(dataset: JsonlDataset) -> list[dict[str, Any]]:
     """The dataset's items, read off the event loop."""
     return await anyio.to_thread.run_sync(read_items, dataset.path)
 
@@ -104,7 +105,7 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 
 async def test_a_commit_that_outlives_its_timeout_lets_go_of_the_lease(
-    storage: Path, dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+    storage: Path, dataset: JsonlDataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A handled mark stalled past the commit timeout drops the lease: no endless prolonging, the run ends."""
     monkeypatch.setattr("runner.worker.COMMIT_TIMEOUT", 1.0)
@@ -127,7 +128,7 @@ async def test_a_commit_that_outlives_its_timeout_lets_go_of_the_lease(
 
 
 async def test_a_commit_the_queue_refuses_is_recorded_and_retried_per_policy(
-    queue: SqliteQueue, dataset: Dataset
+    queue: SqliteQueue, dataset: JsonlDataset
 ) -> None:
     """A link with no JSON form makes the commit fail for good: recorded as an attempt, then failed, not looped."""
 
@@ -148,7 +149,7 @@ async def test_a_commit_the_queue_refuses_is_recorded_and_retried_per_policy(
 
 
 async def test_a_handler_blocking_the_event_loop_ends_after_max_retries_and_says_so(
-    queue: SqliteQueue, dataset: Dataset
+    queue: SqliteQueue, dataset: JsonlDataset
 ) -> None:
     """A handler that blocks the loop past its lock counts each attempt, fails after max_retries, and is reported."""
 
@@ -174,7 +175,9 @@ async def test_a_handler_blocking_the_event_loop_ends_after_max_retries_and_says
     assert await queue.locks() == []
 
 
-async def test_a_no_retry_from_the_handlers_own_task_group_fails_at_once(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_a_no_retry_from_the_handlers_own_task_group_fails_at_once(
+    queue: SqliteQueue, dataset: JsonlDataset
+) -> None:
     """NoRetry raised inside a task group (so wrapped in an exception group) still fails without retries."""
 
     async def handle(ctx: Context) -> None:
@@ -193,7 +196,7 @@ async def test_a_no_retry_from_the_handlers_own_task_group_fails_at_once(queue: 
     assert (summary.stats["failed"], summary.stats["retried"]) == (1, 0)
 
 
-async def test_a_wrong_queue_id_stops_the_run_instead_of_retrying_forever(storage: Path, dataset: Dataset) -> None:
+async def test_a_wrong_queue_id_stops_the_run_instead_of_retrying_forever(storage: Path, dataset: JsonlDataset) -> None:
     """A 404 on get-head-and-lock (no such queue) is fatal: the run raises NotFoundError at once."""
 
     async def handle(ctx: Context) -> None:
@@ -221,7 +224,7 @@ async def test_a_wrong_queue_id_stops_the_run_instead_of_retrying_forever(storag
     ],
 )
 async def test_an_item_json_cannot_represent_is_the_handlers_error(
-    queue: SqliteQueue, dataset: Dataset, item: object
+    queue: SqliteQueue, dataset: JsonlDataset, item: object
 ) -> None:
     """`push_data` refuses a value JSON has no form for: that request's attempts fail, the run and others go on."""
 
@@ -264,7 +267,7 @@ def file_size_limit(limit: int) -> Iterator[None]:
 
 
 async def test_a_full_disk_fails_the_attempt_and_never_leaves_a_partial_line(
-    queue: SqliteQueue, dataset: Dataset
+    queue: SqliteQueue, dataset: JsonlDataset
 ) -> None:
     """Items that do not fit on the disk fail that attempt (recorded, retried): the file holds only whole lines."""
     await anyio.to_thread.run_sync(dataset.push, [{"filler": "x" * 1000}] * 900)  # about 900 KB already there
@@ -291,7 +294,7 @@ async def test_a_full_disk_fails_the_attempt_and_never_leaves_a_partial_line(
 
 
 async def test_a_lost_leases_late_failure_is_not_written_over_the_new_holders_outcome(
-    storage: Path, queue: SqliteQueue, dataset: Dataset
+    storage: Path, queue: SqliteQueue, dataset: JsonlDataset
 ) -> None:
     """A handler failing after its lock was taken and handled by another client records nothing (fenced)."""
     stolen = anyio.Event()
@@ -335,7 +338,7 @@ async def test_a_request_handed_out_again_replaces_its_stale_lease_and_cancels_i
 
 
 async def test_a_lock_taken_after_retries_is_dated_from_the_attempt_that_took_it(
-    storage: Path, dataset: Dataset
+    storage: Path, dataset: JsonlDataset
 ) -> None:
     """Get-head-and-lock answered 503 twice: the lease counts from the third attempt, so the handler's work stands."""
 
@@ -381,7 +384,7 @@ async def test_one_stalled_prolong_does_not_hold_back_the_others(storage: Path) 
     assert renewed > now + 3.6  # prolonged while the other lease's call was stalled
 
 
-async def test_a_prolong_in_flight_cannot_stretch_a_short_retry_backoff(storage: Path, dataset: Dataset) -> None:
+async def test_a_prolong_in_flight_cannot_stretch_a_short_retry_backoff(storage: Path, dataset: JsonlDataset) -> None:
     """A heartbeat prolong still in flight when the attempt fails lands first: the retry comes after the backoff."""
     attempts: list[float] = []
     failed_at: list[float] = []
@@ -410,7 +413,7 @@ async def test_a_prolong_in_flight_cannot_stretch_a_short_retry_backoff(storage:
 
 
 async def test_locks_taken_by_a_call_whose_answer_was_lost_do_not_hold_up_the_end(
-    storage: Path, dataset: Dataset
+    storage: Path, dataset: JsonlDataset
 ) -> None:
     """A get-head-and-lock applied but unanswered leaves orphan locks: they are freed when idle, not waited out."""
     handled: Counter[str] = Counter()
@@ -431,7 +434,9 @@ async def test_locks_taken_by_a_call_whose_answer_was_lost_do_not_hold_up_the_en
     assert info.handled_request_count == 3
 
 
-async def test_shutdown_ends_within_grace_plus_ten_seconds_whatever_stalls(storage: Path, dataset: Dataset) -> None:
+async def test_shutdown_ends_within_grace_plus_ten_seconds_whatever_stalls(
+    storage: Path, dataset: JsonlDataset
+) -> None:
     """A handled mark and give-backs that never answer cannot stretch a graceful stop past grace + 10 s."""
     started = anyio.Event()
 
@@ -466,7 +471,7 @@ async def test_shutdown_ends_within_grace_plus_ten_seconds_whatever_stalls(stora
 # -- the guards, each with a test that fails without it (see tests/mutation.py) -------------------------------
 
 
-async def test_nothing_is_committed_under_a_lease_whose_lock_ran_out(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_nothing_is_committed_under_a_lease_whose_lock_ran_out(queue: SqliteQueue, dataset: JsonlDataset) -> None:
     """The committer's fence: a lease past its expiry stores no item, adds no link and marks nothing handled."""
     await seed(queue, [URL])
     head = await queue.lock_head(limit=1, lock_secs=30, client_key="k")
@@ -505,7 +510,7 @@ async def test_a_lease_whose_prolongs_keep_failing_is_lost_when_its_lock_runs_ou
     assert plan.count("PUT", LOCK) >= 1
 
 
-async def test_a_retry_waits_for_its_backoff(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_a_retry_waits_for_its_backoff(queue: SqliteQueue, dataset: JsonlDataset) -> None:
     """A failed request is attempted again only after the retry backoff (base 1 s: at least 0.75 s later)."""
     attempts: list[float] = []
     failed_at: list[float] = []
@@ -524,7 +529,7 @@ async def test_a_retry_waits_for_its_backoff(queue: SqliteQueue, dataset: Datase
 
 
 async def test_requests_given_back_on_shutdown_keep_their_place_at_the_front(
-    queue: SqliteQueue, dataset: Dataset
+    queue: SqliteQueue, dataset: JsonlDataset
 ) -> None:
     """Prefetched requests released by a graceful stop go back to the head, ahead of the requests never locked."""
     release = anyio.Event()
@@ -555,7 +560,7 @@ async def test_requests_given_back_on_shutdown_keep_their_place_at_the_front(
     assert sorted(r.url for r in head.items) == urls[2:7]
 
 
-async def test_a_lease_that_ran_out_while_buffered_is_not_run(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_a_lease_that_ran_out_while_buffered_is_not_run(queue: SqliteQueue, dataset: JsonlDataset) -> None:
     """A worker given a lease whose lock already ran out (by our reckoning) neither runs the handler nor commits."""
     ran: list[str] = []
 
@@ -579,7 +584,7 @@ async def test_a_lease_that_ran_out_while_buffered_is_not_run(queue: SqliteQueue
 
 
 async def test_a_lease_the_queue_refuses_is_dropped_not_recorded_as_an_attempt(
-    storage: Path, queue: SqliteQueue, dataset: Dataset
+    storage: Path, queue: SqliteQueue, dataset: JsonlDataset
 ) -> None:
     """A prolong refused (another client holds the lock) cancels the handler; the attempt is neither recorded nor
     re-proved, and the new holder's lock is left alone."""

@@ -15,7 +15,7 @@ import pytest
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from runner.dataset import read_items
+from runner.results.jsonl import read_items
 from runner.server import create_app
 from tests._server import running_server, serving_app
 from tests.conftest import cli_env, headlock, start_headlock

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runner import (
     Context,
-    Dataset,
+    JsonlDataset,
     Metrics,
     NoRetry,
     PrometheusMetrics,
@@ -63,7 +63,7 @@ async def test_a_run_reports_its_counters_and_store_calls(storage: Path) -> None
     """After a run, the registry's counters equal the summary's and every store operation is counted and timed."""
     metrics = PrometheusMetrics()
     queue = SqliteQueue.open(storage, "default", metrics=metrics)
-    dataset = await anyio.to_thread.run_sync(Dataset.open, storage, "default")  # it makes datasets/
+    dataset = await anyio.to_thread.run_sync(JsonlDataset.open, storage, "default")  # it makes datasets/
     tries: dict[str, int] = {}
 
     async def handle(ctx: Context) -> None:

@@ -17,8 +17,8 @@ from handlers import crawl, fetch
 from runner import (
     ConfigError,
     Context,
-    Dataset,
     InvalidUrlError,
+    JsonlDataset,
     NoRetry,
     Request,
     RequestDraft,
@@ -31,10 +31,10 @@ from runner import (
 )
 from runner.commit import Committer, RetryPolicy
 from runner.context import make_draft
-from runner.dataset import read_items
 from runner.leases import Leases
 from runner.metrics import Metrics
 from runner.models import utc_now
+from runner.results.jsonl import read_items
 from runner.stats import RunStats
 
 pytestmark = pytest.mark.anyio
@@ -64,19 +64,19 @@ async def queue(storage: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def dataset(storage: Path):  # type: ignore[no-untyped-def]
     """The default dataset in the fresh storage dir."""
-    ds = Dataset.open(storage, "default")
+    ds = JsonlDataset.open(storage, "default")
     yield ds
     ds.close()
 
 
-async def stored_items(dataset: Dataset) -> list[dict[str, Any]]:
+async def stored_items(dataset: JsonlDataset) -> list[dict[str, Any]]:
     """The dataset's items, read in a worker thread (a file read blocks the event loop)."""
     return await anyio.to_thread.run_sync(read_items, dataset.path)
 
 
 @pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
 async def test_crawl_handles_every_page_exactly_once(
-    queue: SqliteQueue, dataset: Dataset, site: str, transport: str
+    queue: SqliteQueue, dataset: JsonlDataset, site: str, transport: str
 ) -> None:
     """A crawl of the 300-page site handles each page once and stores one item per page, on either HTTP engine."""
     with anyio.fail_after(60):
@@ -100,7 +100,9 @@ async def test_crawl_handles_every_page_exactly_once(
     assert await queue.locks() == []
 
 
-async def test_failing_twice_then_succeeding_is_handled_with_its_errors(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_failing_twice_then_succeeding_is_handled_with_its_errors(
+    queue: SqliteQueue, dataset: JsonlDataset
+) -> None:
     """A handler that fails twice then succeeds ends handled, with retryCount 2 and both errors kept."""
     attempts: Counter[str] = Counter()
 
@@ -126,7 +128,7 @@ async def test_failing_twice_then_succeeding_is_handled_with_its_errors(queue: S
 ONLY_ID = request_id_for("https://a.example/1")
 
 
-async def test_always_failing_ends_handled_as_failed(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_always_failing_ends_handled_as_failed(queue: SqliteQueue, dataset: JsonlDataset) -> None:
     """After max_retries the request is marked handled as failed and keeps every error message."""
 
     async def broken(ctx: Context) -> None:
@@ -144,7 +146,7 @@ async def test_always_failing_ends_handled_as_failed(queue: SqliteQueue, dataset
     assert await stored_items(dataset) == []
 
 
-async def test_no_retry_fails_at_once(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_no_retry_fails_at_once(queue: SqliteQueue, dataset: JsonlDataset) -> None:
     """A handler raising NoRetry fails the request on its first attempt."""
 
     async def refuse(ctx: Context) -> None:
@@ -160,7 +162,7 @@ async def test_no_retry_fails_at_once(queue: SqliteQueue, dataset: Dataset) -> N
     assert summary.stats["retried"] == 0
 
 
-async def test_retry_backoff_holds_the_lock_and_the_run_waits_for_it(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_retry_backoff_holds_the_lock_and_the_run_waits_for_it(queue: SqliteQueue, dataset: JsonlDataset) -> None:
     """A retried request stays locked during its backoff, and the run does not finish before it is retried."""
     attempts: Counter[str] = Counter()
 
@@ -176,7 +178,7 @@ async def test_retry_backoff_holds_the_lock_and_the_run_waits_for_it(queue: Sqli
     assert summary.stats["handled"] == 1
 
 
-async def test_timeouts_garbage_and_errors_do_not_stop_the_pool(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_timeouts_garbage_and_errors_do_not_stop_the_pool(queue: SqliteQueue, dataset: JsonlDataset) -> None:
     """A hanging handler times out and is retried; one returning garbage still counts as handled.
 
     A TimeoutError the handler raises itself is recorded as that error, not as the runtime's handler timeout.
@@ -212,7 +214,9 @@ async def test_timeouts_garbage_and_errors_do_not_stop_the_pool(queue: SqliteQue
     assert any(e["event"] == "handler.returned_value" for e in logs)
 
 
-async def test_enqueues_and_items_of_a_failed_attempt_are_not_committed(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_enqueues_and_items_of_a_failed_attempt_are_not_committed(
+    queue: SqliteQueue, dataset: JsonlDataset
+) -> None:
     """Results and links of a failed attempt are dropped; only the successful attempt's are committed."""
 
     async def handler(ctx: Context) -> None:
@@ -232,7 +236,7 @@ async def test_enqueues_and_items_of_a_failed_attempt_are_not_committed(queue: S
     assert await queue.get_request(request_id_for("https://a.example/from-attempt-1")) is not None
 
 
-async def test_a_handler_enqueueing_ten_thousand_links(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_a_handler_enqueueing_ten_thousand_links(queue: SqliteQueue, dataset: JsonlDataset) -> None:
     """10,000 links from one handler are added in batches and then all handled."""
 
     async def fan_out(ctx: Context) -> None:
@@ -248,7 +252,7 @@ async def test_a_handler_enqueueing_ten_thousand_links(queue: SqliteQueue, datas
 
 
 async def test_lost_lease_cancels_the_handler_and_the_new_holder_wins(
-    storage: Path, queue: SqliteQueue, dataset: Dataset
+    storage: Path, queue: SqliteQueue, dataset: JsonlDataset
 ) -> None:
     """A lock taken away behind the worker's back cancels its handler; it is not marked; the new holder's stands."""
     started = anyio.Event()
@@ -289,7 +293,9 @@ async def test_lost_lease_cancels_the_handler_and_the_new_holder_wins(
     assert info.handled_request_count == 1
 
 
-async def test_graceful_stop_gives_back_prefetched_and_finishes_in_flight(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_graceful_stop_gives_back_prefetched_and_finishes_in_flight(
+    queue: SqliteQueue, dataset: JsonlDataset
+) -> None:
     """On stop, prefetched requests are released at once, in-flight ones finish, and no lock is left."""
     in_flight = 0
     all_started = anyio.Event()
@@ -322,7 +328,7 @@ async def test_graceful_stop_gives_back_prefetched_and_finishes_in_flight(queue:
     assert (await queue.get_info()).handled_request_count == 4
 
 
-async def test_router_dispatches_on_label(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_router_dispatches_on_label(queue: SqliteQueue, dataset: JsonlDataset) -> None:
     """The router calls the handler of each request's label and fails unknown labels without retrying."""
     router = Router()
     seen: list[tuple[str, str | None]] = []
@@ -379,7 +385,7 @@ async def test_enqueue_counts_known_links_but_sends_only_new_ones() -> None:
         await ctx.http.aclose()
 
 
-async def test_fetch_handler_refuses_non_http_urls_without_retrying(queue: SqliteQueue, dataset: Dataset) -> None:
+async def test_fetch_handler_refuses_non_http_urls_without_retrying(queue: SqliteQueue, dataset: JsonlDataset) -> None:
     """file:// and ftp:// requests already in the queue fail at once with a clear error, without retries."""
     await queue.batch_add(
         [RequestDraft(unique_key=u, url=u) for u in ("file:///etc/passwd", "ftp://a.example/f")],
@@ -405,7 +411,7 @@ class CountingMetrics(Metrics):
         self.calls[endpoint] += 1
 
 
-async def test_adds_of_concurrent_commits_share_batches(storage: Path, dataset: Dataset) -> None:
+async def test_adds_of_concurrent_commits_share_batches(storage: Path, dataset: JsonlDataset) -> None:
     """Ten requests committing links at once need 3 batch calls, not 10; shared links count once."""
     metrics = CountingMetrics()
     queue = SqliteQueue.open(storage, "shared", metrics=metrics)
@@ -462,7 +468,7 @@ async def test_waiting_on_leases_with_a_condition_wakes_at_the_first_removal_tha
 
 
 async def test_aiohttp_transport_without_its_extra_is_a_config_error_before_anything_is_locked(
-    queue: SqliteQueue, dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+    queue: SqliteQueue, dataset: JsonlDataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`http_transport = "aiohttp"` without httpx-aiohttp installed names the setting and the extra to install."""
     await seed(queue, ["https://a.example/1"])

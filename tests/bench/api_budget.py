@@ -36,7 +36,7 @@ import anyio
 import httpx
 
 from handlers import crawl
-from runner import Context, Dataset, RequestDraft, Stopper, WorkerSettings, run
+from runner import Context, JsonlDataset, RequestDraft, Stopper, WorkerSettings, run
 from runner.queue.api import ApiQueue
 from tests.bench._common import child_server, emit, quiet_logs
 
@@ -104,7 +104,7 @@ async def _run_workers(
     summaries: list[dict[str, Any]] = []
 
     async def one(index: int, queue: ApiQueue) -> None:
-        dataset = Dataset.open(storage, f"worker{index}")
+        dataset = JsonlDataset.open(storage, f"worker{index}")
         try:
             summary = await run(
                 queue,

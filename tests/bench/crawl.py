@@ -36,7 +36,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from selectolax.lexbor import LexborHTMLParser
 
 from handlers import crawl
-from runner import Dataset, SqliteQueue, WorkerSettings, normalize_url, run
+from runner import JsonlDataset, SqliteQueue, WorkerSettings, normalize_url, run
 from runner.runtime import default_http_client
 from tests.bench._common import child_server, cpu_seconds, emit, machine, median, peak_rss_mb, pin_to, quiet_logs
 
@@ -71,7 +71,7 @@ async def headlock_crawl(
     """Crawl with `run()` and `handlers.crawl:handle` on a fresh embedded queue; return (pages, seconds, CPU s)."""
     storage = Path(tempfile.mkdtemp(prefix="headlock-bench-crawl-"))
     queue = SqliteQueue.open(storage, "default")
-    dataset = Dataset.open(storage, "default")
+    dataset = JsonlDataset.open(storage, "default")
     try:
         started, cpu_started = time.perf_counter(), cpu_seconds()
         summary = await run(

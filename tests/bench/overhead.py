@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from runner import Context, Dataset, Handler, RequestDraft, RequestQueue, SqliteQueue, WorkerSettings, run
+from runner import Context, Handler, JsonlDataset, RequestDraft, RequestQueue, SqliteQueue, WorkerSettings, run
 from runner.queue.api import ApiQueue, RateLimits
 from tests.bench._common import (
     child_server,
@@ -72,7 +72,7 @@ async def timed_run(
     queue: RequestQueue, storage: Path, concurrency: int, handler: Handler = noop
 ) -> tuple[int, float, float]:
     """Run `handler` over `queue`; return (handled, seconds, CPU seconds of this process)."""
-    dataset = Dataset.open(storage, "default")
+    dataset = JsonlDataset.open(storage, "default")
     try:
         started, cpu_started = time.perf_counter(), cpu_seconds()
         summary = await run(

@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 
-from runner import Context, Dataset, RequestDraft, SqliteQueue, WorkerSettings, request_id_for, run
+from runner import Context, JsonlDataset, RequestDraft, SqliteQueue, WorkerSettings, request_id_for, run
 from runner.queue.sqlite import queue_path
 from tests.bench._common import (
     current_rss_mb,
@@ -136,7 +136,7 @@ async def lock_latency(queue: SqliteQueue, calls: int) -> dict[str, Any]:
 async def child_run(storage: Path, name: str, max_requests: int) -> dict[str, Any]:
     """In a fresh process: run the no-op handler over the first `max_requests` requests of queue `name`."""
     queue = SqliteQueue.open(storage, name)
-    dataset = Dataset.open(storage, f"rss-{name}")
+    dataset = JsonlDataset.open(storage, f"rss-{name}")
     before = current_rss_mb()
     try:
         started = time.perf_counter()

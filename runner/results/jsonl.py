@@ -1,8 +1,7 @@
-"""Results of handlers: JSON lines appended to `<storage>/datasets/<name>.jsonl`."""
+"""The local results sink: JSON lines appended to `<storage>/datasets/<name>.jsonl` (the embedded default)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import json
 import os
@@ -10,37 +9,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from runner.errors import DatasetWriteError, InvalidItemError
+from runner.errors import DatasetWriteError
+from runner.results.items import encode_item
 
-__all__ = ["Dataset", "encode_item", "read_items"]
-
-
-def _default(value: object) -> str:
-    """Dates and times as ISO 8601; anything else JSON has no form for is refused."""
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} values have no JSON form")
+__all__ = ["JsonlDataset", "read_items"]
 
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, default=_default)
-"""One encoder for every line: `json.dumps` with options builds a new one per call."""
-
-
-def encode_item(item: object) -> str:
-    """One dataset line for `item`, a mapping with string keys and JSON values (dates become ISO strings).
-
-    Raises:
-        InvalidItemError: not a mapping, or a value JSON cannot represent (NaN, bytes, sets, tuple keys, a cycle).
-    """
-    if not isinstance(item, Mapping):
-        raise InvalidItemError(f"a dataset item must be a dict, got {type(item).__name__}")
-    try:
-        return _ENCODER.encode(item)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidItemError(f"dataset item cannot be stored as JSON: {exc}") from exc
-
-
-class Dataset:
+class JsonlDataset:
     """An append-only JSONL file, safe for several processes.
 
     Each push is one `write()` on an `O_APPEND` descriptor under an exclusive `flock`, so lines from concurrent
@@ -55,7 +30,7 @@ class Dataset:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     @classmethod
-    def open(cls, storage_dir: Path, name: str) -> Dataset:
+    def open(cls, storage_dir: Path, name: str) -> JsonlDataset:
         """Open the named dataset under `storage_dir`."""
         return cls(storage_dir / "datasets" / f"{name}.jsonl")
 
@@ -66,9 +41,18 @@ class Dataset:
             InvalidItemError: an item cannot be stored (nothing is written then).
             DatasetWriteError: the write failed (full disk, I/O error): nothing of it stays in the file.
         """
-        return self.push_lines([encode_item(item) for item in items])
+        return self.write_lines([encode_item(item) for item in items])
 
-    def push_lines(self, lines: Sequence[str]) -> int:
+    @property
+    def location(self) -> str:
+        """The file's path."""
+        return str(self.path)
+
+    async def push_lines(self, lines: Sequence[str]) -> int:
+        """`write_lines`, as the `ResultsSink` Protocol has it: on the event loop (see the class docstring)."""
+        return self.write_lines(lines)
+
+    def write_lines(self, lines: Sequence[str]) -> int:
         """Append lines made by `encode_item`; return how many.
 
         Raises:
@@ -101,6 +85,10 @@ class Dataset:
         except OSError as exc:
             raise DatasetWriteError(f"dataset {self.path} may end in a partial line: {exc}") from exc
 
+    async def aclose(self) -> None:
+        """Close the file. Idempotent."""
+        self.close()
+
     def close(self) -> None:
         """Close the file. Idempotent."""
         if self._fd >= 0:
@@ -108,7 +96,7 @@ class Dataset:
             self._fd = -1
 
     def __repr__(self) -> str:
-        return f"Dataset({str(self.path)!r})"
+        return f"JsonlDataset({str(self.path)!r})"
 
 
 def read_items(path: Path) -> list[dict[str, Any]]:
