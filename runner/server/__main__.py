@@ -1,7 +1,9 @@
-"""`python -m runner.server`: the same as `headlock serve`."""
+"""`python -m runner.server`: `headlock serve`, with every option of `runner.server._command`."""
 
-import sys
+import argparse
 
-from runner.cli import main
+from runner.server._command import add_arguments, run
 
-raise SystemExit(main(["serve", *sys.argv[1:]]))
+_parser = argparse.ArgumentParser(prog="python -m runner.server", description="serve the Apify API v2 locally")
+add_arguments(_parser)
+raise SystemExit(run(_parser.parse_args()))

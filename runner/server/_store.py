@@ -91,9 +91,14 @@ def _not_found() -> NotFoundError:
 class QueueRegistry:
     """The queues of one storage directory, owned by one app: opened on first use, closed by `aclose`."""
 
-    def __init__(self, storage_dir: Path) -> None:
-        """Serve the queues under `storage_dir/request_queues/`."""
+    def __init__(self, storage_dir: Path, *, default_id: str | None = None) -> None:
+        """Serve the queues under `storage_dir/request_queues/`.
+
+        `default_id` is the runs' default queue (`serve --default-queue-id`): when no queue has that id or name,
+        it is created on first use as the queue named so, and that queue reports it as its id.
+        """
         self._storage_dir = storage_dir
+        self._default_id = default_id
         self._open: dict[str, OpenQueue] = {}
         self._ids: dict[str, str] = {}  # queue id -> queue name (file stem)
         self._lock = anyio.Lock()
@@ -115,11 +120,25 @@ class QueueRegistry:
             self._ids[queue_id] = path.stem
 
     async def resolve(self, ref: str) -> OpenQueue:
-        """Find a queue by id, name, `~name` or `username~name`.
+        """Find a queue by id, name, `~name` or `username~name`; the default queue is created on first use.
 
         Raises:
             NotFoundError: there is no such queue.
         """
+        try:
+            return await self._resolve(ref)
+        except NotFoundError:
+            if ref != self._default_id:
+                raise
+        queue, _ = await self.get_or_create(ref)
+        _log.info("server.default_queue_created", id=ref)
+        return queue
+
+    def public_id(self, queue: OpenQueue, store_id: str) -> str:
+        """The id a queue reports: the default queue id for the queue named so, else the store's own."""
+        return self._default_id if queue.name == self._default_id else store_id
+
+    async def _resolve(self, ref: str) -> OpenQueue:
         if "~" in ref:
             return await self._existing(ref.split("~", 1)[1])
         name = self._ids.get(ref)

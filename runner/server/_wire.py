@@ -38,10 +38,16 @@ __all__ = [
     "error_response",
     "flag",
     "format_datetime",
+    "is_storage_name",
     "limit",
     "lock_secs",
+    "offset",
+    "parse_json",
     "rate_limit_for",
+    "read_body",
     "read_json",
+    "storage_name",
+    "text_list",
     "validate",
 ]
 
@@ -149,23 +155,84 @@ def lock_secs(request: Request) -> float:
     return seconds
 
 
-def limit(request: Request, *, default: int, maximum: int) -> int:
-    """The `limit` parameter: a whole number in 1..maximum (over the maximum is refused, not clamped)."""
+def limit(request: Request, *, default: int, maximum: int, zero_is_default: bool = False) -> int:
+    """The `limit` parameter: a whole number in 1..maximum (over the maximum is refused, not clamped).
+
+    With `zero_is_default`, `limit=0` means "no limit given": the official client's iterators send it so when the
+    caller set no page size.
+    """
     value = request.query_params.get("limit")
     if value is None:
         return default
+    number = _whole_number(value, "limit")
+    if zero_is_default and number == 0:
+        return default
+    if not 1 <= number <= maximum:
+        raise _invalid(f"Invalid input: limit must be a whole number from 1 to {maximum}, got {value!r}")
+    return number
+
+
+def offset(request: Request) -> int:
+    """The `offset` parameter: a whole number >= 0, 0 when absent."""
+    value = request.query_params.get("offset")
+    if value is None:
+        return 0
+    number = _whole_number(value, "offset")
+    if number < 0:
+        raise _invalid(f"Invalid input: offset must be a whole number >= 0, got {value!r}")
+    return number
+
+
+_MAX_WHOLE = 2**53
+"""Largest whole number a query parameter may hold (what a JSON double represents exactly)."""
+
+
+def _whole_number(value: str, name: str) -> int:
     try:
         number = float(value)
     except ValueError:
-        raise _invalid(f"Invalid input: limit must be a number, got {value!r}") from None
-    if not number.is_integer() or not 1 <= number <= maximum:
-        raise _invalid(f"Invalid input: limit must be a whole number from 1 to {maximum}, got {value!r}")
+        raise _invalid(f"Invalid input: {name} must be a number, got {value!r}") from None
+    if not number.is_integer() or abs(number) > _MAX_WHOLE:
+        raise _invalid(f"Invalid input: {name} must be a whole number, got {value!r}")
     return int(number)
 
 
+def text_list(request: Request, name: str) -> list[str]:
+    """A comma-joined list parameter (`fields=a,b`), empty entries dropped; [] when absent."""
+    value = request.query_params.get(name)
+    return [] if value is None else [part.strip() for part in value.split(",") if part.strip()]
+
+
+_STORAGE_NAME = re.compile(r"[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]{0,61}[a-zA-Z0-9]")
+"""A storage name the platform accepts (DNS-safe, at most 63 characters), matched with `fullmatch`."""
+
+
+def is_storage_name(name: str) -> bool:
+    """Whether `name` is a valid storage name (and so a file name this server may use)."""
+    return _STORAGE_NAME.fullmatch(name) is not None
+
+
+def storage_name(name: str, what: str) -> str:
+    """Return `name` if it is a valid name for a `what` (dataset, key-value store), else raise a 400."""
+    if not _STORAGE_NAME.fullmatch(name):
+        raise _invalid(
+            f"Invalid input: {what} name {name!r} must be 1-63 letters, digits or '-', not starting or ending with '-'"
+        )
+    return name
+
+
 def rate_limit_for(method: str, path: str) -> int:
-    """The per-queue rate limit of the endpoint at `path`, for the `X-RateLimit-Limit` header (contract §6)."""
-    sub = path.strip("/").split("/")[3:]  # after v2/request-queues/{queueId}
+    """The per-resource rate limit of the endpoint at `path`, for the `X-RateLimit-Limit` header (contract §6).
+
+    Request queues as the contract has them; pushing dataset items 400 a second (the platform's dataset docs);
+    everything else 60, the platform's default per resource.
+    """
+    parts = path.strip("/").split("/")
+    resource, sub = parts[1:2], parts[3:]  # v2/{resource}/{id}/{sub...}
+    if resource == ["datasets"]:
+        return 400 if sub == ["items"] and method == "POST" else 60
+    if resource != ["request-queues"]:
+        return 60
     if sub in (["head", "lock"], ["requests", "batch"]):
         return 40
     if sub[:1] == ["requests"] and (len(sub) >= 2 or method == "POST") and sub[1:2] != ["unlock"]:
@@ -306,6 +373,16 @@ async def read_json(request: Request) -> Any:
     Raises:
         InvalidInputError: 413 request-too-large, 415 unsupported-content-encoding, 400 invalid-input.
     """
+    return parse_json(await read_body(request))
+
+
+async def read_body(request: Request) -> bytes:
+    """Read and decompress the body (`Content-Encoding`), within the payload limit, raw and decompressed.
+
+    Raises:
+        InvalidInputError: 413 request-too-large, 415 unsupported-content-encoding, 400 invalid-input (a body that
+            does not decompress).
+    """
     chunks: list[bytes] = []
     size = 0
     # Read the whole body even when it is too large: answering before the client finished sending makes it see
@@ -316,7 +393,7 @@ async def read_json(request: Request) -> Any:
             chunks.append(chunk)
     if size > MAX_PAYLOAD_BYTES:
         raise _too_large(str(size))
-    return _parse_json(_decode(b"".join(chunks), request.headers.get("content-encoding")))
+    return _decode(b"".join(chunks), request.headers.get("content-encoding"))
 
 
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -350,7 +427,7 @@ def _finite_float(text: str) -> float:
     return number
 
 
-def _parse_json(body: bytes) -> Any:
+def parse_json(body: bytes) -> Any:
     """Parse a JSON body (UTF-8, -16 or -32) into values the store can keep and give back unchanged.
 
     Refused: invalid JSON or Unicode (a lone surrogate too, raw or `\\u`-escaped), `NaN` and `Infinity`, numbers

@@ -32,7 +32,12 @@ from runner.errors import InvalidInputError, NotFoundError, QueueError
 from runner.models import BatchAddResult, QueueInfo, RequestDraft, utc_now
 from runner.models import Request as QueueRequest
 from runner.queue.protocol import MAX_BATCH, MAX_LOCK_LIMIT
+from runner.server import _requests_list as requests_list
 from runner.server import _wire as wire
+from runner.server._datasets import Datasets
+from runner.server._kvs import KeyValueStores
+from runner.server._platform import PlatformEndpoints, platform_routes
+from runner.server._runs import RunDefaults, Runs
 from runner.server._store import OpenQueue, QueueRegistry
 from runner.uniquekey import request_id_for
 
@@ -52,14 +57,15 @@ def _whole(value: float) -> float | int:
     return int(value) if value.is_integer() else value
 
 
-def _queue_object(info: QueueInfo, base_url: str) -> dict[str, Any]:
+def _queue_object(info: QueueInfo, base_url: str, queue_id: str) -> dict[str, Any]:
     data = info.to_api()
+    data["id"] = queue_id
     data["name"] = info.name
     data["createdAt"] = wire.format_datetime(info.created_at)
     data["modifiedAt"] = wire.format_datetime(info.modified_at)
     data["accessedAt"] = wire.format_datetime(info.accessed_at)
     data["userId"] = "local"
-    data["consoleUrl"] = f"{base_url}/v2/request-queues/{info.id}"
+    data["consoleUrl"] = f"{base_url}/v2/request-queues/{queue_id}"
     return data
 
 
@@ -115,15 +121,26 @@ class _Endpoints:
         queue, created = await self._registry.get_or_create(request.query_params.get("name") or None)
         info = await queue.store.get_info()
         base = self._base_url(request)
+        queue_id = self._registry.public_id(queue, info.id)
         if not created:
-            return wire.data_response(_queue_object(info, base))
-        location = {"Location": f"{base}/v2/request-queues/{info.id}"}
-        return wire.data_response(_queue_object(info, base), 201, location)
+            return wire.data_response(_queue_object(info, base, queue_id))
+        location = {"Location": f"{base}/v2/request-queues/{queue_id}"}
+        return wire.data_response(_queue_object(info, base, queue_id), 201, location)
 
     async def get_queue(self, request: Request) -> Response:
         """GET /v2/request-queues/Q."""
         queue = await self._queue(request)
-        return wire.data_response(_queue_object(await queue.store.get_info(), self._base_url(request)))
+        info = await queue.store.get_info()
+        return wire.data_response(
+            _queue_object(info, self._base_url(request), self._registry.public_id(queue, info.id))
+        )
+
+    async def list_requests(self, request: Request) -> Response:
+        """GET requests: every request (handled ones too) in id order, by pages; see `_requests_list`."""
+        query, echo = requests_list.parse_query(request)
+        queue = await self._queue(request)
+        data = await requests_list.list_requests(queue.store.path, query)
+        return wire.data_response(data | echo)
 
     async def get_head(self, request: Request) -> Response:
         """GET head: pending requests in order, locked ones included, without `userData`. Read-only."""
@@ -297,6 +314,7 @@ def _routes(endpoints: _Endpoints) -> list[Route]:
         Route(q + "/head", endpoints.get_head, methods=["GET"]),
         Route(q + "/head/lock", endpoints.lock_head, methods=["POST"]),
         Route(q + "/requests", endpoints.add_request, methods=["POST"]),
+        Route(q + "/requests", endpoints.list_requests, methods=["GET"]),
         Route(q + "/requests/batch", endpoints.batch_add, methods=["POST"]),
         Route(q + "/requests/batch", endpoints.batch_delete, methods=["DELETE"]),
         Route(q + "/requests/unlock", endpoints.unlock, methods=["POST"]),
@@ -390,28 +408,41 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(wire.error_body(error_type, exc.detail), status_code=exc.status_code, headers=exc.headers)
 
 
-def create_app(storage_dir: Path, *, token: str | None = None, middleware: Sequence[Middleware] = ()) -> Starlette:
-    """Build the API app over the queues in `storage_dir/request_queues/`.
+def create_app(
+    storage_dir: Path,
+    *,
+    token: str | None = None,
+    middleware: Sequence[Middleware] = (),
+    defaults: RunDefaults | None = None,
+) -> Starlette:
+    """Build the API app over the storages in `storage_dir` (`request_queues/`, `datasets/`, `key_value_stores/`).
 
-    Queue files are indexed at start-up and opened on first use; all are closed at shutdown. `middleware` is
-    placed outermost (inside the rate-limit header), for tests that inject faults.
+    Queue files are indexed at start-up and opened on first use; all are closed at shutdown. `defaults` are the
+    storage ids every run reports (`RunDefaults()` when None). `middleware` is placed outermost (inside the
+    rate-limit header), for tests that inject faults.
     """
-    registry = QueueRegistry(storage_dir)
+    defaults = defaults or RunDefaults()
+    registry = QueueRegistry(storage_dir, default_id=defaults.queue_id)
+    stores, datasets = KeyValueStores(storage_dir), Datasets(storage_dir)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await registry.index()
+        await stores.index()
+        await datasets.index()
         try:
             yield
         finally:
             with anyio.CancelScope(shield=True):
                 await registry.aclose()
+                await datasets.aclose()
 
     stack = [Middleware(_RateLimitHeader), *middleware]
     if token is not None:
         stack.append(Middleware(_TokenAuth, token=token))
+    platform = PlatformEndpoints(stores, datasets, Runs(defaults))
     app = Starlette(
-        routes=_routes(_Endpoints(registry)),
+        routes=[*_routes(_Endpoints(registry)), *platform_routes(platform)],
         middleware=stack,
         exception_handlers={QueueError: _queue_error, HTTPException: _http_error},
         lifespan=lifespan,
@@ -444,6 +475,7 @@ def serve(
     *,
     log_level: str = "warning",
     ready: Callable[[str], None] | None = None,
+    defaults: RunDefaults | None = None,
 ) -> None:
     """Serve the API until SIGINT/SIGTERM (blocking). `port` 0 picks a free port; `ready` gets the base URL.
 
@@ -455,7 +487,7 @@ def serve(
         bound_port = sock.getsockname()[1]
         url = f"http://[{host}]:{bound_port}" if ":" in host else f"http://{host}:{bound_port}"
         config = uvicorn.Config(
-            create_app(storage_dir, token=token),
+            create_app(storage_dir, token=token, defaults=defaults),
             log_level=log_level,
             access_log=False,  # the access log would print `?token=` query strings
             lifespan="on",
