@@ -30,7 +30,8 @@ async def listening(
     """Run `listen_events(url)` in a task group; yield its receive stream and whether the first connect succeeded."""
     send, receive = anyio.create_memory_object_stream[PlatformEvent](buffer)
     async with anyio.create_task_group() as group, receive:
-        connected = await group.start(listen, url, send, reconnect)
+        with anyio.fail_after(5):
+            connected = await group.start(listen, url, send, reconnect)
         yield receive, connected
         group.cancel_scope.cancel()
 
@@ -158,6 +159,27 @@ async def test_reconnects_back_off_from_a_server_that_hangs_up_at_once() -> None
     # Delays from 0.025-0.05 s doubling to 0.2-0.4 s: at most 8 attempts in 1 s. Without growth (or with a reset on
     # every handshake) 20 or more would fit, without any delay hundreds.
     assert 2 <= attempts <= 10
+
+
+async def test_the_delays_start_over_after_a_healthy_connection() -> None:
+    """Delays grown by connections cut at once shrink back to the first one after a connection that stayed up."""
+    reconnect = Reconnect(initial=0.05, maximum=0.4, healthy_after=0.2, open_timeout=2.0)
+    with capture_logs() as logs:
+        async with event_server() as server, listening(server.url, reconnect=reconnect):
+            await server.wait_connected(1)
+            server.hang_up = True
+            await server.drop()
+            with anyio.fail_after(5):
+                while server.connections < 5:  # noqa: ASYNC110 - the server's counter, polled under a deadline
+                    await anyio.sleep(0.01)
+            server.hang_up = False
+            await server.wait_connected(server.connections + 1)
+            await anyio.sleep(reconnect.healthy_after)  # what is tested: a connection that stays up this long
+            await server.drop()
+            await server.wait_connected(server.connections + 1)
+    delays = [entry["retry_in"] for entry in events_named(logs, "actor.events.disconnected")]
+    assert delays[3] > reconnect.initial  # grown while the server hung up at once
+    assert delays[-1] <= reconnect.initial  # started over after the healthy connection
 
 
 async def test_failed_connects_back_off() -> None:
