@@ -29,6 +29,7 @@ from runner.router import Handler
 from runner.runtime import RunSummary, run
 from runner.settings import Settings, load_settings, random_client_key
 from runner.shutdown import Stopper
+from runner.start import start_drafts
 from runner.stats import RunStats
 
 __all__ = ["main"]
@@ -104,8 +105,7 @@ async def _crawl(settings: Settings) -> tuple[RunSummary, int]:
     if not settings.handler:
         raise ConfigError("handler: required (set it in the config file, HEADLOCK_HANDLER or --handler)")
     handler = load_handler(settings.handler)
-    for url in settings.start_urls:
-        make_draft(url)  # fail on a bad start URL before touching the queue
+    start_drafts(settings.start_urls)  # fail on a bad start URL before touching the queue
     metrics = _metrics(settings)
     stopper = Stopper()
     received: list[int] = []

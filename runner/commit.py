@@ -15,6 +15,7 @@ import structlog
 
 from runner.backoff import retry_delay
 from runner.errors import DatasetWriteError, InvalidInputError, LockLostError, QueueError
+from runner.finish import RecentAdds
 from runner.leases import Lease, Leases
 from runner.models import RequestDraft, utc_now
 from runner.queue.protocol import MAX_BATCH, RequestQueue
@@ -79,8 +80,9 @@ async def _send(
     client_key: str,
     forefront: bool,
     seen: SeenKeys | None,
+    recent: RecentAdds | None = None,
 ) -> set[str]:
-    """`add_requests`, returning the unique keys that were new to the queue."""
+    """`add_requests`, returning the unique keys that were new to the queue (their ids go to `recent`)."""
     fresh = [d for d in drafts if seen is None or d.unique_key not in seen]
     new: set[str] = set()
     for start in range(0, len(fresh), MAX_BATCH):
@@ -93,6 +95,8 @@ async def _send(
                 seen.add(item.unique_key)
             if not item.was_already_present:
                 new.add(item.unique_key)
+                if recent is not None:
+                    recent.add(item.request_id)
     return new
 
 
@@ -142,6 +146,8 @@ class Committer:
         self.client_key = client_key
         self.policy = policy
         self.seen = seen or SeenKeys()
+        self.recent = RecentAdds()
+        """What this process added lately: read back before the run may call the queue finished."""
         self.stop_deadline = math.inf
         """Set by shutdown: commits started from now on end by then (their shielded scope's deadline)."""
         self.backoff_until = 0.0
@@ -202,7 +208,12 @@ class Committer:
                 merged.setdefault(draft.unique_key, draft)
         try:
             new = await _send(
-                self.queue, list(merged.values()), client_key=self.client_key, forefront=forefront, seen=self.seen
+                self.queue,
+                list(merged.values()),
+                client_key=self.client_key,
+                forefront=forefront,
+                seen=self.seen,
+                recent=self.recent,
             )
         except BaseException as exc:
             # Every caller in the batch must learn it failed, or it would mark its request handled without its links.

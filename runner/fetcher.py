@@ -11,7 +11,9 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.backoff import Backoff
 from runner.errors import InvalidInputError, NotFoundError, QueueError, UnauthorizedError
+from runner.finish import RecentAdds, unconfirmed_adds
 from runner.leases import Lease, Leases
+from runner.models import LockedHead
 from runner.queue.protocol import RequestQueue
 from runner.stats import RunStats
 
@@ -40,14 +42,15 @@ async def fetch(
     idle: Backoff | None = None,
     backoff_until: Callable[[], float] = lambda: 0.0,
     next_backoff_end: Callable[[], float | None] = lambda: None,
+    recent: RecentAdds | None = None,
 ) -> None:
     """Lock up to `min(batch, free room)` requests per call and send them; close `send` when the queue is done.
 
     Room is `capacity` (workers + prefetch) minus the leases held; while prefetched work waits, it locks only when a
     whole batch fits. While the head is empty it waits for a local
     change (a finished request may have enqueued work) or a jittered, growing delay, never a busy loop. It returns
-    when nothing is held here, the head is empty and no client holds a lock (unless `keep_alive`), or when
-    `max_requests` are finished or held.
+    when nothing is held here, the head is empty, no client holds a lock and every request added here lately
+    (`recent`) reads back handled (unless `keep_alive`), or when `max_requests` are finished or held.
 
     A lock call whose answer was lost may have locked requests we never saw ("orphans": held by our client key,
     untracked). They would hold up the end of the run for a whole lock time, so once nothing is held here, the
@@ -87,12 +90,7 @@ async def fetch(
             errors.reset()
             orphans = orphans or head.may_have_orphans
             stats.quarantined += head.quarantined
-            # Dated from the attempt that took the locks (after any retries), not from before the first one.
-            expires_at = (head.locked_at if head.locked_at is not None else started) + lock_secs
-            for request in head.items:
-                # No checkpoint between registering and buffering: a lease is always either buffered or in flight.
-                send.send_nowait(leases.add(request, expires_at))
-            if head.items:
+            if _hand_out(head, send, leases, started=started, lock_secs=lock_secs):
                 idle.reset()
                 continue
             if orphans and not leases and head.queue_has_locked_requests and anyio.current_time() >= backoff_until():
@@ -100,8 +98,9 @@ async def fetch(
                 if await _free_orphans(queue, client_key):
                     continue
             if not leases and not head.queue_has_locked_requests and not keep_alive:
-                log.info("fetch.queue_finished")
-                return
+                if await _finished(queue, leases, recent):
+                    return
+                continue
             # While we hold work, the head may be empty only because we hold it: a finishing lease (which may
             # have enqueued more) is what to wait for; other clients' expiring locks are looked at less often.
             wait = BUSY_POLL if leases else idle.next()
@@ -110,6 +109,29 @@ async def fetch(
                 wait = min(wait, max(comes_back - anyio.current_time(), 0) + _BACKOFF_SLACK)
             with anyio.move_on_after(wait):
                 await leases.wait_changed()
+
+
+def _hand_out(
+    head: LockedHead, send: MemoryObjectSendStream[Lease], leases: Leases, *, started: float, lock_secs: float
+) -> int:
+    """Register and buffer the locked requests; return how many."""
+    # Dated from the attempt that took the locks (after any retries), not from before the first one.
+    expires_at = (head.locked_at if head.locked_at is not None else started) + lock_secs
+    for request in head.items:
+        # No checkpoint between registering and buffering: a lease is always either buffered or in flight.
+        send.send_nowait(leases.add(request, expires_at))
+    return len(head.items)
+
+
+async def _finished(queue: RequestQueue, leases: Leases, recent: RecentAdds | None) -> bool:
+    """True when the queue is done; else wait a little (the head lags behind our own latest adds, runner.finish)."""
+    behind = 0.0 if recent is None else await unconfirmed_adds(queue, recent)
+    if not behind:
+        log.info("fetch.queue_finished")
+        return True
+    with anyio.move_on_after(behind):
+        await leases.wait_changed()
+    return False
 
 
 async def _free_orphans(queue: RequestQueue, client_key: str) -> int:

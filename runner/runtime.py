@@ -15,7 +15,6 @@ import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.commit import Committer, RetryPolicy
-from runner.context import make_draft
 from runner.errors import ConfigError
 from runner.fetcher import fetch
 from runner.heartbeat import keep_alive
@@ -26,8 +25,9 @@ from runner.progress import report_progress
 from runner.queue.protocol import RequestQueue
 from runner.results.protocol import ResultsSink
 from runner.router import Handler
-from runner.settings import WorkerSettings, random_client_key
+from runner.settings import StartRequest, WorkerSettings, random_client_key
 from runner.shutdown import STOP_MARGIN, Stopper, drain_on_stop, release_all
+from runner.start import start_drafts
 from runner.stats import RunStats
 from runner.worker import Worker
 
@@ -59,7 +59,7 @@ async def run(
     workers: WorkerSettings | None = None,
     http: httpx.AsyncClient | None = None,
     options: Mapping[str, Any] | None = None,
-    start_urls: Sequence[str] = (),
+    start_urls: Sequence[str | StartRequest] = (),
     stopper: Stopper | None = None,
     progress_every: float = 5.0,
     metrics: Metrics | None = None,
@@ -219,14 +219,16 @@ def default_http_client(cfg: WorkerSettings) -> httpx.AsyncClient:
     )
 
 
-async def _prepare(queue: RequestQueue, committer: Committer, *, stable_key: bool, start_urls: Sequence[str]) -> None:
+async def _prepare(
+    queue: RequestQueue, committer: Committer, *, stable_key: bool, start_urls: Sequence[str | StartRequest]
+) -> None:
     if stable_key:
         # A restarted worker with a stable key frees the locks its previous life left, instead of waiting.
         stale = await queue.unlock_requests(client_key=committer.client_key)
         if stale:
             log.info("run.released_stale_locks", count=stale)
     if start_urls:
-        await committer.add([make_draft(url) for url in start_urls])
+        await committer.add(start_drafts(start_urls))
 
 
 async def _fetch_until_stopped(
@@ -251,5 +253,6 @@ async def _fetch_until_stopped(
             max_requests=cfg.max_requests,
             backoff_until=lambda: committer.backoff_until,
             next_backoff_end=committer.next_backoff_end,
+            recent=committer.recent,
         )
     send.close()  # cancelled or done: no more work either way

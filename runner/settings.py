@@ -1,7 +1,5 @@
-"""Settings: a TOML file, then `HEADLOCK_...` environment variables, then CLI flags (flags win).
-
-On the Apify platform the standard variables (`APIFY_TOKEN`, `APIFY_API_BASE_URL`, `APIFY_DEFAULT_REQUEST_QUEUE_ID`,
-`APIFY_ACTOR_RUN_ID`) are read too, below `HEADLOCK_...` ones.
+"""Settings, lowest rank first: a TOML file, the Apify platform's variables (`runner.actor.env`), the Actor's input
+record (`runner.actor.input`), `HEADLOCK_...` environment variables, then CLI flags (flags win).
 """
 
 from __future__ import annotations
@@ -10,10 +8,12 @@ import os
 import secrets
 import string
 import tomllib
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -22,10 +22,20 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from runner.actor.env import actor_env_settings
 from runner.errors import ConfigError
 from runner.queue.protocol import MAX_CLIENT_KEY, MAX_LOCK_LIMIT
 
-__all__ = ["ApiSettings", "QueueSettings", "Settings", "WorkerSettings", "load_settings", "random_client_key"]
+__all__ = [
+    "ActorSettings",
+    "ApiSettings",
+    "QueueSettings",
+    "Settings",
+    "StartRequest",
+    "WorkerSettings",
+    "load_settings",
+    "random_client_key",
+]
 
 
 def random_client_key() -> str:
@@ -83,6 +93,32 @@ class WorkerSettings(_Section):
         return value
 
 
+class ActorSettings(_Section):
+    """The Apify Actor run this process is part of (set from the platform's variables, see `runner.actor.env`)."""
+
+    run_id: str | None = Field(None, description="The run; stable across a migration.")
+    key_value_store_id: str | None = Field(None, description="The run's default key-value store (input, state).")
+    input_key: str = Field("INPUT", min_length=1, description="The input record's key in that store.")
+    events_url: str | None = Field(None, description="The platform's events websocket.")
+    timeout_at: datetime | None = Field(None, description="When the platform ends the run; we stop before it.")
+    is_at_home: bool = Field(False, description="Running on the Apify platform.")
+    status_every: float = Field(5.0, gt=0, description="Least seconds between two status-message updates.")
+
+
+class StartRequest(BaseModel):
+    """A start request in the platform's request-list form (`startUrls` items), or a TOML table."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+    url: str
+    method: str = "GET"
+    headers: dict[str, str] | None = None
+    user_data: dict[str, Any] | None = None
+    payload: str | None = None
+    unique_key: str | None = None
+    label: str | None = None
+
+
 class Settings(BaseSettings):
     """Everything `headlock run` needs, built once in the CLI and passed down."""
 
@@ -92,9 +128,15 @@ class Settings(BaseSettings):
 
     handler: str | None = Field(None, description="The handler as module:function.")
     handler_options: dict[str, Any] = Field(default_factory=dict, description="Given to handlers as ctx.options.")
-    start_urls: list[str] = Field(default_factory=list, description="Enqueued at start (deduplicated).")
+    start_urls: list[str | StartRequest] = Field(
+        default_factory=list, description="Enqueued at start (deduplicated): URLs or request tables."
+    )
     storage_dir: Path = Path("storage")
-    dataset: str = "default"
+    dataset: str = Field("default", min_length=1, description="Results: the file's or the API dataset's name.")
+    dataset_id: str | None = Field(None, description="Results on the API backend: this dataset (the run's default).")
+    results_backend: Literal["auto", "jsonl", "apify"] = Field(
+        "auto", description="Where results go; auto: a local file on the embedded queue, the API's dataset on apify."
+    )
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     progress_every: float = Field(5.0, gt=0)
@@ -108,6 +150,13 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    actor: ActorSettings = Field(default_factory=ActorSettings)
+
+    def results_on_api(self) -> bool:
+        """Whether results go to an API dataset rather than a local file."""
+        if self.results_backend == "auto":
+            return self.queue.backend == "apify"
+        return self.results_backend == "apify"
 
     def health_path(self) -> Path:
         """The liveness file: `health_file`, or `headlock.health` in the storage directory."""
@@ -122,41 +171,34 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Flags (init) > HEADLOCK_ env > Apify env > TOML file."""
+        """Flags (init) > HEADLOCK_ env > Apify env > TOML file (`load_settings` adds the Actor's input)."""
         return (
             init_settings,
             env_settings,
-            _ApifyEnvSource(settings_cls),
+            _DictSource(settings_cls, actor_env_settings(os.environ)),
             TomlConfigSettingsSource(settings_cls),
         )
 
 
-class _ApifyEnvSource(PydanticBaseSettingsSource):
-    """The Apify platform's standard variables, so a container Actor needs no config file."""
+class _DictSource(PydanticBaseSettingsSource):
+    """Settings given as nested dicts (the platform's variables, the Actor's input)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        env = os.environ
-        api: dict[str, Any] = {}
-        queue: dict[str, Any] = {}
-        workers: dict[str, Any] = {}
-        if env.get("APIFY_TOKEN"):
-            api["token"] = env["APIFY_TOKEN"]
-        if env.get("APIFY_API_BASE_URL"):
-            api["base_url"] = env["APIFY_API_BASE_URL"]
-        if env.get("APIFY_DEFAULT_REQUEST_QUEUE_ID"):
-            queue["id"] = env["APIFY_DEFAULT_REQUEST_QUEUE_ID"]
-            queue["backend"] = "apify"
-        if env.get("APIFY_ACTOR_RUN_ID"):
-            workers["client_key"] = env["APIFY_ACTOR_RUN_ID"][:MAX_CLIENT_KEY]
-        sections = {"api": api, "queue": queue, "workers": workers}
-        return {key: value for key, value in sections.items() if value}
+        return self._values
 
 
-def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Build settings from `config_file`, the environment and `overrides` (nested dicts for sections).
+def load_settings(
+    config_file: Path | None = None, *, actor_input: dict[str, Any] | None = None, **overrides: Any
+) -> Settings:
+    """Build settings from `config_file`, the environment, `actor_input` (settings the Actor's input sets, see
+    `runner.actor.input`) and `overrides` (nested dicts for sections).
 
     Raises:
         ConfigError: a missing or malformed file, an unknown key or a value out of range; the message names the key
@@ -167,6 +209,21 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
     class _FileSettings(Settings):
         model_config = SettingsConfigDict(toml_file=config_file)
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            """The class's sources with the Actor's input between the HEADLOCK_ variables and the platform's."""
+            init, env, *lower = super().settings_customise_sources(
+                settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+            )
+            return (init, env, _DictSource(settings_cls, actor_input or {}), *lower)
 
     try:
         return _FileSettings(**overrides)
