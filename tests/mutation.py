@@ -120,7 +120,7 @@ MUTANTS = [
     ),
     Mutant(
         "retry-after",
-        "runner/queue/api.py",
+        "runner/api/client.py",
         "        if requested is not None:\n            return min(requested, self.max_retry_after)\n",
         "",
         (
@@ -130,7 +130,7 @@ MUTANTS = [
     ),
     Mutant(
         "api-backoff",
-        "runner/queue/api.py",
+        "runner/api/client.py",
         "        delay = self.base_delay * 2.0**attempt * random.uniform(1, 2)\n",
         "        delay = self.base_delay * random.uniform(1, 2)\n",
         ("tests/test_api_faults.py::test_backoff_delays_grow_exponentially",),

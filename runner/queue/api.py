@@ -1,31 +1,22 @@
 """The `RequestQueue` over HTTP: the Apify API v2 request-queue endpoints (the platform or `headlock serve`).
 
-Layers, each with one job: `_call` sends one request with rate limiting, per-attempt timeouts and retries (429,
-5xx, network errors); `_check`/`_fetch` map the answer to `runner.errors` at this boundary and parse it; the
-Protocol methods on top add the request cache that makes `lock_head` return complete requests.
+The transport (rate limiting, per-attempt timeouts, retries of 429, 5xx and network errors, the mapping to
+`runner.errors`) is `runner.api.client.ApiClient`, shared with the other resources; this module names the queue's
+endpoints and adds the request cache that makes `lock_head` return complete requests.
 
-Retries can be ambiguous. An attempt that failed before anything was sent (connect error, pool timeout) or was
-refused with 429 was not applied; one that timed out or lost its connection after sending, or got a 5xx, may have
-been. `_call` reports whether any attempt before its answer was ambiguous, and every error it raises after one
-carries `maybe_applied=True`. The endpoints where it matters act on it: head/lock reports `may_have_orphans`, a batch
-add counts its own first attempt's requests as new, a delete-lock answered "not locked" after one is done.
+Retries can be ambiguous (`runner.api.client`'s docstring): an error raised after an attempt that may have been
+applied carries `maybe_applied=True`. The endpoints where it matters act on it: head/lock reports
+`may_have_orphans`, a batch add counts its own first attempt's requests as new, a delete-lock answered "not locked"
+after one is done.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import email.utils
-import gzip
-import json
-import math
-import random
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Literal, NamedTuple, NoReturn, Self, TypedDict, TypeVar, Unpack
-from urllib.parse import quote
+from typing import Any, NamedTuple, Self, TypeVar, Unpack, cast
 
 import anyio
 import httpx
@@ -33,17 +24,23 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from runner.errors import (
-    ConfigError,
-    InvalidInputError,
-    LockLostError,
-    NotFoundError,
-    QueueError,
-    QueueUnavailableError,
-    RateLimitedError,
-    UnauthorizedError,
+from runner.api.client import (
+    GZIP_MIN_BYTES,
+    Answer,
+    ApiClient,
+    ApiClientOptions,
+    ApiRetryPolicy,
+    Body,
+    CallTimeouts,
+    Endpoint,
+    RateClass,
+    RateLimiter,
+    RateLimits,
+    Tier,
+    error_payload,
+    validation_reason,
 )
-from runner.metrics import Metrics
+from runner.errors import ConfigError, InvalidInputError, NotFoundError, QueueError
 from runner.models import (
     BatchAddResult,
     LockedHead,
@@ -55,174 +52,52 @@ from runner.models import (
 )
 from runner.queue.protocol import MAX_BATCH
 
-__all__ = ["ApiQueue", "ApiQueueOptions", "ApiRetryPolicy", "CallTimeouts", "RateLimits"]
+__all__ = ["GZIP_MIN_BYTES", "ApiQueue", "ApiQueueOptions", "ApiRetryPolicy", "CallTimeouts", "RateLimits"]
 
 M = TypeVar("M", bound=BaseModel)
 _Body = Request | Sequence[RequestDraft] | dict[str, Any] | None
 """What a call can carry: a request, drafts, or a raw JSON object (an unreadable request written back as read)."""
 
+_RateLimiter = RateLimiter  # its tests import it from here
+
 _log = structlog.get_logger("headlock.queue.api")
 
-GZIP_MIN_BYTES = 1024
-"""Bodies of this size or more are sent gzipped (as the official v3 client does)."""
-
-_Tier = Literal["short", "medium", "long"]
-_RateClass = Literal["batch", "single", "other"]
+_DEFAULT_CACHE_SIZE = 50_000
+_DEFAULT_FETCH_CONCURRENCY = 16
 
 
-# -- configuration value objects ----------------------------------------------------------------------------
+_CLIENT_OPTIONS = ApiClientOptions.__optional_keys__
 
 
-@dataclass(frozen=True, slots=True)
-class ApiRetryPolicy:
-    """When and how long to retry 429, 5xx and network errors.
+class ApiQueueOptions(ApiClientOptions, total=False):
+    """Optional settings of `ApiQueue`: those of its `ApiClient`, and the queue's own two."""
 
-    The delay after failed attempt k (0-based) is `base_delay * 2**k * U(1, 2)`, capped near `max_delay`; a
-    `Retry-After` header replaces it (capped at `max_retry_after`). `unprocessed_retries` is how often a batch add
-    resends the items the API reported as unprocessed.
-    """
-
-    max_retries: int = 6
-    base_delay: float = 0.5
-    max_delay: float = 8.0
-    max_retry_after: float = 60.0
-    unprocessed_retries: int = 3
-
-    def delay(self, attempt: int, retry_after: str | None = None) -> float:
-        """Seconds to wait after failed attempt `attempt` (0-based)."""
-        requested = _parse_retry_after(retry_after)
-        if requested is not None:
-            return min(requested, self.max_retry_after)
-        delay = self.base_delay * 2.0**attempt * random.uniform(1, 2)
-        # Jitter the cap too, so clients that all reached it do not retry in lockstep.
-        return min(delay, self.max_delay * random.uniform(0.75, 1))
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
-@dataclass(frozen=True, slots=True)
-class CallTimeouts:
-    """Per-attempt timeouts in seconds by tier (as the official client's); each retry doubles it, up to `long`."""
-
-    short: float = 5.0
-    medium: float = 30.0
-    long: float = 360.0
-
-    @classmethod
-    def uniform(cls, seconds: float) -> CallTimeouts:
-        """Every call starts at `seconds`; retries double it up to the larger of `seconds` and 360 s."""
-        return cls(short=seconds, medium=seconds, long=max(seconds, cls().long))
-
-    def for_attempt(self, tier: _Tier, attempt: int) -> httpx.Timeout:
-        """The timeout of attempt `attempt` (0-based) of a call in `tier`."""
-        base = {"short": self.short, "medium": self.medium, "long": self.long}[tier]
-        return httpx.Timeout(min(base * 2.0**attempt, max(self.long, base)))
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimits:
-    """Client-side calls per second by endpoint class (the platform's per-queue limits, contract §6)."""
-
-    batch: float = 40.0
-    """head/lock and batch add."""
-    single: float = 400.0
-    """get/update one request, prolong and delete a lock."""
-    other: float = 60.0
-    """everything else."""
-
-
-class ApiQueueOptions(TypedDict, total=False):
-    """Optional settings of `ApiQueue`."""
-
-    retry: ApiRetryPolicy
-    max_retries: int
-    """Shortcut: replaces `retry.max_retries`."""
-    timeouts: CallTimeouts
-    timeout: float
-    """Shortcut: `CallTimeouts.uniform(timeout)` when `timeouts` is not given."""
-    rate_limits: RateLimits
     cache_size: int
     """How many complete requests (added or updated by this instance) to keep for `lock_head`; default 50 000."""
     fetch_concurrency: int
     """How many GETs `lock_head` runs at once for requests not in the cache; default 16."""
-    metrics: Metrics
-    """Where each HTTP attempt is reported (endpoint, status, duration); disabled by default."""
-
-
-class _RateLimiter:
-    """A GCRA limiter: `rate` calls per second with bursts of up to `burst`; waits by sleeping, never spins."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self._interval = 1.0 / rate
-        self._tolerance = (burst - 1) * self._interval
-        self._tat = -math.inf  # theoretical arrival time of the next call
-
-    def reserve(self, now: float) -> float:
-        """Take the next slot; return how long to wait for it."""
-        tat = max(self._tat, now)
-        self._tat = tat + self._interval
-        return max(0.0, tat - self._tolerance - now)
-
-    async def acquire(self) -> None:
-        """Wait for the next slot."""
-        wait = self.reserve(anyio.current_time())
-        if wait > 0:
-            await anyio.sleep(wait)
 
 
 # -- endpoints and wire shapes ------------------------------------------------------------------------------
 
 
-class _Endpoint(NamedTuple):
-    method: str
-    template: str  # under /v2/request-queues/{queueId}; "" for the queue itself
-    rate: _RateClass
-    tier: _Tier
-    lock_op: bool = False
-    collection: bool = False
-
-    @property
-    def label(self) -> str:
-        """How errors name the endpoint, e.g. `PUT /v2/request-queues/{queueId}/requests/{id}/lock`."""
-        if self.collection:
-            return f"{self.method} /v2/request-queues"
-        return f"{self.method} /v2/request-queues/{{queueId}}{self.template}"
-
-    @property
-    def route(self) -> str:
-        """The short name in `ApiQueue.calls` and metrics, e.g. `POST /head/lock`."""
-        path = "/v2/request-queues" if self.collection else self.template or "/"
-        return f"{self.method} {path}"
-
-    def counter(self, status: str) -> str:
-        """The key in `ApiQueue.calls`, e.g. `POST /head/lock 201`."""
-        return f"{self.route} {status}"
+def _queue_endpoint(
+    method: str, template: str, rate: RateClass, tier: Tier, *, lock_op: bool = False, collection: bool = False
+) -> Endpoint:
+    """An endpoint under `/v2/request-queues/{queueId}` (`template` "" for the queue itself)."""
+    item = "request" if "{id}" in template else ""
+    return Endpoint(method, "request-queues", template, rate, tier, item=item, lock_op=lock_op, collection=collection)
 
 
-_GET_OR_CREATE = _Endpoint("POST", "", "other", "short", collection=True)
-_GET_QUEUE = _Endpoint("GET", "", "other", "short")
-_LOCK_HEAD = _Endpoint("POST", "/head/lock", "batch", "medium")
-_BATCH_ADD = _Endpoint("POST", "/requests/batch", "batch", "medium")
-_UNLOCK = _Endpoint("POST", "/requests/unlock", "other", "long")
-_GET_REQUEST = _Endpoint("GET", "/requests/{id}", "single", "short")
-_UPDATE_REQUEST = _Endpoint("PUT", "/requests/{id}", "single", "medium")
-_PROLONG_LOCK = _Endpoint("PUT", "/requests/{id}/lock", "single", "medium", lock_op=True)
-_DELETE_LOCK = _Endpoint("DELETE", "/requests/{id}/lock", "single", "short", lock_op=True)
+_GET_OR_CREATE = _queue_endpoint("POST", "", "other", "short", collection=True)
+_GET_QUEUE = _queue_endpoint("GET", "", "other", "short")
+_LOCK_HEAD = _queue_endpoint("POST", "/head/lock", "batch", "medium")
+_BATCH_ADD = _queue_endpoint("POST", "/requests/batch", "batch", "medium")
+_UNLOCK = _queue_endpoint("POST", "/requests/unlock", "other", "long")
+_GET_REQUEST = _queue_endpoint("GET", "/requests/{id}", "single", "short")
+_UPDATE_REQUEST = _queue_endpoint("PUT", "/requests/{id}", "single", "medium")
+_PROLONG_LOCK = _queue_endpoint("PUT", "/requests/{id}/lock", "single", "medium", lock_op=True)
+_DELETE_LOCK = _queue_endpoint("DELETE", "/requests/{id}/lock", "single", "short", lock_op=True)
 
 
 class _Wire(BaseModel):
@@ -262,41 +137,9 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def _error_payload(response: httpx.Response) -> tuple[str | None, str]:
-    """`error.type` and `error.message` of an error answer, or the start of its body when it has none."""
-    try:
-        error = response.json().get("error")
-        return str(error["type"]), str(error.get("message", ""))
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None, f"unexpected answer: {response.text[:200]!r}"
-
-
-_STATUS_ERRORS: dict[int, type[QueueError]] = {
-    400: InvalidInputError,
-    401: UnauthorizedError,
-    403: UnauthorizedError,
-    404: NotFoundError,
-    413: InvalidInputError,
-    415: InvalidInputError,
-    429: RateLimitedError,
-}
-
-
-def _error_class(endpoint: _Endpoint, status: int, error_type: str | None) -> type[QueueError]:
-    if error_type == "request-handled-or-locked" or (endpoint.lock_op and status in (403, 409)):
-        return LockLostError
-    if status >= 500:
-        return QueueUnavailableError
-    return _STATUS_ERRORS.get(status, QueueError)
-
-
-def _retryable(status: int) -> bool:
-    return status == 429 or status >= 500
-
-
 def _lock_gone(response: httpx.Response) -> bool:
     """Whether an error answer of a lock operation says the lock is not (or no longer) there."""
-    return response.status_code in (403, 404, 409) or _error_payload(response)[0] == "request-handled-or-locked"
+    return response.status_code in (403, 404, 409) or error_payload(response)[0] == "request-handled-or-locked"
 
 
 def _claim_present(result: BatchAddResult) -> BatchAddResult:
@@ -313,33 +156,9 @@ def _claim_present(result: BatchAddResult) -> BatchAddResult:
     )
 
 
-def _validation_reason(exc: ValidationError) -> str:
-    """The first problem of a validation error, as `where: what`."""
-    first = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
-
-
 def _api_time(value: datetime) -> str:
     """A timestamp as the API writes it: ISO-8601 UTC with milliseconds and `Z`."""
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-# Transport errors a retry cannot fix.
-_PERMANENT = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
-# Transport errors raised before any byte of the request reached the server: the attempt was certainly not applied.
-# Every other one (read/write timeouts and errors, a connection closed before the answer) may have been.
-_UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, *_PERMANENT)
-
-
-class _Answer(NamedTuple):
-    """The answer `_call` returns: the response of its last attempt, when that attempt started, and whether an
-    earlier attempt may have been applied."""
-
-    response: httpx.Response
-    sent_at: float
-    """`anyio.current_time()` when the attempt that got `response` started (after the rate limiter's wait)."""
-    ambiguous: bool
-    """An earlier attempt got no answer after sending, or a 5xx: the call may have taken effect before this one."""
 
 
 class _Fetched(NamedTuple):
@@ -356,24 +175,18 @@ class _Fetched(NamedTuple):
 # -- the queue ----------------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Secret:
-    """The API token: only ever put in the `Authorization` header."""
-
-    value: str = field(repr=False)
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-
 class ApiQueue:
     """A `RequestQueue` served over the request-queue API.
 
     `lock_head` returns complete requests although the API's head items lack `userData`, `headers` and
     `payload`: requests this instance added or updated come from a bounded cache (unless the head's `retryCount`
-    shows another client has retried one since), the others are fetched with GET (concurrently). `calls` counts
-    every HTTP attempt as `"METHOD path-template status"` (status `error` for a network failure). The token goes
-    in the `Authorization` header only, never in URLs, logs, errors or `repr`.
+    shows another client has retried one since), the others are fetched with GET (concurrently). `calls` is the
+    `ApiClient`'s count of HTTP attempts as `"METHOD path-template status"` (status `error` for a network failure;
+    over a shared client it counts the other resources' calls too, under their own keys). The token goes in the
+    `Authorization` header only, never in URLs, logs, errors or `repr`.
+
+    Made with the constructor (or `open`), the queue has an `ApiClient` of its own and closes it in `aclose`;
+    made with `over` (or `open_over`), it uses a shared one and leaves it open.
     """
 
     def __init__(
@@ -389,34 +202,36 @@ class ApiQueue:
 
         A `client` given here is used as is and not closed by `aclose`. See `ApiQueueOptions` for the rest.
         """
-        base = base_url.rstrip("/")
-        self._base = base if base.endswith("/v2") else f"{base}/v2"
+        cache_size = options.get("cache_size", _DEFAULT_CACHE_SIZE)
+        fetch_concurrency = options.get("fetch_concurrency", _DEFAULT_FETCH_CONCURRENCY)
+        transport = cast("ApiClientOptions", {k: v for k, v in options.items() if k in _CLIENT_OPTIONS})
+        api = ApiClient(client, base_url=base_url, token=token, **transport)
+        self._setup(api, owns_api=True, queue_id=queue_id, cache_size=cache_size, fetch_concurrency=fetch_concurrency)
+
+    def _setup(self, api: ApiClient, *, owns_api: bool, queue_id: str, cache_size: int, fetch_concurrency: int) -> None:
+        self._api = api
+        self._owns_api = owns_api
         self._queue_id = queue_id
-        self._token = _Secret(token) if token else None
-        self._owns_client = client is None
-        # Keep-alive as large as the pool: connections beyond the keep-alive bound are closed after each call and
-        # reopened on the next one, which costs more than the calls themselves on a busy worker.
-        self._client = client or httpx.AsyncClient(
-            headers={"Accept": "application/json"},
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
-        )
-        self._closed = False
-        retry = options.get("retry") or ApiRetryPolicy()
-        if (max_retries := options.get("max_retries")) is not None:
-            retry = dataclasses.replace(retry, max_retries=max_retries)
-        self._retry = retry
-        timeout = options.get("timeout")
-        self._timeouts = options.get("timeouts") or (CallTimeouts.uniform(timeout) if timeout else CallTimeouts())
-        limits = options.get("rate_limits") or RateLimits()
-        self._limiters = {
-            name: _RateLimiter(rate, burst=max(1, int(rate / 10)))
-            for name, rate in (("batch", limits.batch), ("single", limits.single), ("other", limits.other))
-        }
         self._cache: OrderedDict[str, Request] = OrderedDict()
-        self._cache_size = options.get("cache_size", 50_000)
-        self._fetch_concurrency = options.get("fetch_concurrency", 16)
-        self.calls: Counter[str] = Counter()
-        self._metrics = options.get("metrics") or Metrics()
+        self._cache_size = cache_size
+        self._fetch_concurrency = fetch_concurrency
+
+    @classmethod
+    def over(
+        cls,
+        api: ApiClient,
+        *,
+        queue_id: str,
+        cache_size: int = _DEFAULT_CACHE_SIZE,
+        fetch_concurrency: int = _DEFAULT_FETCH_CONCURRENCY,
+    ) -> ApiQueue:
+        """Use `queue_id` (an id or `~name`) through a shared `api`, which `aclose` leaves open.
+
+        The transport settings (retries, timeouts, rate limits, metrics) are `api`'s.
+        """
+        queue = cls.__new__(cls)
+        queue._setup(api, owns_api=False, queue_id=queue_id, cache_size=cache_size, fetch_concurrency=fetch_concurrency)
+        return queue
 
     @classmethod
     async def open(
@@ -440,35 +255,71 @@ class ApiQueue:
         if (queue_id is None) == (name is None):
             raise ConfigError("give exactly one of queue_id and name")
         queue = cls(client, base_url=base_url, queue_id=queue_id or "", token=token, **options)
+        return await queue._resolve(name)
+
+    @classmethod
+    async def open_over(
+        cls,
+        api: ApiClient,
+        *,
+        queue_id: str | None = None,
+        name: str | None = None,
+        cache_size: int = _DEFAULT_CACHE_SIZE,
+        fetch_concurrency: int = _DEFAULT_FETCH_CONCURRENCY,
+    ) -> ApiQueue:
+        """`open` through a shared `api` (see `over`): by `queue_id`, or got or created by `name`.
+
+        Raises:
+            ConfigError: not exactly one of `queue_id` and `name` is given.
+            NotFoundError: there is no queue `queue_id`.
+            QueueError: the get or get-or-create call failed.
+        """
+        if (queue_id is None) == (name is None):
+            raise ConfigError("give exactly one of queue_id and name")
+        queue = cls.over(api, queue_id=queue_id or "", cache_size=cache_size, fetch_concurrency=fetch_concurrency)
+        return await queue._resolve(name)
+
+    async def _resolve(self, name: str | None) -> Self:
+        """Check the queue (or get or create it by `name`) and take its id; close this queue if that fails."""
         try:
             if name is not None:
-                info = await queue._fetch(_GET_OR_CREATE, QueueInfo, params={"name": name})
+                info = await self._fetch(_GET_OR_CREATE, QueueInfo, params={"name": name})
             else:
-                info = await queue._fetch(_GET_QUEUE, QueueInfo)
+                info = await self._fetch(_GET_QUEUE, QueueInfo)
         except NotFoundError as exc:
             with anyio.CancelScope(shield=True):
-                await queue.aclose()
+                await self.aclose()
             raise NotFoundError(
-                f"no request queue {queue_id or name!r} at {queue._base}",
+                f"no request queue {self._queue_id or name!r} at {self._api.base_url}",
                 endpoint=exc.endpoint,
                 status=exc.status,
                 error_type=exc.error_type,
             ) from exc
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await queue.aclose()
+                await self.aclose()
             raise
-        queue._queue_id = info.id
-        return queue
+        self._queue_id = info.id
+        return self
 
     @property
     def queue_id(self) -> str:
         """The queue's id (or the `~name` it was constructed with, when not opened with `open`)."""
         return self._queue_id
 
+    @property
+    def api(self) -> ApiClient:
+        """The transport this queue calls through (its own, or the shared one it was given)."""
+        return self._api
+
+    @property
+    def calls(self) -> Counter[str]:
+        """Every HTTP attempt of the `ApiClient`, by `"route status"` (see the class docstring)."""
+        return self._api.calls
+
     def __repr__(self) -> str:
-        token = "'***'" if self._token else "None"
-        return f"ApiQueue(base_url={self._base!r}, queue_id={self._queue_id!r}, token={token})"
+        token = "'***'" if self._api.has_token else "None"
+        return f"ApiQueue(base_url={self._api.base_url!r}, queue_id={self._queue_id!r}, token={token})"
 
     async def __aenter__(self) -> Self:
         return self
@@ -478,187 +329,56 @@ class ApiQueue:
     ) -> None:
         await self.aclose()
 
-    # -- transport ------------------------------------------------------------------------------------------
+    # -- transport (runner.api.client), with the queue's id and bodies ---------------------------------------
 
-    def _url(self, endpoint: _Endpoint, request_id: str | None) -> str:
-        if endpoint.collection:
-            return f"{self._base}/request-queues"
-        path = endpoint.template.format(id=quote(request_id or "", safe=""))
-        return f"{self._base}/request-queues/{quote(self._queue_id, safe='~')}{path}"
-
-    def _encode(self, endpoint: _Endpoint, body: _Body) -> tuple[dict[str, str], bytes | None]:
-        """Headers and content of a call; bodies of 1 KiB or more gzipped. A dict is sent as it is.
+    def _body(self, endpoint: Endpoint, body: _Body) -> Body | None:
+        """A call's JSON body: a request or drafts in the API's shape; a dict is sent as it is.
 
         Raises:
             InvalidInputError: the body cannot be written as JSON (e.g. an arbitrary object in `userData`).
         """
-        headers = {"Authorization": f"Bearer {self._token.value}"} if self._token else {}
         if body is None:
-            return headers, None
+            return None
+        data: object
         try:
-            data: object
             if isinstance(body, Request):
                 data = body.to_api()
             elif isinstance(body, dict):
                 data = body
             else:
                 data = [draft.to_api() for draft in body]
-            content = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"the body cannot be sent as JSON: {exc}", endpoint=endpoint.label) from exc
-        headers["Content-Type"] = "application/json"
-        if len(content) >= GZIP_MIN_BYTES:
-            content = gzip.compress(content, compresslevel=5)
-            headers["Content-Encoding"] = "gzip"
-        return headers, content
-
-    def _scrub(self, text: str) -> str:
-        """Remove the token from text that came from elsewhere (an error body could echo it)."""
-        return text.replace(self._token.value, "***") if self._token else text
+        return Body.encode_json(endpoint, data)
 
     async def _call(
         self,
-        endpoint: _Endpoint,
+        endpoint: Endpoint,
         *,
         request_id: str | None = None,
         params: dict[str, str | int] | None = None,
         body: _Body = None,
-    ) -> _Answer:
-        """Send one API call, retrying 429, 5xx and network errors; return the first other answer.
-
-        Raises (each with `maybe_applied=True` when an attempt may have been applied, see the module docstring):
-            RateLimitedError: 429 on every attempt.
-            QueueUnavailableError: 5xx or network errors on every attempt.
-        """
-        url = self._url(endpoint, request_id)
-        headers, content = self._encode(endpoint, body)
-        attempts = self._retry.max_retries + 1
-        ambiguous = False
-        for attempt in range(attempts):
-            await self._limiters[endpoint.rate].acquire()
-            started = anyio.current_time()
-            try:
-                response = await self._client.request(
-                    endpoint.method,
-                    url,
-                    params=params,
-                    content=content,
-                    headers=headers,
-                    timeout=self._timeouts.for_attempt(endpoint.tier, attempt),
-                )
-            except httpx.RequestError as exc:
-                self._count(endpoint, "error", started)
-                ambiguous = ambiguous or not isinstance(exc, _UNSENT)
-                if isinstance(exc, _PERMANENT) or attempt + 1 == attempts:
-                    self._give_up(endpoint, exc, attempt + 1, request_id, maybe_applied=ambiguous)
-                reason, retry_after = f"{type(exc).__name__}: {self._scrub(str(exc))}", None
-            else:
-                self._count(endpoint, str(response.status_code), started)
-                if not _retryable(response.status_code):
-                    return _Answer(response, started, ambiguous)
-                ambiguous = ambiguous or response.status_code >= 500
-                if attempt + 1 == attempts:
-                    self._check(endpoint, response, request_id, attempts=attempts, maybe_applied=ambiguous)
-                reason, retry_after = f"HTTP {response.status_code}", response.headers.get("retry-after")
-            delay = self._retry.delay(attempt, retry_after)
-            _log.warning(
-                "queue.api.retry",
-                endpoint=endpoint.label,
-                attempt=attempt + 1,
-                delay=round(delay, 3),
-                reason=reason,
-                maybe_applied=ambiguous,
-            )
-            await anyio.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises
-
-    def _count(self, endpoint: _Endpoint, status: str, started: float) -> None:
-        """Count one HTTP attempt in `calls` and in the metrics."""
-        self.calls[endpoint.counter(status)] += 1
-        self._metrics.queue_call("api", endpoint.route, status, anyio.current_time() - started)
-
-    def _give_up(
-        self,
-        endpoint: _Endpoint,
-        exc: httpx.RequestError,
-        attempts: int,
-        request_id: str | None,
-        *,
-        maybe_applied: bool,
-    ) -> NoReturn:
-        where = f" (request {request_id})" if request_id else ""
-        message = f"no answer after {attempts} attempt(s){where}: {type(exc).__name__}: {self._scrub(str(exc))}"
-        raise QueueUnavailableError(message, endpoint=endpoint.label, maybe_applied=maybe_applied) from exc
-
-    def _check(
-        self,
-        endpoint: _Endpoint,
-        response: httpx.Response,
-        request_id: str | None,
-        *,
-        attempts: int = 1,
-        maybe_applied: bool = False,
-    ) -> None:
-        """Raise the `runner.errors` type for a non-2xx answer."""
-        if response.is_success:
-            return
-        status = response.status_code
-        error_type, message = _error_payload(response)
-        where = f" (request {request_id})" if request_id else ""
-        tries = f" after {attempts} attempts" if attempts > 1 else ""
-        raise _error_class(endpoint, status, error_type)(
-            self._scrub(f"{message}{where}{tries}"),
-            endpoint=endpoint.label,
-            status=status,
-            error_type=error_type,
-            maybe_applied=maybe_applied,
+    ) -> Answer:
+        """`ApiClient.call` on this queue (see its Raises)."""
+        return await self._api.call(
+            endpoint, resource_id=self._queue_id, item_id=request_id, params=params, body=self._body(endpoint, body)
         )
 
-    def _data(self, endpoint: _Endpoint, response: httpx.Response) -> dict[str, Any]:
-        """The `data` object of a 2xx answer.
+    def _check(
+        self, endpoint: Endpoint, response: httpx.Response, request_id: str | None, *, maybe_applied: bool = False
+    ) -> None:
+        """Raise the `runner.errors` type for a non-2xx answer."""
+        self._api.check(endpoint, response, request_id, maybe_applied=maybe_applied)
 
-        Raises:
-            QueueUnavailableError: the answer is not JSON or has no `data` object (`maybe_applied` unless a GET:
-                the call was answered with success).
-        """
-        try:
-            payload = response.json()
-        except ValueError as exc:
-            raise QueueUnavailableError(
-                f"malformed JSON in the answer: {response.text[:100]!r}",
-                endpoint=endpoint.label,
-                status=response.status_code,
-                maybe_applied=endpoint.method != "GET",
-            ) from exc
-        data = payload.get("data") if isinstance(payload, dict) else None
-        if not isinstance(data, dict):
-            raise QueueUnavailableError(
-                "the answer has no `data` object",
-                endpoint=endpoint.label,
-                status=response.status_code,
-                maybe_applied=endpoint.method != "GET",
-            )
-        return data
+    def _data(self, endpoint: Endpoint, response: httpx.Response) -> dict[str, Any]:
+        return self._api.data(endpoint, response)
 
-    def _parse(self, endpoint: _Endpoint, response: httpx.Response, model: type[M]) -> M:
-        """The `data` of a 2xx answer as `model`.
-
-        Raises:
-            QueueUnavailableError: the answer is not JSON or not the documented shape (`maybe_applied` as `_data`).
-        """
-        try:
-            return model.model_validate(self._data(endpoint, response))
-        except ValidationError as exc:
-            raise QueueUnavailableError(
-                f"unexpected answer shape: {_validation_reason(exc)}",
-                endpoint=endpoint.label,
-                status=response.status_code,
-                maybe_applied=endpoint.method != "GET",
-            ) from None
+    def _parse(self, endpoint: Endpoint, response: httpx.Response, model: type[M]) -> M:
+        return self._api.parse(endpoint, response, model)
 
     async def _fetch(
         self,
-        endpoint: _Endpoint,
+        endpoint: Endpoint,
         model: type[M],
         *,
         request_id: str | None = None,
@@ -762,7 +482,7 @@ class ApiQueue:
             try:
                 found[request_id] = None if raw is None else Request.model_validate(raw)
             except ValidationError as exc:
-                unreadable[request_id] = (raw or {}, _validation_reason(exc))
+                unreadable[request_id] = (raw or {}, validation_reason(exc))
 
         async with anyio.create_task_group() as group:
             for request_id in request_ids:
@@ -927,7 +647,7 @@ class ApiQueue:
         processed = []
         result = BatchAddResult()
         ambiguous = False
-        for attempt in range(self._retry.unprocessed_retries + 1):
+        for attempt in range(self._api.retry.unprocessed_retries + 1):
             if not pending:
                 break
             answer = await self._call(_BATCH_ADD, params=params, body=pending)
@@ -940,8 +660,8 @@ class ApiQueue:
             self._remember_added(pending, result)
             unprocessed = {item.unique_key for item in result.unprocessed_requests}
             pending = [draft for draft in pending if draft.unique_key in unprocessed]
-            if pending and attempt < self._retry.unprocessed_retries:
-                delay = self._retry.delay(attempt)
+            if pending and attempt < self._api.retry.unprocessed_retries:
+                delay = self._api.retry.delay(attempt)
                 _log.warning("queue.api.unprocessed", count=len(pending), attempt=attempt + 1, delay=round(delay, 3))
                 await anyio.sleep(delay)
         return BatchAddResult(processed_requests=processed, unprocessed_requests=result.unprocessed_requests)
@@ -963,7 +683,6 @@ class ApiQueue:
         return await self._fetch(_GET_QUEUE, QueueInfo)
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this queue created it. Idempotent."""
-        if self._owns_client and not self._closed:
-            self._closed = True
-            await self._client.aclose()
+        """Close the `ApiClient` if this queue made it (not one given to `over`). Idempotent."""
+        if self._owns_api:
+            await self._api.aclose()
