@@ -1,9 +1,10 @@
-# headlock crawl worker. Configured by environment only (HEADLOCK_..., and APIFY_... on the platform); a config
-# file, if you want one, comes in by a mount: -v $PWD/job.toml:/config/job.toml:ro -e ... run --config /config/job.toml
+# headlock crawl worker, and an Apify Actor as it is (.actor/actor.json points here). Configured by the platform's
+# variables (ACTOR_..., APIFY_...), the run's INPUT and HEADLOCK_... variables, over config/actor.toml (the default
+# CMD: handlers.crawl). Your own config file comes in by a mount and replaces the CMD:
+#   -v $PWD/job.toml:/config/job.toml:ro ... headlock run --config /config/job.toml
 #
 #   docker build -t headlock .
-#   docker run --rm --stop-timeout 40 -e APIFY_TOKEN -e APIFY_DEFAULT_REQUEST_QUEUE_ID \
-#       -e HEADLOCK_HANDLER=handlers.crawl:handle headlock
+#   docker run --rm --stop-timeout 40 -e APIFY_TOKEN -e ACTOR_DEFAULT_REQUEST_QUEUE_ID -e ACTOR_DEFAULT_DATASET_ID headlock
 #
 # Graceful stop: on SIGTERM headlock stops fetching, gives back prefetched requests, lets in-flight handlers finish
 # within workers.grace (HEADLOCK_WORKERS__GRACE, default 30 s), then releases every lock it holds. The platform must
@@ -42,6 +43,7 @@ COPY pyproject.toml README.md ./
 COPY runner/ runner/
 COPY handlers/ handlers/
 RUN pip install --no-cache-dir --no-deps .
+COPY config/ config/
 
 USER 10001
 WORKDIR /data
@@ -52,4 +54,4 @@ EXPOSE 9090
 HEALTHCHECK --interval=15s --timeout=10s --start-period=30s --retries=3 CMD ["headlock", "health"]
 # Exec form: headlock itself is PID 1 and receives SIGTERM.
 ENTRYPOINT ["headlock"]
-CMD ["run"]
+CMD ["run", "--config", "/app/config/actor.toml"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import anyio
 import structlog
 
@@ -17,12 +20,19 @@ log = structlog.get_logger("headlock.progress")
 
 
 async def report_progress(
-    queue: RequestQueue, leases: Leases, stats: RunStats, *, every: float, metrics: Metrics | None = None
+    queue: RequestQueue,
+    leases: Leases,
+    stats: RunStats,
+    *,
+    every: float,
+    metrics: Metrics | None = None,
+    hook: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> None:
     """Log `run.progress` every `every` seconds: counters, rate, what is held here and what the queue has pending.
 
     The pending count also goes to `metrics`. It is read from the queue (one call) only when this process finished
-    something since the last report: an idle or slow worker spends no queue calls on progress.
+    something since the last report: an idle or slow worker spends no queue calls on progress. `hook` gets the same
+    fields (e.g. the Actor's status message); it must not block.
     """
     metrics = metrics or Metrics()
     pending: int | None = None
@@ -37,13 +47,15 @@ async def report_progress(
             except QueueError:
                 pending = None
             metrics.queue_pending(pending)
-        log.info(
-            "run.progress",
-            handled=stats.handled,
-            failed=stats.failed,
-            retried=stats.retried,
-            rate=round(stats.rate(), 1),
-            in_flight=held.in_flight,
-            prefetched=held.prefetched,
-            pending=pending,
-        )
+        fields = {
+            "handled": stats.handled,
+            "failed": stats.failed,
+            "retried": stats.retried,
+            "rate": round(stats.rate(), 1),
+            "in_flight": held.in_flight,
+            "prefetched": held.prefetched,
+            "pending": pending,
+        }
+        log.info("run.progress", **fields)
+        if hook is not None:
+            hook(fields)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -64,12 +64,15 @@ async def run(
     progress_every: float = 5.0,
     metrics: Metrics | None = None,
     health_file: Path | None = None,
+    stats: RunStats | None = None,
+    progress_hook: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> RunSummary:
     """Consume `queue` with `handler` until it is done or `stopper` stops it, then release every lock.
 
     Installs no signal handlers: call `stopper.stop()` (the CLI does on SIGTERM/SIGINT). `metrics` (disabled by
     default) reports the run's counters while it runs; the heartbeat touches `health_file`, if given, every few
-    seconds (see `runner.health`).
+    seconds (see `runner.health`). `stats` (fresh by default) may carry counters of an earlier life of the run (a
+    resumed Actor run); `progress_hook` gets each progress report's fields.
 
     Raises:
         QueueError: the queue refused us (unauthorized, invalid input) or a fatal call failed.
@@ -81,7 +84,7 @@ async def run(
     metrics = metrics or Metrics()
     own_http = http is None
     client = http or default_http_client(cfg)  # first: a missing extra fails before anything needs closing
-    leases, stats = Leases(), RunStats()
+    leases, stats = Leases(), stats or RunStats()
     metrics.track(stats, leases)
     committer = Committer(
         queue,
@@ -118,7 +121,11 @@ async def run(
                     health_file=health_file,
                 )
             )
-            services.start_soon(partial(report_progress, queue, leases, stats, every=progress_every, metrics=metrics))
+            services.start_soon(
+                partial(
+                    report_progress, queue, leases, stats, every=progress_every, metrics=metrics, hook=progress_hook
+                )
+            )
             services.start_soon(
                 partial(
                     drain_on_stop,

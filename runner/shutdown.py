@@ -62,6 +62,17 @@ class Stopper:
         self.graceful.set()
         log.info("shutdown.requested", reason=reason)
 
+    def stop_now(self, reason: str) -> None:
+        """Stop without the grace period: every request, prefetched or in flight, is given back at once.
+
+        For a process about to be moved (the platform's `migrating`): handlers are cancelled, their requests go back
+        to the head (forefront) without counting as an attempt, and every lock is released.
+        """
+        if not self.graceful.is_set():
+            self.stop(reason)
+        self.forced.set()
+        log.warning("shutdown.immediate", reason=reason)
+
 
 async def drain_on_stop(
     stopper: Stopper,

@@ -134,6 +134,7 @@ def image(drop: dict[str, Any]) -> Iterator[Image]:
         python = root / "venv" / "bin" / "python"
         pip(python, "-r", str(app / "requirements.lock"))
         pip(python, "--no-deps", str(app))
+        command = [arg.replace("/app/", f"{app}/") for arg in command]  # the image's /app is `app` here
         yield Image(root=root, bin=root / "venv" / "bin", env=env, command=command, healthcheck=healthcheck)
     finally:
         shutil.rmtree(root, ignore_errors=True)
