@@ -12,7 +12,7 @@ import structlog
 from runner.errors import InvalidItemError, InvalidUrlError
 from runner.models import Request, RequestDraft
 from runner.results.items import encode_item
-from runner.uniquekey import normalize_parts
+from runner.uniquekey import UniqueKeyFunction, normalize_parts
 
 __all__ = ["Context", "make_draft"]
 
@@ -25,8 +25,11 @@ def make_draft(
     label: str | None = None,
     user_data: Mapping[str, Any] | None = None,
     unique_key: str | None = None,
+    key_function: UniqueKeyFunction = normalize_parts,
 ) -> RequestDraft:
-    """Build a request draft for `url_or_draft`, with the normalized URL as default `uniqueKey`.
+    """Build a request draft for `url_or_draft`, with `key_function` of the URL as default `uniqueKey`.
+
+    `key_function` is the run's convention (`runner.uniquekey.unique_key_function`); the default is headlock's.
 
     Raises:
         InvalidUrlError: not an absolute http(s) URL.
@@ -34,7 +37,7 @@ def make_draft(
     if isinstance(url_or_draft, RequestDraft):
         return url_or_draft
     url, parts = _checked_url(url_or_draft)
-    return _draft(url, unique_key or normalize_parts(parts), label, user_data)
+    return _draft(url, unique_key or key_function(parts), label, user_data)
 
 
 def _draft(url: str, unique_key: str, label: str | None, user_data: Mapping[str, Any] | None) -> RequestDraft:
@@ -48,7 +51,10 @@ def _draft(url: str, unique_key: str, label: str | None, user_data: Mapping[str,
 def _checked_url(url: str) -> tuple[str, SplitResult]:
     """`url` stripped and its parts, if it is an absolute http(s) URL; else `InvalidUrlError`."""
     url = url.strip()
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed `[`: this error names the URL
+        raise InvalidUrlError(f"not an absolute http(s) URL: {url!r} ({exc})") from exc
     if parts.scheme.lower() not in _SCHEMES or not parts.hostname:
         raise InvalidUrlError(f"not an absolute http(s) URL: {url!r}")
     return url, parts
@@ -61,7 +67,7 @@ class Context:
     leaves no results and no new requests behind.
     """
 
-    __slots__ = ("_enqueued", "_items", "_known", "http", "log", "options", "request")
+    __slots__ = ("_enqueued", "_items", "_known", "_unique_key", "http", "log", "options", "request")
 
     def __init__(
         self,
@@ -71,13 +77,18 @@ class Context:
         log: structlog.typing.FilteringBoundLogger,
         options: Mapping[str, Any],
         known: Container[str] = frozenset(),
+        unique_key: UniqueKeyFunction = normalize_parts,
     ) -> None:
-        """`known`: unique keys already in the queue (the runtime passes those this process added)."""
+        """`known`: unique keys already in the queue (the runtime passes those this process added).
+
+        `unique_key`: the default `uniqueKey` of an enqueued URL, the run's convention (headlock's by default).
+        """
         self.request = request
         self.http = http
         self.log = log
         self.options = options
         self._known = known
+        self._unique_key = unique_key
         # None marks a request already in the queue: counted by `enqueue`, but with nothing to send.
         self._enqueued: dict[bool, dict[str, RequestDraft | None]] = {False: {}, True: {}}
         self._items: list[str] = []
@@ -118,13 +129,13 @@ class Context:
             InvalidUrlError: a URL that is not absolute http(s).
         """
         items = [requests] if isinstance(requests, str | RequestDraft) else list(requests)
-        bucket = self._enqueued[forefront]
+        bucket, unique_key = self._enqueued[forefront], self._unique_key
         before = len(bucket)
         for item in items:
             if isinstance(item, str):
                 # Most links a crawl finds are in the queue already: those need no draft.
                 url, parts = _checked_url(item)
-                key = normalize_parts(parts)
+                key = unique_key(parts)
                 if key in bucket:
                     continue
                 if key in self._known:

@@ -17,6 +17,7 @@ from runner.errors import NoRetry, QueueError
 from runner.leases import Lease
 from runner.loopwatch import LoopMonitor
 from runner.router import Handler
+from runner.uniquekey import UniqueKeyFunction, normalize_parts
 
 __all__ = ["Worker"]
 
@@ -39,6 +40,7 @@ class Worker:
     """What every handler attempt needs; `run` is one worker task, and the runtime starts `concurrency` of them.
 
     The committer owns the lease registry and the run's counters, so the worker reaches them through it.
+    `unique_key` gives the default `uniqueKey` of the URLs handlers enqueue (the run's convention).
     """
 
     handler: Handler
@@ -49,6 +51,7 @@ class Worker:
     lock_secs: float = 60.0
     monitor: LoopMonitor | None = None
     log: structlog.typing.FilteringBoundLogger = field(default_factory=_logger)
+    unique_key: UniqueKeyFunction = field(default=normalize_parts, kw_only=True)
 
     async def run(self, receive: ObjectReceiveStream[Lease]) -> None:
         """Handle leases from `receive` until it is closed and empty.
@@ -84,7 +87,14 @@ class Worker:
             if leases.start(lease, anyio.CancelScope()):
                 await self._commit(lease, unrecorded, permanent=False, ctx=None)
             return
-        ctx = Context(lease.request, http=self.http, log=self.log, options=self.options, known=committer.seen)
+        ctx = Context(
+            lease.request,
+            http=self.http,
+            log=self.log,
+            options=self.options,
+            known=committer.seen,
+            unique_key=self.unique_key,
+        )
         error: str | None = None
         permanent = False
         # One scope for both ends of a handler: its deadline (a timeout) and `Leases.lose` (a lost lock) cancel it.
