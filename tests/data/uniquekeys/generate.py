@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from runner.uniquekey import normalize_url  # noqa: E402 - after the path set-up above
+from runner.uniquekey import normalize_url
 
 OUT = Path(__file__).with_name("generated.json")
 
@@ -73,9 +73,10 @@ URLS: list[tuple[str, str]] = [
     ("invalid percent-escapes", "https://example.com/a%zz?b=%zz"),
     ("escapes that are not UTF-8", "https://example.com/a%FF?b=%FF"),
     ("[ ] | ^ in the path", "https://example.com/a[1]|b^c"),
-    ("quotes in the path", "https://example.com/it's/\"q\""),
+    ("quotes in the path", 'https://example.com/it\'s/"q"'),
     ("braces and backtick in the path", "https://example.com/{a}/`b`"),
     ("backslashes", "https://example.com\\a\\b"),
+    ("backslash after a mixed-case host", "https://Example.com\\A"),
     ("IDN host", "https://bücher.example/katalog"),
     ("upper-case IDN host", "https://MÜNCHEN.de/"),
     ("punycode host", "https://xn--bcher-kva.example/katalog"),
@@ -84,20 +85,27 @@ URLS: list[tuple[str, str]] = [
     ("percent-encoded host", "https://ex%41mple.com/"),
     ("xn-- label that is no punycode", "https://xn--a.com/"),
     ("full-width digits in the host", "https://１２３.com/"),
+    ("NFKC of the netloc makes a % appear", "https://u%20x@１２３.com/"),
+    ("a host IDNA maps to a %", "https://a﹪b.com/"),
     ("space in the host", "https://exa mple.com/"),
     ("trailing dot in the host", "https://example.com./a"),
     ("dot segments", "https://example.com/a/./b/../c"),
     ("dot segment at the end", "https://example.com/a/b/.."),
     ("encoded dot segments", "https://example.com/a/%2e%2E/b"),
+    ("encoded dot segment at the end", "https://example.com/a/b/%2e%2e"),
+    ("dot segment after an empty segment", "https://example.com/a//."),
     ("dot-file segment before a dot segment", "https://example.com/a/.well-known/../b"),
     ("user info", "https://User:Pass@Example.com/a"),
     ("password-only user info", "https://:secret@example.com/a"),
+    ("user name without a password", "https://User@Example.com/a"),
     ("IPv4 host and port", "http://192.168.0.1:8080/a"),
     ("hex IPv4 host", "http://0x7f.0.0.1/"),
     ("octal IPv4 host", "http://0177.0.0.1/"),
     ("short IPv4 host", "http://127.1/"),
     ("IPv6 host", "http://[2001:DB8::1]/a"),
     ("IPv6 host, default port", "http://[2001:db8:0:0:1:0:0:1]:80/"),
+    ("IPv4-mapped IPv6 host", "http://[::ffff:1.2.3.4]/"),
+    ("IPv6 host with two zero runs", "http://[1:0:0:2:0:0:0:3]/"),
     ("surrounding whitespace", "  https://example.com/a  "),
     ("tab and newline inside", "https://exam\tple.com/a\nb"),
 ]
@@ -131,7 +139,8 @@ const keys = urls.map((url) => {
 });
 const versions = { node: process.version };
 for (const name of ['@crawlee/core', '@apify/utilities']) {
-    versions[name] = JSON.parse(fs.readFileSync(path.join(process.env.NODE_PATH, name, 'package.json'), 'utf8')).version;
+    const manifest = path.join(process.env.NODE_PATH, name, 'package.json');
+    versions[name] = JSON.parse(fs.readFileSync(manifest, 'utf8')).version;
 }
 process.stdout.write(JSON.stringify({ versions, keys }));
 """
