@@ -327,6 +327,8 @@ _WHATWG_SINGLE_DOTS = frozenset({".", "%2e"})
 # The path percent-encode set as Node 20 has it: C0 controls, space, " # < > ? ` { } and everything above `~`.
 _WHATWG_PATH_UNSAFE = re.compile('[\x00-\x20"#<>?`{}\x7f-\U0010ffff]')
 _FORBIDDEN_DOMAIN = re.compile("[\x00-\x20#%/:<>?@\\[\\\\\\]^|\x7f]")
+# A last label that makes the host an IPv4 address: all digits, or what the IPv4 number parser takes as hex.
+_ENDS_IN_NUMBER = re.compile("[0-9]+|0[xX][0-9A-Fa-f]*")
 _IPV4_PART = {8: re.compile("[0-7]*"), 10: re.compile("[0-9]*"), 16: re.compile("[0-9A-Fa-f]*")}
 
 
@@ -367,12 +369,8 @@ def _whatwg_ipv4(host: str) -> str | None:
     labels = host.split(".")
     if labels[-1] == "" and len(labels) > 1:
         labels.pop()
-    last = labels[-1]
-    if not (last.isascii() and last.isdigit()):
-        try:
-            _ipv4_number(last)
-        except ValueError:
-            return None
+    if not _ENDS_IN_NUMBER.fullmatch(labels[-1]):
+        return None
     if len(labels) > 4:
         raise ValueError("not an IPv4 address")
     numbers = [_ipv4_number(label) for label in labels]
@@ -488,6 +486,8 @@ def _whatwg_path(path: str) -> str:
     """`URL.pathname` of a special URL: `.`/`..` (also as `%2e`) resolved, the path percent-encode set escaped."""
     if not path.isascii():
         path = _usv(path)
+    if "/." not in path and "/%2" not in path:  # no segment can be a dot segment (the path starts with a /)
+        return _WHATWG_PATH_UNSAFE.sub(_escape_match, path) or "/"
     segments = path[1:].split("/") if path.startswith("/") else path.split("/")
     resolved: list[str] = []
     last = len(segments) - 1
