@@ -18,8 +18,10 @@ from apify_client import ApifyClient
 from apify_client.errors import ApifyApiError
 
 from runner.results.jsonl import JsonlDataset, read_items
+from runner.server import create_app
+from runner.server._runs import RunDefaults
 from runner.server._wire import MAX_PAYLOAD_BYTES
-from tests._server import running_server
+from tests._server import running_server, serving_app
 
 DEFAULTS = {"queue": "rq-default", "dataset": "ds-default", "kv": "kv-default"}
 
@@ -473,3 +475,32 @@ def test_every_bad_input_is_a_4xx_envelope(http: httpx.Client, client: ApifyClie
     for response in cases:
         assert 400 <= response.status_code < 500, response.text
         assert set(response.json()["error"]) >= {"type", "message"}
+
+
+@pytest.mark.anyio
+async def test_the_endpoints_never_block_the_event_loop(tmp_path: Path) -> None:
+    """Every new endpoint, served in this process under the blocking-call detector, does its file I/O off the loop."""
+    app = create_app(tmp_path, defaults=RunDefaults(queue_id="q", dataset_id="d", kv_store_id="k"))
+    async with serving_app(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as http:
+        store = (await http.post("/v2/key-value-stores", params={"name": "kv"})).json()["data"]["id"]
+        record = f"/v2/key-value-stores/{store}/records/INPUT"
+        assert (await http.put(record, json={"a": 1})).status_code == 201
+        assert (await http.get(record)).json() == {"a": 1}
+        assert (await http.head(record)).status_code == 200
+        assert (await http.get(f"/v2/key-value-stores/{store}/keys")).json()["data"]["count"] == 1
+        assert (await http.delete(record)).status_code == 204
+        assert (await http.get("/v2/key-value-stores/unseen-kv")).status_code == 200
+        assert (await http.delete(f"/v2/key-value-stores/{store}")).status_code == 204
+        dataset = (await http.post("/v2/datasets", params={"name": "ds"})).json()["data"]["id"]
+        assert (await http.post(f"/v2/datasets/{dataset}/items", json=[{"n": 1}, {"n": 2}])).status_code == 201
+        for item_format in ("json", "jsonl", "csv"):
+            response = await http.get(f"/v2/datasets/{dataset}/items", params={"format": item_format, "desc": 1})
+            assert response.status_code == 200
+        assert (await http.get(f"/v2/datasets/{dataset}")).json()["data"]["itemCount"] == 2
+        assert (await http.delete(f"/v2/datasets/{dataset}")).status_code == 204
+        queue = (await http.get("/v2/request-queues/q")).json()["data"]["id"]
+        await http.post(f"/v2/request-queues/{queue}/requests", json={"url": "http://a/", "uniqueKey": "a"})
+        listed = await http.get(f"/v2/request-queues/{queue}/requests", params={"filter": "pending"})
+        assert [item["uniqueKey"] for item in listed.json()["data"]["items"]] == ["a"]
+        assert (await http.put("/v2/actor-runs/r", json={"statusMessage": "hi"})).status_code == 200
+        assert (await http.get("/v2/actor-runs/r")).json()["data"]["defaultDatasetId"] == "d"
