@@ -152,8 +152,8 @@ MUTANTS = [
     Mutant(
         "lease-dated-from-attempt",
         "runner/fetcher.py",
-        "            expires_at = (head.locked_at if head.locked_at is not None else started) + lock_secs\n",
-        "            expires_at = started + lock_secs\n",
+        "    expires_at = (head.locked_at if head.locked_at is not None else started) + lock_secs\n",
+        "    expires_at = started + lock_secs\n",
         (f"{FAULTS}::test_a_lock_taken_after_retries_is_dated_from_the_attempt_that_took_it",),
     ),
     Mutant(
