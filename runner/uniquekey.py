@@ -6,14 +6,16 @@ one, or they crawl the URLs the conventions disagree on twice:
 - `"headlock"` (`normalize_parts`): scheme and host lower-cased, default port, fragment and `utm_*` parameters
   dropped, the query sorted by key (stable), one trailing `/` dropped. Path and query keep their case.
 - `"crawlee-python"`: crawlee-python's `compute_unique_key` for a GET request (its `normalize_url`, over yarl): also
-  lower-cases the whole key (path, query and percent-escapes), resolves `.`/`..`, converts IDN hosts to punycode,
-  sorts repeated keys by value and keeps `/?` when the path is the root.
+  lower-cases the whole key (path, query and percent-escapes; after sorting, so `Q` sorts before `b`), resolves
+  `.`/`..`, converts IDN hosts to punycode, sorts repeated keys by value and keeps `/?` when the path is the root.
 - `"crawlee-js"`: Crawlee JS's `Request` (`normalizeUrl` of `@apify/utilities`, over WHATWG `URL`): like headlock,
   but it also resolves `.`/`..`, converts IDN hosts to punycode, drops the user info and percent-encodes the path
   and the query as browsers do.
 
-Every convention drops the fragment (the libraries' `keepUrlFragment` is off by default). Headlock requests are GETs
-without a payload: for those the libraries' method, payload and `useExtendedUniqueKey` play no part.
+Every convention drops the fragment (the libraries' `keepUrlFragment` is off by default). The libraries key a request
+by its normalized URL whatever its method, headers and payload unless `useExtendedUniqueKey` is set, so these
+conventions hold for every request headlock adds. Where a library cannot parse a URL its key is the URL itself; here
+it is the URL as split (scheme lower-cased, an empty `?` or `#` dropped).
 """
 
 from __future__ import annotations
@@ -319,8 +321,10 @@ def _crawlee_python_key(parts: SplitResult) -> str:
 # Crawlee JS 3.18 (`packages/core/src/request.ts`): `normalizeUrl(url, keepUrlFragment) || url`, where
 # `@apify/utilities` 2.35 `normalizeUrl` is `${protocol}//${host}${pathname without one final /}?${searchParams
 # sorted, without utm_*}` of a WHATWG `URL` (as Node 20 parses it), and null when `new URL` throws. What follows is
-# that parser for http(s) URLs. Not ported: IDNA's CheckBidi and CheckJoiners rules (a host they reject gets a
-# punycode key here and the URL itself there).
+# that parser for http(s) URLs, as the spec has it. Not ported: IDNA's CheckBidi and CheckJoiners rules (a host they
+# reject gets a punycode key here and the URL itself there), and a bug of Node 20's parser (Ada 2.9, ada-url/ada#935,
+# fixed in Ada 3.2.3): in a path with nothing to escape, no `%` and no `\`, whose first `/.` starts a segment that is
+# no dot segment (`/a/.b/../c`), the dot segments stay.
 
 _WHATWG_DOUBLE_DOTS = frozenset({"..", ".%2e", "%2e.", "%2e%2e"})
 _WHATWG_SINGLE_DOTS = frozenset({".", "%2e"})
