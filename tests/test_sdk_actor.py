@@ -99,46 +99,69 @@ def _actor_env(base_url: str, run_id: str, local_storage: Path) -> dict[str, str
     return env
 
 
+def _run_actors(
+    base_url: str, tmp_path: Path, runs: tuple[str, ...], site: str, *args: str
+) -> tuple[dict[str, int], str]:
+    """Run one Actor process per run id (input: the site and the peers) to its end; exit codes and log tails."""
+    python = sdk_python()
+    client = ApifyClient(TOKEN, api_url=base_url, api_public_url=base_url, max_retries=0)
+    client.key_value_store(IDS["kv"]).set_record(
+        "INPUT", {"startUrl": f"{site}/page/0", "peers": list(runs), "readyTimeoutSecs": 60}
+    )
+    logs = {run_id: tmp_path / f"{run_id}.log" for run_id in runs}
+    processes = {}
+    try:
+        for run_id in runs:
+            with logs[run_id].open("wb") as log:
+                env = _actor_env(base_url, run_id, tmp_path / f"local-{run_id}")
+                processes[run_id] = subprocess.Popen(
+                    [str(python), str(ACTOR), *args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
+                )
+        codes = {run_id: process.wait(timeout=ACTOR_TIMEOUT) for run_id, process in processes.items()}
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return codes, "\n".join(f"--- {run_id}\n{log.read_text()[-3000:]}" for run_id, log in logs.items())
+
+
+def _check_crawl(client: ApifyClient, site: str, queue_id: str, dataset_id: str, tails: str) -> Counter[str]:
+    """Every page of the site is a handled request of the queue and one item of the dataset; items by run."""
+    pages = {f"{site}/page/{n}" for n in range(PAGES)}
+    requests = list(client.request_queue(queue_id).iterate_requests(chunk_size=15))
+    assert sorted(r.url for r in requests) == sorted(pages), tails
+    assert all(r.handled_at is not None for r in requests)
+    items = list(client.dataset(dataset_id).iterate_items())
+    assert Counter(item["url"] for item in items) == dict.fromkeys(pages, 1), tails  # none lost, none twice
+    return Counter(item["run"] for item in items)
+
+
 @pytest.mark.slow
 def test_two_sdk_actors_share_one_queue_and_handle_every_page_once(
     base_url: str, storage: Path, tmp_path: Path
 ) -> None:
     """Two SDK Actors over one queue: each of the 60 pages handled exactly once, by one of them, both working."""
-    python = sdk_python()
     client = ApifyClient(TOKEN, api_url=base_url, api_public_url=base_url, max_retries=0)
     with serve_site(PAGES) as site:
-        client.key_value_store(IDS["kv"]).set_record(
-            "INPUT", {"startUrl": f"{site}/page/0", "peers": list(RUNS), "readyTimeoutSecs": 60}
-        )
-        logs = {run_id: tmp_path / f"{run_id}.log" for run_id in RUNS}
-        processes = {}
-        for run_id in RUNS:
-            with logs[run_id].open("wb") as log:
-                env = _actor_env(base_url, run_id, tmp_path / f"local-{run_id}")
-                processes[run_id] = subprocess.Popen(
-                    [str(python), str(ACTOR)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
-                )
-        try:
-            codes = {run_id: process.wait(timeout=ACTOR_TIMEOUT) for run_id, process in processes.items()}
-        finally:
-            for process in processes.values():
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-    tails = "\n".join(f"--- {run_id}\n{log.read_text()[-3000:]}" for run_id, log in logs.items())
+        codes, tails = _run_actors(base_url, tmp_path, RUNS, site)
     assert codes == dict.fromkeys(RUNS, 0), tails
-
-    pages = {f"{site}/page/{n}" for n in range(PAGES)}
-    requests = list(client.request_queue(IDS["queue"]).iterate_requests(chunk_size=15))
-    assert sorted(r.url for r in requests) == sorted(pages), tails
-    assert all(r.handled_at is not None for r in requests)
-    items = list(client.dataset(IDS["dataset"]).iterate_items())
-    handled = Counter(item["url"] for item in items)
-    assert handled == dict.fromkeys(pages, 1), tails  # every page once: no page lost, none handled twice
-    by_run = Counter(item["run"] for item in items)
+    by_run = _check_crawl(client, site, IDS["queue"], IDS["dataset"], tails)
     assert set(by_run) == set(RUNS), by_run  # both Actors took part
     for run_id in RUNS:
         run = client.run(run_id).get()
         assert run is not None
         assert (run.status_message, run.is_status_message_terminal) == (f"handled {by_run[run_id]} pages", True)
     assert (storage / "datasets" / f"{IDS['dataset']}.jsonl").read_text().count("\n") == PAGES
+
+
+@pytest.mark.slow
+def test_an_sdk_actor_in_single_mode_lists_the_queue_and_crawls_it(tmp_path: Path) -> None:
+    """One SDK Actor in `single` mode (it lists the queue's requests and reads the head unlocked) crawls all pages."""
+    extra = ["--default-queue-id", IDS["queue"], "--default-dataset-id", IDS["dataset"]]
+    extra += ["--default-kv-store-id", IDS["kv"]]
+    with running_server(tmp_path / "storage", token=TOKEN, extra_args=extra) as url, serve_site(PAGES) as site:
+        codes, tails = _run_actors(url, tmp_path, ("solo",), site, "single")
+        assert codes == {"solo": 0}, tails
+        client = ApifyClient(TOKEN, api_url=url, api_public_url=url, max_retries=0)
+        assert _check_crawl(client, site, IDS["queue"], IDS["dataset"], tails) == {"solo": PAGES}

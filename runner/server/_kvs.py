@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.errors import InvalidInputError
+from runner.server import _wire as wire
 from runner.server._storages import METADATA_FILENAME, Storage, StorageIndex, write_atomically
 
 __all__ = ["MAX_KEY_LENGTH", "KeyValueStores", "Record", "validate_key"]
@@ -80,7 +81,9 @@ class KeyValueStores(StorageIndex):
     def _stems(self) -> list[str]:
         if not self.directory.is_dir():
             return []
-        return sorted(entry.name for entry in os.scandir(self.directory) if entry.is_dir())
+        return sorted(
+            entry.name for entry in os.scandir(self.directory) if entry.is_dir() and wire.is_storage_name(entry.name)
+        )
 
     def _create_data(self, stem: str) -> None:
         (self.directory / stem).mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 
 It is configured only by the Actor environment (`APIFY_IS_AT_HOME`, `APIFY_API_BASE_URL`, `ACTOR_*`), reads its
 input from the default key-value store, crawls the site with crawlee's `HttpCrawler` over the default request
-queue in `shared` mode (several Actors consume it), pushes one item per page to the default dataset and sets
-status messages on its run.
+queue, pushes one item per page to the default dataset and sets status messages on its run. The queue is used in
+the SDK's `shared` mode (several Actors consume it), or in `single` mode with the argument `single`.
 
 Input: `startUrl`; `peers`, the run ids of the other Actors, whose first status message ("ready") each Actor waits
 for (at most `readyTimeoutSecs`) so that all start crawling together.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import sys
 from datetime import timedelta
 from urllib.parse import urljoin
 
@@ -38,8 +39,9 @@ async def wait_for_peers(peers: list[str]) -> None:
 
 
 async def main() -> None:
+    access = "single" if sys.argv[1:] == ["single"] else "shared"
     service_locator.set_storage_client(
-        SmartApifyStorageClient(cloud_storage_client=ApifyStorageClient(request_queue_access="shared"))
+        SmartApifyStorageClient(cloud_storage_client=ApifyStorageClient(request_queue_access=access))
     )
     async with Actor:
         actor_input = await Actor.get_input() or {}
