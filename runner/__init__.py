@@ -30,7 +30,7 @@ from runner.router import Handler, Router
 from runner.runtime import RunSummary, run
 from runner.settings import Settings, WorkerSettings, load_settings
 from runner.shutdown import Stopper
-from runner.uniquekey import normalize_url, request_id_for
+from runner.uniquekey import KeyConvention, normalize_url, request_id_for, unique_key_function
 
 __all__ = [
     "BatchAddResult",
@@ -44,6 +44,7 @@ __all__ = [
     "InvalidItemError",
     "InvalidUrlError",
     "JsonlDataset",
+    "KeyConvention",
     "LockLostError",
     "LockedHead",
     "Metrics",
@@ -70,4 +71,5 @@ __all__ = [
     "normalize_url",
     "request_id_for",
     "run",
+    "unique_key_function",
 ]

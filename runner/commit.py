@@ -244,7 +244,8 @@ class Committer:
             # items (a sink over the API awaits; the local file does not, but one more check costs nothing).
             self._fence(lease, "the request's links were being added")
             if items:
-                self.stats.items += await self.dataset.push_lines(items)
+                stored = await self.dataset.push_lines(items)  # not `+= await`: that reads the count before
+                self.stats.items += stored
                 self._fence(lease, "the request's items were being stored")
             await self.queue.update_request(
                 request.model_copy(update={"handled_at": utc_now()}), client_key=self.client_key, lock_required=True

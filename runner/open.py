@@ -1,14 +1,29 @@
-"""Open the queue the settings name: the embedded store or the HTTP API."""
+"""Open what the settings name: the queue (the embedded store or the HTTP API) and the results sink beside it."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.to_thread
 
 from runner.errors import ConfigError
 from runner.metrics import Metrics
 from runner.queue.protocol import RequestQueue
 from runner.queue.sqlite import SqliteQueue, validate_queue_name
+from runner.results.jsonl import JsonlDataset
+from runner.results.protocol import ResultsSink
 from runner.settings import Settings
 
-__all__ = ["open_queue"]
+if TYPE_CHECKING:
+    from runner.api.client import ApiClient
+    from runner.api.resources import ActorRun, KeyValueStore
+
+__all__ = ["RunBackends", "api_client", "open_queue", "open_run", "open_store"]
 
 
 async def open_queue(settings: Settings, *, metrics: Metrics | None = None) -> RequestQueue:
@@ -35,3 +50,93 @@ async def open_queue(settings: Settings, *, metrics: Metrics | None = None) -> R
         max_retries=api.max_retries,
         metrics=metrics or Metrics(),
     )
+
+
+@dataclass(slots=True)
+class RunBackends:
+    """What `headlock run` works with, opened from the settings: the queue, the results sink, and on the API the
+    shared client and the Actor's store and run object (None elsewhere)."""
+
+    queue: RequestQueue
+    results: ResultsSink
+    api: ApiClient | None = None
+    store: KeyValueStore | None = None
+    actor_run: ActorRun | None = None
+
+
+def api_client(settings: Settings, *, metrics: Metrics | None = None) -> ApiClient:
+    """One client for every API call of the run (queue, dataset, store, run), as the settings describe it.
+
+    Raises:
+        ConfigError: no base URL.
+    """
+    from runner.api.client import ApiClient  # noqa: PLC0415 - only the API backend needs it
+
+    api = settings.api
+    if not api.base_url:
+        raise ConfigError("api.base_url: required for backend 'apify'")
+    token = api.token.get_secret_value() if api.token else None
+    return ApiClient(
+        base_url=api.base_url,
+        token=token,
+        timeout=api.timeout,
+        max_retries=api.max_retries,
+        metrics=metrics or Metrics(),
+    )
+
+
+async def open_store(settings: Settings, api: ApiClient) -> KeyValueStore | None:
+    """The Actor's default key-value store, when the settings name one."""
+    from runner.api.resources import KeyValueStore  # noqa: PLC0415
+
+    store_id = settings.actor.key_value_store_id
+    return None if store_id is None else await KeyValueStore.open(api, store_id=store_id)
+
+
+@asynccontextmanager
+async def open_run(
+    settings: Settings, *, metrics: Metrics | None = None, api: ApiClient | None = None
+) -> AsyncIterator[RunBackends]:
+    """Open the queue and the results sink the settings name (and the Actor's store and run on the API); close them
+    all when the block ends. `api`, if given, is used and left open.
+
+    Raises:
+        ConfigError: missing API settings.
+        QueueError: a backend cannot be opened (e.g. no such queue or dataset).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.queue.backend == "embedded" and not settings.results_on_api():
+            queue = await open_queue(settings, metrics=metrics)
+            stack.push_async_callback(queue.aclose)
+            results = await _local_results(settings)
+            stack.push_async_callback(results.aclose)
+            yield RunBackends(queue, results)
+            return
+        from runner.api.resources import ActorRun  # noqa: PLC0415
+        from runner.queue.api import ApiQueue  # noqa: PLC0415
+        from runner.results.apify import ApiDataset  # noqa: PLC0415
+
+        if api is None:
+            api = api_client(settings, metrics=metrics)
+            stack.push_async_callback(api.aclose)
+        if settings.queue.backend == "apify":
+            queue = await ApiQueue.open_over(
+                api, queue_id=settings.queue.id, name=None if settings.queue.id else settings.queue.name
+            )
+        else:
+            queue = await open_queue(settings, metrics=metrics)
+        stack.push_async_callback(queue.aclose)
+        if settings.results_on_api():
+            sink: ResultsSink = await ApiDataset.open(
+                api, dataset_id=settings.dataset_id, name=None if settings.dataset_id else settings.dataset
+            )
+        else:
+            sink = await _local_results(settings)
+        stack.push_async_callback(sink.aclose)
+        store = await open_store(settings, api)
+        run_id = settings.actor.run_id
+        yield RunBackends(queue, sink, api, store, None if run_id is None else ActorRun(api, run_id))
+
+
+async def _local_results(settings: Settings) -> JsonlDataset:
+    return await anyio.to_thread.run_sync(JsonlDataset.open, settings.storage_dir, settings.dataset)

@@ -29,6 +29,7 @@ from runner.settings import StartRequest, WorkerSettings, random_client_key
 from runner.shutdown import STOP_MARGIN, Stopper, drain_on_stop, release_all
 from runner.start import start_drafts
 from runner.stats import RunStats
+from runner.uniquekey import UniqueKeyFunction, normalize_parts
 from runner.worker import Worker
 
 __all__ = ["RunSummary", "run"]
@@ -66,13 +67,15 @@ async def run(
     health_file: Path | None = None,
     stats: RunStats | None = None,
     progress_hook: Callable[[Mapping[str, Any]], None] | None = None,
+    unique_key: UniqueKeyFunction = normalize_parts,
 ) -> RunSummary:
     """Consume `queue` with `handler` until it is done or `stopper` stops it, then release every lock.
 
     Installs no signal handlers: call `stopper.stop()` (the CLI does on SIGTERM/SIGINT). `metrics` (disabled by
     default) reports the run's counters while it runs; the heartbeat touches `health_file`, if given, every few
     seconds (see `runner.health`). `stats` (fresh by default) may carry counters of an earlier life of the run (a
-    resumed Actor run); `progress_hook` gets each progress report's fields.
+    resumed Actor run); `progress_hook` gets each progress report's fields. `unique_key` makes the default
+    `uniqueKey` of the URLs enqueued (start URLs and links; `runner.uniquekey.unique_key_function`).
 
     Raises:
         QueueError: the queue refused us (unauthorized, invalid input) or a fatal call failed.
@@ -103,7 +106,9 @@ async def run(
 
     released = 0
     try:
-        await _prepare(queue, committer, stable_key=bool(cfg.client_key), start_urls=start_urls)
+        await _prepare(
+            queue, committer, stable_key=bool(cfg.client_key), start_urls=start_urls, key_function=unique_key
+        )
 
         buffered = receive.clone()  # shutdown's handle on prefetched requests
         workers_receive = [receive.clone() for _ in range(cfg.concurrency)]
@@ -159,6 +164,7 @@ async def run(
                             cfg.handler_timeout,
                             lock_secs=cfg.lock_secs,
                             monitor=monitor,
+                            unique_key=unique_key,
                         )
                         for worker_receive in workers_receive:
                             crawl.start_soon(worker.run, worker_receive)
@@ -227,7 +233,12 @@ def default_http_client(cfg: WorkerSettings) -> httpx.AsyncClient:
 
 
 async def _prepare(
-    queue: RequestQueue, committer: Committer, *, stable_key: bool, start_urls: Sequence[str | StartRequest]
+    queue: RequestQueue,
+    committer: Committer,
+    *,
+    stable_key: bool,
+    start_urls: Sequence[str | StartRequest],
+    key_function: UniqueKeyFunction,
 ) -> None:
     if stable_key:
         # A restarted worker with a stable key frees the locks its previous life left, instead of waiting.
@@ -235,7 +246,7 @@ async def _prepare(
         if stale:
             log.info("run.released_stale_locks", count=stale)
     if start_urls:
-        await committer.add(start_drafts(start_urls))
+        await committer.add(start_drafts(start_urls, key_function=key_function))
 
 
 async def _fetch_until_stopped(

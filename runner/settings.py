@@ -25,6 +25,7 @@ from pydantic_settings import (
 from runner.actor.env import actor_env_settings
 from runner.errors import ConfigError
 from runner.queue.protocol import MAX_CLIENT_KEY, MAX_LOCK_LIMIT
+from runner.uniquekey import KeyConvention
 
 __all__ = [
     "ActorSettings",
@@ -54,6 +55,11 @@ class QueueSettings(_Section):
     backend: Literal["embedded", "apify"] = "embedded"
     name: str = Field("default", description="Queue name (a file under storage_dir for the embedded backend).")
     id: str | None = Field(None, description="API queue id; when unset the API queue is got or created by name.")
+    unique_keys: KeyConvention = Field(
+        "headlock",
+        description="How a URL's default uniqueKey is made: headlock's, crawlee-python's or Crawlee JS's (match the "
+        "other clients of a shared queue).",
+    )
 
 
 class ApiSettings(_Section):
@@ -101,6 +107,9 @@ class ActorSettings(_Section):
     input_key: str = Field("INPUT", min_length=1, description="The input record's key in that store.")
     events_url: str | None = Field(None, description="The platform's events websocket.")
     timeout_at: datetime | None = Field(None, description="When the platform ends the run; we stop before it.")
+    web_server_port: int | None = Field(
+        None, ge=1, le=65535, description="The port the platform routes to the container: metrics and health."
+    )
     is_at_home: bool = Field(False, description="Running on the Apify platform.")
     status_every: float = Field(5.0, gt=0, description="Least seconds between two status-message updates.")
 

@@ -166,8 +166,8 @@ def storage(tmp_path: Path) -> Path:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """Environment for CLI subprocesses: this checkout importable, no inherited HEADLOCK_/APIFY_ settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HEADLOCK_", "APIFY_"))}
+    """Environment for CLI subprocesses: this checkout importable, no inherited HEADLOCK_, APIFY_ or ACTOR_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HEADLOCK_", "APIFY_", "ACTOR_"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env

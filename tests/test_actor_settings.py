@@ -53,7 +53,7 @@ def test_the_platforms_current_variables_configure_a_run(monkeypatch: pytest.Mon
     assert settings.actor.input_key == "MY_INPUT"
     assert settings.actor.run_id == PLATFORM["ACTOR_RUN_ID"]
     assert settings.workers.client_key == PLATFORM["ACTOR_RUN_ID"][:32]
-    assert (settings.metrics_port, settings.metrics_host) == (4321, "0.0.0.0")
+    assert settings.actor.web_server_port == 4321
     assert settings.actor.timeout_at is not None
     assert settings.actor.timeout_at.isoformat() == "2026-12-01T12:00:00+00:00"
     assert settings.actor.events_url == "ws://127.0.0.1:2/events"
@@ -76,7 +76,7 @@ def test_deprecated_apify_names_are_read_and_the_current_ones_win(monkeypatch: p
         "old-data",
         "old-store",
     )
-    assert (settings.actor.run_id, settings.metrics_port, settings.actor.events_url) == (
+    assert (settings.actor.run_id, settings.actor.web_server_port, settings.actor.events_url) == (
         "old-run",
         4000,
         "ws://127.0.0.1:3/old",
@@ -84,18 +84,15 @@ def test_deprecated_apify_names_are_read_and_the_current_ones_win(monkeypatch: p
     monkeypatch.setenv("ACTOR_DEFAULT_DATASET_ID", "new-data")
     monkeypatch.setenv("ACTOR_WEB_SERVER_PORT", "4001")
     settings = load_settings()
-    assert (settings.dataset_id, settings.metrics_port) == ("new-data", 4001)
+    assert (settings.dataset_id, settings.actor.web_server_port) == ("new-data", 4001)
 
 
 def test_headlock_variables_and_flags_win_over_the_platforms(monkeypatch: pytest.MonkeyPatch) -> None:
-    """HEADLOCK_METRICS_PORT beats ACTOR_WEB_SERVER_PORT; a flag beats both."""
-    monkeypatch.setenv("ACTOR_WEB_SERVER_PORT", "4321")
+    """HEADLOCK_DATASET_ID beats ACTOR_DEFAULT_DATASET_ID; a flag beats both."""
     monkeypatch.setenv("ACTOR_DEFAULT_DATASET_ID", "platform")
-    monkeypatch.setenv("HEADLOCK_METRICS_PORT", "9100")
     monkeypatch.setenv("HEADLOCK_DATASET_ID", "mine")
-    settings = load_settings()
-    assert (settings.metrics_port, settings.dataset_id) == (9100, "mine")
-    assert load_settings(metrics_port=9200).metrics_port == 9200
+    assert load_settings().dataset_id == "mine"
+    assert load_settings(dataset_id="flag").dataset_id == "flag"
 
 
 def _input(data: object) -> dict[str, object]:
@@ -105,7 +102,7 @@ def _input(data: object) -> dict[str, object]:
 def test_the_input_fields_map_onto_settings(tmp_path: Path) -> None:
     """startUrls (both forms), maxRequestsPerCrawl, maxConcurrency and handlerOptions set their settings."""
     config = tmp_path / "c.toml"
-    config.write_text('handler_options = {keep = 1, depth = 1}\n[workers]\nconcurrency = 3\n')
+    config.write_text("handler_options = {keep = 1, depth = 1}\n[workers]\nconcurrency = 3\n")
     actor_input = _input(
         {
             "startUrls": [
@@ -171,5 +168,5 @@ def test_a_start_table_in_toml_is_a_start_request(tmp_path: Path) -> None:
     assert settings.start_urls[1] == StartRequest(url="https://example.com/x", label="detail")
     assert start_drafts(settings.start_urls)[1].user_data == {"label": "detail"}
     config.write_text('start_urls = [{url = "https://example.com/x", requestsFromUrl = "https://x"}]\n')
-    with pytest.raises(ConfigError, match="start_urls.0.*requestsFromUrl: unknown key"):
+    with pytest.raises(ConfigError, match=r"start_urls\.0\..*requestsFromUrl: unknown key"):
         load_settings(config)

@@ -268,3 +268,28 @@ def test_help_everywhere(tmp_path: Path) -> None:
         result = headlock(*command, "--help", cwd=tmp_path)
         assert result.returncode == 0
         assert "usage: headlock" in result.stdout
+
+
+def test_the_unique_key_convention_applies_to_enqueued_urls(tmp_path: Path) -> None:
+    """`queue.unique_keys = "crawlee-python"` keys the URLs `headlock enqueue` adds as crawlee-python does
+    (the whole URL lower-cased), so a headlock worker and a Python crawlee Actor share one queue without doubles."""
+    from runner.uniquekey import normalize_url, request_id_for  # noqa: PLC0415 - only this test needs them
+
+    url = "https://Example.com/Path/A?B=1"
+    expected = normalize_url(url, "crawlee-python")
+    assert expected != normalize_url(url)  # the conventions really differ on this URL
+    done = headlock("enqueue", url, cwd=tmp_path, HEADLOCK_QUEUE__UNIQUE_KEYS="crawlee-python")
+    assert done.returncode == 0, done.stderr
+    bad = headlock("enqueue", url, cwd=tmp_path, HEADLOCK_QUEUE__UNIQUE_KEYS="scrapy")
+    assert bad.returncode == 2
+    assert "queue.unique_keys" in bad.stderr
+
+    async def stored() -> tuple[str | None, int]:
+        queue = await anyio.to_thread.run_sync(SqliteQueue.open, tmp_path / "storage", "default")
+        try:
+            request = await queue.get_request(request_id_for(expected))
+            return (None if request is None else request.unique_key), (await queue.get_info()).total_request_count
+        finally:
+            await queue.aclose()
+
+    assert anyio.run(stored) == (expected, 1)

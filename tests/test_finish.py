@@ -76,9 +76,7 @@ class LaggingAdds:
         ]
         self.acknowledged += len(processed)
         answer = json.dumps({"data": {"processedRequests": processed, "unprocessedRequests": []}}).encode()
-        await send(
-            {"type": "http.response.start", "status": 201, "headers": [(b"content-type", b"application/json")]}
-        )
+        await send({"type": "http.response.start", "status": 201, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": answer})
 
 

@@ -41,8 +41,7 @@ def actor_env_settings(env: Mapping[str, str]) -> dict[str, Any]:
     """Settings (nested dicts, as `Settings` takes them) from the platform's variables in `env`.
 
     A default request queue id selects the API backend; a run id is the client key (cut to the API's 32
-    characters: it is stable across a migration, so the resumed run frees its earlier life's locks at once); the web
-    server port serves metrics and health on all interfaces, as the platform routes it.
+    characters: it is stable across a migration, so the resumed run frees its earlier life's locks at once).
     """
     api: dict[str, Any] = {}
     queue: dict[str, Any] = {}
@@ -62,8 +61,7 @@ def actor_env_settings(env: Mapping[str, str]) -> dict[str, Any]:
         actor["run_id"] = run_id
         workers["client_key"] = run_id[:MAX_CLIENT_KEY]
     if port := _read(env, "web_server_port"):
-        top["metrics_port"] = port
-        top["metrics_host"] = "0.0.0.0"  # noqa: S104 - the platform routes its port to the container's interface
+        actor["web_server_port"] = port
     for what, key in (
         ("key_value_store_id", "key_value_store_id"),
         ("input_key", "input_key"),
