@@ -1,14 +1,17 @@
 """Key-value stores on disk: `key_value_stores/<stem>/<key>` holds a record's bytes, as crawlee's local storage.
 
-Beside each record a sidecar `<key>.__metadata__.json` holds its `content_type` and `size` (crawlee's fields), and
-the store's own `__metadata__.json` its id and name (see `_storages`). Records are written through a temporary
-file and a rename, and each store's calls take turns (one lock per store), so a reader sees a record and its
-content type from the same write.
+Beside each record a sidecar `<key>.__metadata__.json` holds its `key`, `content_type` and `size` (crawlee's
+fields), and the store's own `__metadata__.json` its id and name (see `_storages`). A key longer than
+`_PLAIN_KEY_LENGTH` does not fit in a file name with its sidecar's suffix (255 bytes): its files are named by a
+prefix of it and a hash (`<prefix>~<sha256>`), and its key is read from the sidecar. Records are written through a
+temporary file and a rename, and each store's calls take turns (one lock per store), so a reader sees a record and
+its content type from the same write.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 import re
@@ -27,6 +30,17 @@ _KEY = re.compile(r"[a-zA-Z0-9!\-_.'()]{1,256}")
 """The platform's record keys, matched with `fullmatch`."""
 _SIDECAR = f".{METADATA_FILENAME}"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+_PLAIN_KEY_LENGTH = 200
+"""Longest key used as its file's name: with the sidecar suffix and a temporary suffix it stays within 255 bytes."""
+_HASHED = re.compile(r"[a-zA-Z0-9!\-_.'()]{1,100}~[0-9a-f]{40}")
+"""The file name of a longer key (`_file_name`), matched with `fullmatch`."""
+
+
+def _file_name(key: str) -> str:
+    """The name of a record's file: the key itself, or for a long one a prefix of it and a hash of it."""
+    if len(key) <= _PLAIN_KEY_LENGTH:
+        return key
+    return f"{key[:100]}~{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
 
 def validate_key(key: str) -> str:
@@ -103,14 +117,14 @@ class KeyValueStores(StorageIndex):
             return await self._run(self._read, storage, key)
 
     def _read(self, storage: Storage, key: str) -> Record | None:
-        directory = self.path(storage)
+        directory, name = self.path(storage), _file_name(key)
         try:
-            value = (directory / key).read_bytes()
+            value = (directory / name).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         content_type = _guess_type(key)
         try:
-            sidecar = json.loads((directory / f"{key}{_SIDECAR}").read_bytes())
+            sidecar = json.loads((directory / f"{name}{_SIDECAR}").read_bytes())
             if isinstance(sidecar, dict) and isinstance(sidecar.get("content_type"), str):
                 content_type = sidecar["content_type"]
         except (FileNotFoundError, ValueError):
@@ -123,7 +137,7 @@ class KeyValueStores(StorageIndex):
             return await self._run(self._size, storage, key)
 
     def _size(self, storage: Storage, key: str) -> int | None:
-        path = self.path(storage) / key
+        path = self.path(storage) / _file_name(key)
         return path.stat().st_size if path.is_file() else None
 
     async def set_record(self, storage: Storage, key: str, value: bytes, content_type: str) -> None:
@@ -132,12 +146,12 @@ class KeyValueStores(StorageIndex):
             await self._run(self._write, storage, key, value, content_type)
 
     def _write(self, storage: Storage, key: str, value: bytes, content_type: str) -> None:
-        directory = self.path(storage)
+        directory, name = self.path(storage), _file_name(key)
         directory.mkdir(parents=True, exist_ok=True)
         sidecar = {"key": key, "content_type": content_type, "size": len(value)}
         # The sidecar first: a record file never exists without the content type it was written with.
-        write_atomically(directory / f"{key}{_SIDECAR}", json.dumps(sidecar).encode())
-        write_atomically(directory / key, value)
+        write_atomically(directory / f"{name}{_SIDECAR}", json.dumps(sidecar).encode())
+        write_atomically(directory / name, value)
 
     async def delete_record(self, storage: Storage, key: str) -> bool:
         """Delete the record `key`; False when there was none."""
@@ -145,12 +159,12 @@ class KeyValueStores(StorageIndex):
             return await self._run(self._unlink, storage, key)
 
     def _unlink(self, storage: Storage, key: str) -> bool:
-        directory = self.path(storage)
+        directory, name = self.path(storage), _file_name(key)
         try:
-            (directory / key).unlink()
+            (directory / name).unlink()
         except FileNotFoundError:
             return False
-        (directory / f"{key}{_SIDECAR}").unlink(missing_ok=True)
+        (directory / f"{name}{_SIDECAR}").unlink(missing_ok=True)
         return True
 
     async def list_keys(
@@ -167,19 +181,31 @@ class KeyValueStores(StorageIndex):
         if not directory.is_dir():
             return [], False
         # Record files only: not sidecars, not the store's metadata, not temporary files (their `~` is no key's).
-        keys = sorted(
-            entry.name
-            for entry in os.scandir(directory)
-            if _KEY.fullmatch(entry.name) and not entry.name.endswith(METADATA_FILENAME) and entry.is_file()
-        )
-        if prefix:
-            keys = [key for key in keys if key.startswith(prefix)]
-        start = bisect.bisect_right(keys, after) if after is not None else 0
-        page = keys[start : start + limit]
+        keys: dict[str, str] = {}  # key -> file name
+        for entry in os.scandir(directory):
+            name = entry.name
+            if name.endswith(METADATA_FILENAME) or not entry.is_file():
+                continue
+            if _KEY.fullmatch(name):
+                keys[name] = name
+            elif _HASHED.fullmatch(name) and (key := _sidecar_key(directory / f"{name}{_SIDECAR}")) is not None:
+                keys[key] = name
+        ordered = sorted(key for key in keys if not prefix or key.startswith(prefix))
+        start = bisect.bisect_right(ordered, after) if after is not None else 0
+        page = ordered[start : start + limit]
         sizes = []
         for key in page:
             try:
-                sizes.append((key, (directory / key).stat().st_size))
+                sizes.append((key, (directory / keys[key]).stat().st_size))
             except FileNotFoundError:  # deleted by hand since the scan
                 continue
-        return sizes, start + limit < len(keys)
+        return sizes, start + limit < len(ordered)
+
+
+def _sidecar_key(path: Path) -> str | None:
+    """The key a sidecar names (for a record whose file is named by a hash), None when unreadable."""
+    try:
+        key = json.loads(path.read_bytes()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return key if isinstance(key, str) and _KEY.fullmatch(key) else None
