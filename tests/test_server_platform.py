@@ -345,6 +345,21 @@ def test_a_replaced_dataset_file_is_indexed_again(client: ApifyClient, storage: 
     assert dataset.list_items().items == [{"new": 1}]
 
 
+def test_a_dataset_deleted_behind_the_servers_back_is_not_served_from_memory(
+    client: ApifyClient, storage: Path
+) -> None:
+    """Files removed by hand: the id is then unseen, so it is a new empty dataset with metadata on disk again."""
+    name = _name()
+    dataset = client.dataset(client.datasets().get_or_create(name=name).id)
+    dataset.push_items([{"n": 1}])
+    for path in (storage / "datasets").glob(f"{name}.*"):
+        path.unlink()
+    again = dataset.get()
+    assert again is not None
+    assert (again.item_count, again.name) == (0, None)
+    assert (storage / "datasets" / f"{again.id}.__metadata__.json").is_file()
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
