@@ -415,24 +415,17 @@ def _health(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from runner.server import serve  # noqa: PLC0415 - the server is an optional extra
+        from runner.server import _command  # noqa: PLC0415 - the server is an optional extra
+        from runner.server._wire import is_storage_name  # noqa: PLC0415
     except ImportError as exc:
         print(f"headlock: error: serve needs the server extra: pip install 'headlock[server]' ({exc})", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
-    # stdout carries only the address line (scripts read the port from it); events go to stderr, token scrubbed.
-    configure_logging(fmt=args.log_format or "auto", level=args.log_level or "warning", secrets=[args.token or ""])
-    try:
-        serve(
-            args.host, args.port, args.storage, token=args.token, log_level=args.log_level or "warning", ready=_announce
-        )
-    except OSError as exc:
-        print(f"headlock: error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)  # noqa: T201
-        return EXIT_FATAL
-    return EXIT_OK
-
-
-def _announce(url: str) -> None:
-    print(f"listening on {url}", flush=True)  # noqa: T201 - the first line tells scripts the bound port
+    for flag in ("default_queue_id", "default_dataset_id", "default_kv_store_id"):
+        if not is_storage_name(value := getattr(args, flag)):
+            option = "--" + flag.replace("_", "-")
+            print(f"headlock: error: {option}: must be 1-63 letters, digits or '-', got {value!r}", file=sys.stderr)  # noqa: T201
+            return EXIT_USAGE
+    return _command.run(args)
 
 
 _COMMANDS = {"run": _run, "enqueue": _enqueue, "status": _status, "unlock": _unlock}
@@ -533,13 +526,23 @@ def _parser() -> argparse.ArgumentParser:
         help=f"seconds since the last beat still healthy (default {DEFAULT_MAX_AGE:g}: three beats)",
     )
 
-    serve = commands.add_parser("serve", help="serve the embedded store as the Apify v2 request-queue API")
+    serve = commands.add_parser(
+        "serve", help="serve the embedded store as the Apify API v2 (request queues, datasets, key-value stores, runs)"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
     serve.add_argument("--storage", type=Path, default=Path("storage"), help="storage directory")
     serve.add_argument("--token", help="require this API token (Authorization: Bearer)")
     serve.add_argument("--log-format", choices=["auto", "console", "json"])
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    for option, name in (
+        ("--default-queue-id", "request queue"),
+        ("--default-dataset-id", "dataset"),
+        ("--default-kv-store-id", "key-value store"),
+    ):
+        serve.add_argument(
+            option, default="default", help=f"the {name} every run reports as its default (created on first use)"
+        )
     return parser
 
 

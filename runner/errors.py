@@ -6,7 +6,7 @@
     ├── InvalidUrlError             a URL that is not absolute http(s) (also a ValueError)
     ├── InvalidItemError            a dataset item JSON cannot represent (also a ValueError): the handler's error
     ├── DatasetWriteError           the dataset could not be written (full disk, I/O error): that attempt fails
-    ├── QueueError                  a queue call failed; `.endpoint` names the operation
+    ├── QueueError                  a queue or other API call failed; `.endpoint` names the operation
     │   ├── LockLostError           the lock is not (or no longer) ours: expired and retaken, handled, released
     │   ├── NotFoundError           unknown queue or request
     │   ├── InvalidInputError       the queue refused the arguments (limit > 25, bad client key, body too large)

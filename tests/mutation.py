@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = "tests/test_faults.py"
+ACTOR_E2E = "tests/test_actor_e2e.py"
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,34 @@ MUTANTS = [
         "                lease.commit_scope.deadline = min(lease.commit_scope.deadline, cut)\n",
         "                pass\n",
         (f"{FAULTS}::test_shutdown_ends_within_grace_plus_ten_seconds_whatever_stalls",),
+    ),
+    Mutant(
+        "finish-confirms-adds",
+        "runner/fetcher.py",
+        "    behind = 0.0 if recent is None else await unconfirmed_adds(queue, recent)\n",
+        "    behind = 0.0\n",
+        ("tests/test_finish.py::test_a_run_waits_for_its_own_adds_the_head_does_not_show_yet",),
+    ),
+    Mutant(
+        "migrating-no-grace",
+        "runner/shutdown.py",
+        '        self.forced.set()\n        log.warning("shutdown.immediate", reason=reason)\n',
+        '        log.warning("shutdown.immediate", reason=reason)\n',
+        (f"{ACTOR_E2E}::test_migrating_gives_everything_back_at_once_and_the_resumed_run_continues",),
+    ),
+    Mutant(
+        "migrating-never-exits-0",
+        "runner/cli.py",
+        "        if migrated and not received:\n",
+        "        if False:\n",
+        (f"{ACTOR_E2E}::test_migrating_gives_everything_back_at_once_and_the_resumed_run_continues",),
+    ),
+    Mutant(
+        "resumed-totals",
+        "runner/actor/platform.py",
+        '        if not isinstance(saved, dict) or saved.get("runId") != self._settings.run_id:\n',
+        "        if True:\n",
+        (f"{ACTOR_E2E}::test_migrating_gives_everything_back_at_once_and_the_resumed_run_continues",),
     ),
 ]
 

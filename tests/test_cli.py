@@ -293,3 +293,29 @@ def test_the_unique_key_convention_applies_to_enqueued_urls(tmp_path: Path) -> N
             await queue.aclose()
 
     assert anyio.run(stored) == (expected, 1)
+
+
+def test_headlock_serve_takes_the_runs_default_storages(tmp_path: Path) -> None:
+    """`headlock serve --default-dataset-id ...` (the CLI, not only `python -m runner.server`) reports the given
+    default storages on every run; a default id that is no valid name is exit 2 naming the flag."""
+    import subprocess  # noqa: PLC0415 - only this test starts the server by hand
+    import sys  # noqa: PLC0415
+
+    import httpx  # noqa: PLC0415
+
+    from tests._server import read_listening_url  # noqa: PLC0415
+    from tests.conftest import cli_env  # noqa: PLC0415
+
+    command = [sys.executable, "-m", "runner", "serve", "--port", "0", "--storage", str(tmp_path / "s")]
+    ids = ["--default-queue-id", "q1", "--default-dataset-id", "d1", "--default-kv-store-id", "k1"]
+    with subprocess.Popen([*command, *ids], stdout=subprocess.PIPE, env=cli_env(), cwd=tmp_path) as proc:
+        try:
+            url = read_listening_url(proc)
+            run = httpx.get(f"{url}/v2/actor-runs/any-run", timeout=10).json()["data"]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    assert (run["defaultRequestQueueId"], run["defaultDatasetId"], run["defaultKeyValueStoreId"]) == ("q1", "d1", "k1")
+    bad = headlock("serve", "--port", "0", "--default-dataset-id", "no/slash", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "--default-dataset-id" in bad.stderr

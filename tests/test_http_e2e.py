@@ -56,7 +56,8 @@ def test_four_processes_crawl_over_http_each_page_once(tmp_path: Path, site: str
             assert proc.returncode == 0, err[-3000:]
         status = headlock("status", "--config", str(cfg), "--json", cwd=tmp_path)
         assert status.returncode == 0, status.stderr
-    urls = Counter(item["url"] for item in read_items(tmp_path / "storage/datasets/default.jsonl"))
+    # On the API backend the items go to the server's dataset (the same JSONL layout, on its side).
+    urls = Counter(item["url"] for item in read_items(server_storage / "datasets/default.jsonl"))
     assert len(urls) == 300
     assert max(urls.values()) == 1
     total, handled, locks = queue_state(server_storage, "crawl")
@@ -136,7 +137,7 @@ async def test_crawl_completes_despite_20_percent_faulty_queue_calls(tmp_path: P
         assert result.returncode == 0, result.stderr.decode()[-3000:]
     assert sum(faults[0].injected.values()) >= 20
     assert set(faults[0].injected) == {"500", "429", "stall"}
-    items = await anyio.to_thread.run_sync(read_items, tmp_path / "storage/datasets/default.jsonl")
+    items = await anyio.to_thread.run_sync(read_items, server_storage / "datasets/default.jsonl")
     urls = Counter(item["url"] for item in items)
     assert len(urls) == 300
     twice = [url for url, n in urls.items() if n > 1]
