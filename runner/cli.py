@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -277,7 +278,9 @@ async def _serving_metrics(metrics: Metrics, settings: Settings) -> AsyncIterato
     if address is not None and metrics.enabled:
         host, port = address
         try:
-            url = await anyio.to_thread.run_sync(stack.enter_context, metrics.serve(host, port))
+            health = partial(check_health, settings.health_path())
+            serving = metrics.serve(host, port, health=health)
+            url = await anyio.to_thread.run_sync(stack.enter_context, serving)
         except OSError as exc:
             raise ConfigError(f"metrics_port: cannot serve metrics on {host}:{port}: {exc}") from exc
         log.info("metrics.serving", url=url)

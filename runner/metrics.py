@@ -14,8 +14,12 @@ disagree and the hot path pays nothing. Only the queue-call counter and histogra
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, ClassVar
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any, ClassVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -24,7 +28,10 @@ if TYPE_CHECKING:
     from runner.leases import Leases
     from runner.stats import RunStats
 
-__all__ = ["QUEUE_CALL_BUCKETS", "Metrics", "PrometheusMetrics"]
+__all__ = ["QUEUE_CALL_BUCKETS", "HealthCheck", "Metrics", "PrometheusMetrics"]
+
+HealthCheck = Callable[[], tuple[bool, str]]
+"""Whether the process is healthy, and one line saying why (`runner.health.check_health`)."""
 
 QUEUE_CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Seconds: sub-millisecond embedded-store operations up to slow, retried API calls."""
@@ -57,7 +64,7 @@ class Metrics:
         """The queue's pending count as the progress reporter last read it (None: the read failed)."""
 
     @contextlib.contextmanager
-    def serve(self, host: str, port: int) -> Iterator[str | None]:
+    def serve(self, host: str, port: int, *, health: HealthCheck | None = None) -> Iterator[str | None]:
         """Serve `/metrics` on `host:port` while the block runs; yields the URL (None here: nothing to serve)."""
         yield None
 
@@ -123,17 +130,32 @@ class PrometheusMetrics(Metrics):
             self.pending = count
 
     @contextlib.contextmanager
-    def serve(self, host: str, port: int) -> Iterator[str | None]:
-        """Serve the registry with prometheus-client's HTTP server in a daemon thread; yields `http://host:port/metrics`.
+    def serve(self, host: str, port: int, *, health: HealthCheck | None = None) -> Iterator[str | None]:
+        """Serve the registry at `/metrics` (and any other path but `/health`) in a daemon thread; yields
+        `http://host:port/metrics`. With `health`, `/health` answers 200 or 503 with its one line (for a platform
+        that probes a port, such as the Apify Actor's web server port).
 
         Port 0 binds a free port (the yielded URL names it).
 
         Raises:
             OSError: the address cannot be bound.
         """
-        from prometheus_client import start_http_server  # noqa: PLC0415
+        from prometheus_client import make_wsgi_app  # noqa: PLC0415
 
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if health is not None and environ.get("PATH_INFO") == "/health":
+                healthy, line = health()
+                status = "200 OK" if healthy else "503 Service Unavailable"
+                start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+                return [line.encode() + b"\n"]
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+        server_class = _MetricsServer6 if ":" in host else _MetricsServer
+        server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        thread = threading.Thread(target=server.serve_forever, name="headlock-metrics", daemon=True)
+        thread.start()
         try:
             bound = server.server_address[1]
             shown = f"[{host}]" if ":" in host else host
@@ -142,6 +164,23 @@ class PrometheusMetrics(Metrics):
             server.shutdown()
             server.server_close()
             thread.join(5)
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """One thread per scrape, none left behind at exit."""
+
+    daemon_threads = True
+
+
+class _MetricsServer6(_MetricsServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr: stderr carries the run's structured events."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+        return
 
 
 class _RunCollector:

@@ -19,7 +19,7 @@ import pytest
 
 from tests._events import EventServer, event_server
 from tests._server import running_server
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -156,7 +156,12 @@ async def test_aborting_is_the_graceful_stop(tmp_path: Path, platform: str, site
     urls = [f"{site}/page/{i}" for i in range(6)]
     async with httpx.AsyncClient(base_url=platform, timeout=10) as api, event_server() as events:
         await put_input(api, {"startUrls": urls, "handlerOptions": {"gate": str(gate)}, "maxConcurrency": 2})
-        env = {"HEADLOCK_HANDLER": "tests.sample_handlers:gated", "HEADLOCK_WORKERS__GRACE": "30"}
+        port = free_port()
+        env = {
+            "HEADLOCK_HANDLER": "tests.sample_handlers:gated",
+            "HEADLOCK_WORKERS__GRACE": "30",
+            "ACTOR_WEB_SERVER_PORT": str(port),
+        }
         async with actor(tmp_path, platform, events, **env) as proc:
             await events.wait_connected(1)
 
@@ -164,6 +169,14 @@ async def test_aborting_is_the_graceful_stop(tmp_path: Path, platform: str, site
                 return len(await requests_of(api, locked=True)) >= 2
 
             await poll(two_locked, "two requests in flight")
+            # The platform's web server port serves the metrics and a health probe.
+            web = f"http://127.0.0.1:{port}"
+            metrics = await poll(lambda: _get(f"{web}/metrics"), "metrics on the web server port")
+            assert "headlock_requests_in_flight 2.0" in metrics.text
+            health = await _get(f"{web}/health")
+            assert health is not None
+            assert health.status_code == 200
+            assert health.text.startswith("healthy: last heartbeat")
             await events.send("aborting")
             await poll(lambda: _after_stop_requested(tmp_path), "the stop request")
             await anyio.Path(gate).touch()  # the in-flight handlers finish within their grace
@@ -177,6 +190,15 @@ async def test_aborting_is_the_graceful_stop(tmp_path: Path, platform: str, site
     assert 2 <= len(handled) < len(urls)  # the in-flight ones finished; the rest stays for the next run
     assert locked == []
     assert run["statusMessage"].startswith("aborting:")
+
+
+async def _get(url: str) -> httpx.Response | None:
+    """GET `url`; None while nothing answers there."""
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            return await client.get(url)
+    except httpx.TransportError:
+        return None
 
 
 async def _after_stop_requested(tmp_path: Path) -> bool:
