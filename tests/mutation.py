@@ -194,7 +194,7 @@ MUTANTS = [
     ),
     Mutant(
         "migrating-never-exits-0",
-        "runner/cli.py",
+        "runner/cli/run.py",
         "        if migrated and not received:\n",
         "        if False:\n",
         (f"{ACTOR_E2E}::test_migrating_gives_everything_back_at_once_and_the_resumed_run_continues",),
