@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
@@ -9,29 +10,39 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from runner.cli._args import build_parser, overrides
+from runner.cli import enqueue, health, queue, run, serve
+from runner.cli._args import common_parser, overrides
 from runner.cli._common import EXIT_FATAL, EXIT_USAGE, headlock_error
-from runner.cli.health import health_command
-from runner.cli.queue import enqueue_command, status_command, unlock_command
-from runner.cli.run import failure_summary, run_command, write_summary
-from runner.cli.serve import serve_command
+from runner.cli.run import failure_summary, write_summary
 from runner.errors import ConfigError, InvalidUrlError
 from runner.logs import configure_logging
 from runner.settings import load_settings
 
 log = structlog.get_logger("headlock.cli")
 
-_COMMANDS = {"run": run_command, "enqueue": enqueue_command, "status": status_command, "unlock": unlock_command}
+COMMAND_MODULES = (run, enqueue, queue, health, serve)
+"""Each adds its commands' parsers (`add_parsers`), naming the function that runs them (`command`)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `headlock` parser: every command module's subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="headlock", description="A worker-pool crawler runtime for request queues with locks."
+    )
+    commands = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
+    common = common_parser()
+    for module in COMMAND_MODULES:
+        module.add_parsers(commands, common)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `headlock` script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return serve_command(args)
-    if args.command == "health":
-        return health_command(args)
+    if not args.needs_settings:
+        code: int = args.command(args)
+        return code
     try:
         settings = load_settings(args.config, **overrides(args))
     except ConfigError as exc:
@@ -42,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     token = settings.api.token.get_secret_value() if settings.api.token else ""
     configure_logging(fmt=settings.log_format, level=settings.log_level, secrets=[token])
     try:
-        code: int = anyio.run(_COMMANDS[args.command], settings, args)
+        code = anyio.run(args.command, settings, args)
     except Exception as exc:
         error = headlock_error(exc)
         if error is None:

@@ -1,45 +1,19 @@
-"""`headlock enqueue`, `status` and `unlock`: the queue by hand."""
+"""`headlock status` and `unlock`: the queue by hand."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-import anyio
-import anyio.to_thread
 import structlog
 
 from runner.cli._common import EXIT_OK
-from runner.commit import add_requests
-from runner.context import make_draft
 from runner.errors import ConfigError
 from runner.open import open_queue
-from runner.settings import Settings, random_client_key
-from runner.uniquekey import unique_key_function
+from runner.settings import Settings
 
 log = structlog.get_logger("headlock.cli")
-
-
-async def enqueue_command(settings: Settings, args: argparse.Namespace) -> int:
-    urls: list[str] = list(args.urls)
-    if args.file:
-        read = sys.stdin.read if str(args.file) == "-" else args.file.read_text
-        text = await anyio.to_thread.run_sync(read)
-        urls.extend(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
-    if not urls:
-        raise ConfigError("enqueue: give URLs as arguments or --file FILE")
-    key_function = unique_key_function(settings.queue.unique_keys)
-    drafts = [make_draft(url, label=args.label, key_function=key_function) for url in urls]  # all checked first
-    queue = await open_queue(settings)
-    try:
-        client_key = settings.workers.client_key or random_client_key()
-        added = await add_requests(queue, drafts, client_key=client_key, forefront=args.forefront)
-    finally:
-        await queue.aclose()
-    log.info("enqueue.done", given=len(drafts), added=added, already_present=len(drafts) - added)
-    return EXIT_OK
 
 
 async def status_command(settings: Settings, args: argparse.Namespace) -> int:
@@ -81,3 +55,14 @@ async def unlock_command(settings: Settings, args: argparse.Namespace) -> int:
         await queue.aclose()
     log.info("unlock.done", unlocked=count)
     return EXIT_OK
+
+
+def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    """Add `status` and `unlock`."""
+    status = commands.add_parser("status", parents=[common], help="queue counts and who holds locks")
+    status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+
+    unlock = commands.add_parser("unlock", parents=[common], help="release every lock a client key holds")
+    unlock.add_argument("--client-key", required=True, help="the client key whose locks to release")
+    status.set_defaults(command=status_command, needs_settings=True)
+    unlock.set_defaults(command=unlock_command, needs_settings=True)

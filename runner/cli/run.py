@@ -278,3 +278,23 @@ async def _watch_signals(stopper: Stopper, received: list[int], signalled: anyio
             stopper.stop(signal.Signals(signum).name)
             if signalled is not None:
                 signalled.set()
+
+
+def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    """Add `run`."""
+    run_cmd = commands.add_parser("run", parents=[common], help="consume the queue with a handler (the main job)")
+    run_cmd.add_argument("--handler", help="the handler as module:function, e.g. handlers.crawl:handle")
+    run_cmd.add_argument("--concurrency", type=int, help="handler workers (default 10)")
+    run_cmd.add_argument("--lock-secs", type=float, help="lock duration in seconds (default 60)")
+    run_cmd.add_argument("--handler-timeout", type=float, help="seconds per attempt (default 60)")
+    run_cmd.add_argument("--max-retries", type=int, help="retries of a failing request (default 3)")
+    run_cmd.add_argument("--client-key", help="stable worker identity, 1-32 chars (default: random)")
+    run_cmd.add_argument("--grace", type=float, help="seconds in-flight handlers get on shutdown (default 30)")
+    run_cmd.add_argument("--max-requests", type=int, help="stop after this many finished requests")
+    run_cmd.add_argument("--keep-alive", action="store_const", const=True, help="keep polling when the queue is empty")
+    run_cmd.add_argument("--start-url", action="append", help="enqueue this URL first (repeatable)")
+    run_cmd.add_argument("--summary", type=Path, help="write the run summary as JSON to this file, however it ends")
+    run_cmd.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    run_cmd.add_argument("--metrics-host", help="address for --metrics-port (default 127.0.0.1)")
+    run_cmd.add_argument("--health-file", type=Path, help="touched by the heartbeat (default STORAGE/headlock.health)")
+    run_cmd.set_defaults(command=run_command, needs_settings=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from runner.cli._common import EXIT_USAGE
 
@@ -21,3 +22,25 @@ def serve_command(args: argparse.Namespace) -> int:
             print(f"headlock: error: {option}: must be 1-63 letters, digits or '-', got {value!r}", file=sys.stderr)  # noqa: T201
             return EXIT_USAGE
     return _command.run(args)
+
+
+def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    """Add `serve` (its own options: it serves a storage directory, not a queue)."""
+    serve = commands.add_parser(
+        "serve", help="serve the embedded store as the Apify API v2 (request queues, datasets, key-value stores, runs)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
+    serve.add_argument("--storage", type=Path, default=Path("storage"), help="storage directory")
+    serve.add_argument("--token", help="require this API token (Authorization: Bearer)")
+    serve.add_argument("--log-format", choices=["auto", "console", "json"])
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    for option, name in (
+        ("--default-queue-id", "request queue"),
+        ("--default-dataset-id", "dataset"),
+        ("--default-kv-store-id", "key-value store"),
+    ):
+        serve.add_argument(
+            option, default="default", help=f"the {name} every run reports as its default (created on first use)"
+        )
+    serve.set_defaults(command=serve_command, needs_settings=False)
