@@ -15,7 +15,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.commit import Committer, RetryPolicy
-from runner.errors import ConfigError
+from runner.errors import ConfigError, QueueError
 from runner.fetcher import fetch
 from runner.heartbeat import keep_alive
 from runner.leases import Lease, Leases
@@ -28,7 +28,7 @@ from runner.router import Handler
 from runner.settings import StartRequest, WorkerSettings, random_client_key
 from runner.shutdown import STOP_MARGIN, Stopper, drain_on_stop, release_all
 from runner.start import start_drafts
-from runner.stats import RunStats
+from runner.stats import ErrorTally, RunStats
 from runner.uniquekey import UniqueKeyFunction, normalize_parts
 from runner.worker import Worker
 
@@ -46,10 +46,24 @@ class RunSummary:
     client_key: str
     stats: dict[str, Any]
     released: int
+    results: str | None = None
+    """Where the items are (`ResultsSink.location`: a file path, or the dataset)."""
+    pending: int | None = None
+    """Requests the queue still had pending at the end; None when it could not be asked."""
+    failed_top: tuple[dict[str, Any], ...] = ()
+    """The most common errors of the requests that failed for good here, as `{"count", "error"}` (`ErrorTally`)."""
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {"reason": self.reason, "client_key": self.client_key, "released": self.released, **self.stats}
+        return {
+            "reason": self.reason,
+            "client_key": self.client_key,
+            "released": self.released,
+            **self.stats,
+            "results": self.results,
+            "pending": self.pending,
+            "failed_top": list(self.failed_top),
+        }
 
 
 async def run(
@@ -87,7 +101,7 @@ async def run(
     metrics = metrics or Metrics()
     own_http = http is None
     client = http or default_http_client(cfg)  # first: a missing extra fails before anything needs closing
-    leases, stats = Leases(), stats or RunStats()
+    leases, stats, errors = Leases(), stats or RunStats(), ErrorTally()
     metrics.track(stats, leases)
     committer = Committer(
         queue,
@@ -165,6 +179,7 @@ async def run(
                             lock_secs=cfg.lock_secs,
                             monitor=monitor,
                             unique_key=unique_key,
+                            errors=errors,
                         )
                         for worker_receive in workers_receive:
                             crawl.start_soon(worker.run, worker_receive)
@@ -185,9 +200,31 @@ async def run(
     reason = stopper.reason or (
         "max_requests" if cfg.max_requests and stats.finished >= cfg.max_requests else "finished"
     )
-    summary = RunSummary(reason=reason, client_key=client_key, stats=stats.as_dict(), released=released)
+    summary = RunSummary(
+        reason=reason,
+        client_key=client_key,
+        stats=stats.as_dict(),
+        released=released,
+        results=dataset.location,
+        pending=await _pending(queue),
+        failed_top=tuple(errors.top(TOP_ERRORS)),
+    )
     log.info("run.finished", **summary.as_dict())
     return summary
+
+
+TOP_ERRORS = 5
+"""How many of the most common errors the summary lists."""
+
+
+async def _pending(queue: RequestQueue) -> int | None:
+    """The queue's pending count for the summary (one call, at most a few seconds); None if it does not answer."""
+    with anyio.move_on_after(5):
+        try:
+            return (await queue.get_info()).pending_request_count
+        except QueueError as exc:
+            log.debug("run.pending_unknown", error=str(exc))
+    return None
 
 
 def _sole_error(group: BaseExceptionGroup[Any]) -> Exception | None:

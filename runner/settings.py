@@ -149,6 +149,9 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     progress_every: float = Field(5.0, gt=0)
+    fail_on_error: bool = Field(
+        False, description="`headlock run` exits 3 (not 0) when requests failed for good (see runner.cli.run)."
+    )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve Prometheus metrics on this port; 0 or unset: off."
     )

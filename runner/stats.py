@@ -1,13 +1,15 @@
-"""Run counters and the final summary."""
+"""Run counters, the tally of errors that failed requests for good, and the final summary's figures."""
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
 
-__all__ = ["RunStats"]
+__all__ = ["ErrorTally", "RunStats", "error_group"]
 
 
 @dataclass(slots=True)
@@ -37,9 +39,60 @@ class RunStats:
         return self.finished / elapsed if elapsed > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        """Counters as a plain dict, with the duration and rate."""
+        """Counters as a plain dict, with the duration, the rate (finished per second) and handled pages per minute."""
         data = asdict(self)
         started = data.pop("started_at")
-        data["duration_s"] = round(anyio.current_time() - started, 3)
+        elapsed = anyio.current_time() - started
+        data["duration_s"] = round(elapsed, 3)
         data["rate"] = round(self.rate(), 1)
+        data["pages_per_min"] = round(self.handled * 60 / elapsed, 1) if elapsed > 0 else 0.0
         return data
+
+
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
+_LONG_NUMBER = re.compile(r"(?<![\w.])\d{4,}(?![\w.])")
+_HEX_ID = re.compile(r"\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{12,}\b")
+_MAX_GROUP = 200
+"""Longest group name kept (a message longer than this is cut)."""
+
+
+def error_group(message: str) -> str:
+    """The group an error message counts in: its first line, URLs as `<url>`, ids and numbers of 4+ digits as `<n>`.
+
+    So one error on many pages groups together (`ValueError: no price on <url>`), while short numbers that tell
+    errors apart stay (an HTTP status, a timeout's seconds). Simpler than Crawlee's `ErrorTracker`, which merges
+    messages differing in fewer than half their words; ours is predictable and needs no earlier message.
+    """
+    line = message.split("\n", 1)[0].strip()
+    line = _URL.sub("<url>", line)
+    line = _HEX_ID.sub("<n>", line)
+    line = _LONG_NUMBER.sub("<n>", line)
+    return line if len(line) <= _MAX_GROUP else line[: _MAX_GROUP - 3] + "..."
+
+
+class ErrorTally:
+    """How often each error group (see `error_group`) ended a request as failed, bounded in memory.
+
+    Past `limit` distinct groups, new ones count as `(other errors)`: a handler whose messages never repeat cannot
+    grow the tally without bound.
+    """
+
+    OTHER = "(other errors)"
+
+    def __init__(self, limit: int = 1000) -> None:
+        self._counts: Counter[str] = Counter()
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return sum(self._counts.values())
+
+    def add(self, message: str) -> None:
+        """Count one failure with `message`."""
+        group = error_group(message)
+        if group not in self._counts and len(self._counts) >= self._limit:
+            group = self.OTHER
+        self._counts[group] += 1
+
+    def top(self, n: int = 5) -> list[dict[str, Any]]:
+        """The `n` most common groups, most common first (ties: first seen first), as `{"count", "error"}`."""
+        return [{"count": count, "error": group} for group, count in self._counts.most_common(n)]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -17,9 +20,10 @@ from runner.errors import NoRetry, QueueError
 from runner.leases import Lease
 from runner.loopwatch import LoopMonitor
 from runner.router import Handler
+from runner.stats import ErrorTally
 from runner.uniquekey import UniqueKeyFunction, normalize_parts
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "user_traceback"]
 
 
 def _logger() -> structlog.typing.FilteringBoundLogger:
@@ -40,7 +44,8 @@ class Worker:
     """What every handler attempt needs; `run` is one worker task, and the runtime starts `concurrency` of them.
 
     The committer owns the lease registry and the run's counters, so the worker reaches them through it.
-    `unique_key` gives the default `uniqueKey` of the URLs handlers enqueue (the run's convention).
+    `unique_key` gives the default `uniqueKey` of the URLs handlers enqueue (the run's convention); `errors` counts
+    the errors of the requests that failed for good.
     """
 
     handler: Handler
@@ -52,6 +57,7 @@ class Worker:
     monitor: LoopMonitor | None = None
     log: structlog.typing.FilteringBoundLogger = field(default_factory=_logger)
     unique_key: UniqueKeyFunction = field(default=normalize_parts, kw_only=True)
+    errors: ErrorTally = field(default_factory=ErrorTally, kw_only=True)
 
     async def run(self, receive: ObjectReceiveStream[Lease]) -> None:
         """Handle leases from `receive` until it is closed and empty.
@@ -97,6 +103,7 @@ class Worker:
         )
         error: str | None = None
         permanent = False
+        caught: BaseException | None = None
         # One scope for both ends of a handler: its deadline (a timeout) and `Leases.lose` (a lost lock) cancel it.
         with anyio.CancelScope(deadline=started + self.handler_timeout) as scope:
             if not leases.start(lease, scope):
@@ -105,13 +112,8 @@ class Worker:
                 returned: object = await self.handler(ctx)  # type: ignore[func-returns-value]
                 if returned is not None:
                     self.log.warning("handler.returned_value", type=type(returned).__name__)
-            except NoRetry as exc:
-                error, permanent = f"NoRetry: {exc}", True
             except Exception as exc:  # noqa: BLE001 - any handler error is recorded on the request and retried
-                error = f"{type(exc).__name__}: {exc}"
-                # A NoRetry raised inside the handler's own task group arrives wrapped in an exception group.
-                if isinstance(exc, ExceptionGroup) and (no_retry := exc.subgroup(NoRetry)) is not None:
-                    error, permanent = f"NoRetry: {_first(no_retry)}", True
+                (error, permanent), caught = _describe(exc), exc
         if lease.lost and not lease.expired:
             stats.lost += 1
             self.log.warning("lease.dropped", reason=lease.lost_reason or "lock lost while the handler ran")
@@ -123,6 +125,8 @@ class Worker:
             return
         if scope.cancelled_caught:
             error = f"handler timed out after {self.handler_timeout:g} s"
+        elif caught is not None:
+            self._log_traceback(caught, error or "", lease, no_retry=permanent)
         await self._commit(lease, error, permanent=permanent, ctx=ctx, now=now)
 
     async def _commit(
@@ -136,11 +140,34 @@ class Worker:
                 if await self.committer.succeed(lease, ctx.pending_enqueues(), ctx.pending_items()):
                     self.log.debug("request.handled")
             else:
-                await self.committer.fail(lease, error or "attempt failed", permanent=permanent)
+                error = error or "attempt failed"
+                stats = self.committer.stats
+                failed = stats.failed
+                await self.committer.fail(lease, error, permanent=permanent)
+                # `fail` says nothing back: when it was the last attempt, a rise of the counter while the lease was
+                # not lost means it was recorded (wrong only if this record was abandoned on a queue error while
+                # another request's failure landed: rare, and that request is then attempted and counted again).
+                if stats.failed > failed and not lease.lost and self._final(lease, no_retry=permanent):
+                    self.errors.add(error)
         if cs.cancelled_caught:
             # The committer has let go of the lease: its lock lapses (or shutdown's unlock frees it) and the
             # request is attempted again.
             self.log.error("request.commit_timed_out", after_s=round(anyio.current_time() - now, 1))
+
+    def _log_traceback(self, exc: BaseException, error: str, lease: Lease, *, no_retry: bool) -> None:
+        """Log the handler's traceback as `handler.error`, just before its failure is recorded: a warning when the
+        request fails for good, at debug level before a retry and for a NoRetry (the handler's own verdict, not a
+        crash). Formatted on failures only, whatever the level: they are not the hot path."""
+        final = self._final(lease, no_retry=no_retry)
+        if final and not no_retry:
+            self.log.warning("handler.error", error=error, final=True, traceback=user_traceback(exc))
+        else:
+            self.log.debug("handler.error", error=error, final=final, traceback=user_traceback(exc))
+
+    def _final(self, lease: Lease, *, no_retry: bool) -> bool:
+        """Whether a failure of this attempt ends the request as failed (the committer's policy decides)."""
+        request = lease.request
+        return no_retry or self.committer.policy.gives_up(request.retry_count + 1, no_retry=bool(request.no_retry))
 
     async def _record_expired(self, lease: Lease, started: float) -> None:
         """The lock ran out under this attempt: re-prove it and record the attempt, or leave that to its next holder.
@@ -172,6 +199,32 @@ class Worker:
             leases.remove(reclaimed)
             return
         await self._commit(reclaimed, reason, permanent=False, ctx=None)
+
+
+_OWN_CODE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+"""The runtime's own modules: frames of them before the handler's first frame are left out of its traceback."""
+
+
+def user_traceback(exc: BaseException) -> str:
+    """`exc`'s traceback, formatted, starting at the first frame outside headlock's runtime (the handler's).
+
+    The worker's and the router's frames above the handler say nothing to its author; frames of the runtime called
+    from the handler (e.g. `ctx.enqueue`) stay. All of it when every frame is the runtime's.
+    """
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb if tb is not None else exc.__traceback__))
+
+
+def _describe(exc: Exception) -> tuple[str, bool]:
+    """The error message a handler's exception records on the request (one line), and whether it is a NoRetry."""
+    if isinstance(exc, NoRetry):
+        return f"NoRetry: {exc}", True
+    # A NoRetry raised inside the handler's own task group arrives wrapped in an exception group.
+    if isinstance(exc, ExceptionGroup) and (no_retry := exc.subgroup(NoRetry)) is not None:
+        return f"NoRetry: {_first(no_retry)}", True
+    return f"{type(exc).__name__}: {exc}", False
 
 
 def _first(group: BaseExceptionGroup[NoRetry]) -> NoRetry:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "metrics_port": "metrics_port",
         "metrics_host": "metrics_host",
         "health_file": "health_file",
+        "fail_on_error": "fail_on_error",
     }
     sections = {
         "queue": {"queue": "name", "backend": "backend", "queue_id": "id"},
@@ -36,10 +39,59 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {field: given[flag] for flag, field in top.items() if flag in given}
     if given.get("start_url"):
         result["start_urls"] = given["start_url"]
+    if given.get("option"):
+        result["handler_options"] = _nested(given["option"])
     for section, fields in sections.items():
         values = {field: given[flag] for flag, field in fields.items() if flag in given}
         if values:
             result[section] = values
+    return result
+
+
+_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_NOT_BARE = tuple("\"'[{")
+"""A value starting with one of these is meant as TOML: it must parse."""
+
+
+def handler_option(text: str) -> tuple[tuple[str, ...], Any]:
+    """`-O KEY=VALUE`: the key's path (dotted keys are nested tables) and the value.
+
+    VALUE is parsed as a TOML value (`2`, `1.5`, `false`, `"x"`, `[1, 2]`, `{ a = 1 }`, a date); anything else that
+    does not start with a quote or a bracket is a bare word, taken as the string it is (`-O mode=fast`).
+
+    Raises:
+        argparse.ArgumentTypeError: no `=`, a key that is not a TOML bare key, or a quoted/bracketed value that
+            is not valid TOML; the message names the option.
+    """
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not _KEY.fullmatch(key):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected KEY=VALUE with KEY made of letters, digits, _ and - (dots for nested tables)"
+        )
+    if "\n" in raw or "\r" in raw:
+        raise argparse.ArgumentTypeError(f"{key}: a value must be one line")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        if raw.startswith(_NOT_BARE):
+            raise argparse.ArgumentTypeError(f"{key}: {raw!r} is not a TOML value ({exc})") from exc
+        value = raw
+    return tuple(key.split(".")), value
+
+
+def _nested(options: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+    """`-O` options as nested tables, later ones winning (`-O a=1 -O a.b=2` gives `{"a": {"b": 2}}`)."""
+    result: dict[str, Any] = {}
+    for path, value in options:
+        *parents, last = path
+        table = result
+        for part in parents:
+            inner = table.get(part)
+            if not isinstance(inner, dict):
+                inner = table[part] = {}
+            table = inner
+        table[last] = value
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
@@ -29,11 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="headlock", description="A worker-pool crawler runtime for request queues with locks."
     )
+    parser.add_argument("--version", action="version", version=f"headlock {version()}")
     commands = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
     common = common_parser()
     for module in COMMAND_MODULES:
         module.add_parsers(commands, common)
     return parser
+
+
+def version() -> str:
+    """The installed package's version (its metadata), or `unknown` when headlock runs from a tree not installed."""
+    try:
+        return importlib.metadata.version("headlock")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

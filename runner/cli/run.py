@@ -17,7 +17,7 @@ import structlog
 
 from runner.actor.input import describe_input, input_settings
 from runner.actor.platform import ActorPlatform, read_input
-from runner.cli._args import overrides
+from runner.cli._args import handler_option, overrides
 from runner.cli._common import EXIT_FATAL, EXIT_MIGRATED, EXIT_OK, EXIT_USAGE, first_leaf, headlock_error
 from runner.errors import ConfigError, InvalidUrlError
 from runner.health import check_health
@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("headlock.cli")
 
+EXIT_FAILED_REQUESTS = 3
+"""`--fail-on-error` (`fail_on_error = true`): the run ended, and requests failed for good (a signal's or a
+migration's exit code wins over it)."""
 MIGRATION_WAIT = 120.0
 """Longest wait, after a migration's shutdown, for the platform to stop the process."""
 
@@ -86,8 +89,15 @@ async def _crawl(settings: Settings, args: argparse.Namespace) -> tuple[RunSumma
         code = 128 + received[0] if received else EXIT_OK
         if migrated and not received:
             code = await _wait_to_be_moved(signalled, received)
+        elif code == EXIT_OK and settings.fail_on_error and _failed(summary):
+            code = EXIT_FAILED_REQUESTS
         tg.cancel_scope.cancel()
     return summary, code
+
+
+def _failed(summary: RunSummary) -> int:
+    """Requests the run ended as failed: its handlers' failures and the unreadable requests the queue ended."""
+    return int(summary.stats.get("failed", 0)) + int(summary.stats.get("quarantined", 0))
 
 
 async def _wait_to_be_moved(signalled: anyio.Event, received: list[int]) -> int:
@@ -294,6 +304,21 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser], c
     run_cmd.add_argument("--keep-alive", action="store_const", const=True, help="keep polling when the queue is empty")
     run_cmd.add_argument("--start-url", action="append", help="enqueue this URL first (repeatable)")
     run_cmd.add_argument("--summary", type=Path, help="write the run summary as JSON to this file, however it ends")
+    run_cmd.add_argument(
+        "-O",
+        "--option",
+        action="append",
+        type=handler_option,
+        metavar="KEY=VALUE",
+        help='a handler option (ctx.options), over the config file\'s; VALUE is a TOML value (2, false, "x") or a '
+        "bare word (a string); repeatable",
+    )
+    run_cmd.add_argument(
+        "--fail-on-error",
+        action="store_const",
+        const=True,
+        help=f"exit {EXIT_FAILED_REQUESTS} when requests failed for good (default: exit 0 once the run ended)",
+    )
     run_cmd.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
     run_cmd.add_argument("--metrics-host", help="address for --metrics-port (default 127.0.0.1)")
     run_cmd.add_argument("--health-file", type=Path, help="touched by the heartbeat (default STORAGE/headlock.health)")
