@@ -17,7 +17,7 @@ from runner.backoff import retry_delay
 from runner.errors import DatasetWriteError, InvalidInputError, LockLostError, QueueError
 from runner.finish import RecentAdds
 from runner.leases import Lease, Leases
-from runner.models import RequestDraft, utc_now
+from runner.models import RequestDraft, has_failed_mark, utc_now, with_failed_mark, without_failed_mark
 from runner.queue.protocol import MAX_BATCH, RequestQueue
 from runner.results.protocol import ResultsSink
 from runner.stats import RunStats
@@ -247,8 +247,11 @@ class Committer:
                 stored = await self.dataset.push_lines(items)  # not `+= await`: that reads the count before
                 self.stats.items += stored
                 self._fence(lease, "the request's items were being stored")
+            done: dict[str, Any] = {"handled_at": utc_now()}
+            if has_failed_mark(request.user_data):  # a request re-run by hand without its marker cleared
+                done["user_data"] = without_failed_mark(request.user_data)
             await self.queue.update_request(
-                request.model_copy(update={"handled_at": utc_now()}), client_key=self.client_key, lock_required=True
+                request.model_copy(update=done), client_key=self.client_key, lock_required=True
             )
         except _Gone:
             return False
@@ -269,7 +272,8 @@ class Committer:
         return True
 
     async def fail(self, lease: Lease, error: str, *, permanent: bool = False) -> None:
-        """Record `error` on the request; give it back for a retry, or mark it handled as failed."""
+        """Record `error` on the request; give it back for a retry, or mark it handled as failed (`handledAt` and
+        the failed marker in `userData`, see `runner.models`)."""
         request = lease.request
         retry_count = request.retry_count + 1
         gives_up = permanent or self.policy.gives_up(retry_count, no_retry=bool(request.no_retry))
@@ -281,6 +285,7 @@ class Committer:
         }
         if gives_up:
             update["handled_at"] = utc_now()
+            update["user_data"] = with_failed_mark(request.user_data)
         try:
             self._fence(lease, "its failure was being recorded")
             await self.queue.update_request(

@@ -7,6 +7,16 @@ Requests are read leniently where the API allows more than headlock's model (con
 `errorMessages` may be null (read as `{}` and `[]`), header values may be any JSON value (read as strings: JSON text
 for numbers and booleans, null values dropped), and `payload` may be an object, which is kept as it is (a PUT
 writes it back unchanged; handlers that send it must encode it themselves).
+
+**Failed requests.** A request that failed for good (its retries exhausted, `NoRetry`, or stored unreadable) is
+handled (`handledAt` set) *and* marked in `userData.__crawlee.state` with `6`, crawlee's `RequestState.ERROR`: the
+state crawlee-python and Crawlee JS themselves give a request they give up on before marking it handled. The marker
+lives in `userData`, which the platform and every client keep whole when they write a request back (crawlee-python
+drops unknown top-level fields, and unknown keys inside `__crawlee`, but keeps `__crawlee.state`), so a queue shared
+with crawlee reads the same way from both sides, and crawlee's own failures count as failed here too. The errors
+stay in `errorMessages`, one per failed attempt. A handled request without the marker ended well. `requeued()`
+returns a failed (or handled) request to pending with a fresh retry budget and without the marker, keeping its
+errors.
 """
 
 from __future__ import annotations
@@ -21,17 +31,29 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import CoreSchema, core_schema
 
 __all__ = [
+    "CRAWLEE_DATA",
+    "FAILED_STATE",
     "AddedRequest",
     "BatchAddResult",
     "LockedHead",
+    "QueueCounts",
     "QueueInfo",
     "Request",
     "RequestDraft",
     "RequestRegistration",
     "UnprocessedRequest",
+    "has_failed_mark",
+    "is_failed",
     "parse_datetime",
     "utc_now",
+    "with_failed_mark",
+    "without_failed_mark",
 ]
+
+CRAWLEE_DATA = "__crawlee"
+"""The `userData` key crawlee keeps its own state under."""
+FAILED_STATE = 6
+"""crawlee's `RequestState.ERROR`: in `userData.__crawlee.state` of a handled request, it failed for good."""
 
 
 def utc_now() -> datetime:
@@ -107,6 +129,40 @@ class _Model(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+def has_failed_mark(user_data: Any) -> bool:
+    """Whether `user_data` (a request's `userData`, any JSON value) carries the failed marker."""
+    if not isinstance(user_data, dict):
+        return False
+    crawlee = user_data.get(CRAWLEE_DATA)
+    return isinstance(crawlee, dict) and crawlee.get("state") == FAILED_STATE
+
+
+def with_failed_mark(user_data: Any) -> dict[str, Any]:
+    """A copy of `user_data` with the failed marker; a `userData` that is not an object becomes `{}` first."""
+    data = dict(user_data) if isinstance(user_data, dict) else {}
+    crawlee = data.get(CRAWLEE_DATA)
+    data[CRAWLEE_DATA] = {**(crawlee if isinstance(crawlee, dict) else {}), "state": FAILED_STATE}
+    return data
+
+
+def without_failed_mark(user_data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `user_data` without the failed marker (and without `__crawlee` when nothing else is left in it)."""
+    if not has_failed_mark(user_data):
+        return dict(user_data)
+    data = dict(user_data)
+    crawlee = {key: value for key, value in data[CRAWLEE_DATA].items() if key != "state"}
+    if crawlee:
+        data[CRAWLEE_DATA] = crawlee
+    else:
+        del data[CRAWLEE_DATA]
+    return data
+
+
+def is_failed(body: Any) -> bool:
+    """Whether a request as the API's JSON (a dict) is handled and marked failed."""
+    return isinstance(body, dict) and body.get("handledAt") is not None and has_failed_mark(body.get("userData"))
+
+
 def _format_datetime(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -146,6 +202,18 @@ class Request(_Model):
         """The routing label (`userData.label`), if any."""
         label = self.user_data.get("label")
         return label if isinstance(label, str) else None
+
+    @property
+    def is_failed(self) -> bool:
+        """Handled, and marked as failed for good (module docstring); False for a request that ended well."""
+        return self.handled_at is not None and has_failed_mark(self.user_data)
+
+    def requeued(self) -> Request:
+        """This request pending again with a fresh retry budget: no `handledAt`, `retryCount` 0, no failed marker;
+        its `errorMessages` are kept."""
+        return self.model_copy(
+            update={"handled_at": None, "retry_count": 0, "user_data": without_failed_mark(self.user_data)}
+        )
 
     @field_serializer("handled_at", when_used="json")
     def _serialize_handled_at(self, value: datetime | None) -> str | None:
@@ -202,6 +270,24 @@ class BatchAddResult(_Model):
 
     processed_requests: list[AddedRequest] = Field(default_factory=list)
     unprocessed_requests: list[UnprocessedRequest] = Field(default_factory=list)
+
+
+class QueueCounts(_Model):
+    """What a queue holds, by state: `total` = `handled` + `failed` + `pending` + `locked`.
+
+    `handled` counts the requests that ended well, `failed` those that failed for good (module docstring), `pending`
+    the unhandled ones nobody holds, `locked` those held (in flight, or waiting out a retry backoff). `exact` is
+    False when a backend could only count part of the queue (the API backend scans a bounded number of requests):
+    `failed` and `locked` are then lower bounds. `locks_by_client` is None when the backend cannot tell.
+    """
+
+    total: int
+    handled: int
+    failed: int
+    pending: int
+    locked: int
+    locks_by_client: dict[str, int] | None = None
+    exact: bool = True
 
 
 class QueueInfo(_Model):

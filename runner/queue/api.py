@@ -40,16 +40,20 @@ from runner.api.client import (
     error_payload,
     validation_reason,
 )
-from runner.errors import ConfigError, InvalidInputError, NotFoundError, QueueError
+from runner.errors import ConfigError, InvalidInputError, NotFoundError, QueueError, QueueUnavailableError
 from runner.models import (
     BatchAddResult,
     LockedHead,
+    QueueCounts,
     QueueInfo,
     Request,
     RequestDraft,
     RequestRegistration,
+    is_failed,
     parse_datetime,
+    with_failed_mark,
 )
+from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequestPage, RequeueResult, can_requeue
 from runner.queue.protocol import MAX_BATCH
 
 __all__ = ["GZIP_MIN_BYTES", "ApiQueue", "ApiQueueOptions", "ApiRetryPolicy", "CallTimeouts", "RateLimits"]
@@ -98,6 +102,12 @@ _GET_REQUEST = _queue_endpoint("GET", "/requests/{id}", "single", "short")
 _UPDATE_REQUEST = _queue_endpoint("PUT", "/requests/{id}", "single", "medium")
 _PROLONG_LOCK = _queue_endpoint("PUT", "/requests/{id}/lock", "single", "medium", lock_op=True)
 _DELETE_LOCK = _queue_endpoint("DELETE", "/requests/{id}/lock", "single", "short", lock_op=True)
+_LIST_REQUESTS = _queue_endpoint("GET", "/requests", "other", "long")
+_DELETE_QUEUE = _queue_endpoint("DELETE", "", "other", "short")
+
+_SCAN_PAGES = 10
+"""Most pages of `MAX_LIST_LIMIT` one count in `counts` reads (100 000 requests): beyond, the counts are not exact."""
+_REQUEUE_CONCURRENCY = 8
 
 
 class _Wire(BaseModel):
@@ -159,6 +169,21 @@ def _claim_present(result: BatchAddResult) -> BatchAddResult:
 def _api_time(value: datetime) -> str:
     """A timestamp as the API writes it: ISO-8601 UTC with milliseconds and `Z`."""
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _marked_user_data(user_data: Any) -> dict[str, Any]:
+    """A quarantined request's `userData` with the failed marker; one that is not an object (or null) is kept
+    under `__headlock.unreadableUserData`, since the marker needs an object."""
+    if user_data is None or isinstance(user_data, dict):
+        return with_failed_mark(user_data)
+    return with_failed_mark({"__headlock": {"unreadableUserData": user_data}})
+
+
+def _kept(item: dict[str, Any], *, unhandled: bool, failed: bool, handled: bool) -> bool:
+    """Whether a listed request is of the states asked (`unhandled`: pending or locked)."""
+    if item.get("handledAt") is None:
+        return unhandled
+    return failed if is_failed(item) else handled
 
 
 class _Fetched(NamedTuple):
@@ -242,20 +267,22 @@ class ApiQueue:
         queue_id: str | None = None,
         name: str | None = None,
         client: httpx.AsyncClient | None = None,
+        create: bool = True,
         **options: Unpack[ApiQueueOptions],
     ) -> ApiQueue:
         """Open a queue by `queue_id` (checked with `GET /v2/request-queues/{id}`), or by `name`, creating it when
-        missing (`POST /v2/request-queues?name=`). Either way `queue_id` is then the queue's id.
+        missing (`POST /v2/request-queues?name=`) unless `create` is False (then `GET /v2/request-queues/~name`).
+        Either way `queue_id` is then the queue's id.
 
         Raises:
             ConfigError: not exactly one of `queue_id` and `name` is given.
-            NotFoundError: there is no queue `queue_id`.
+            NotFoundError: there is no queue `queue_id` (or `name`, when not `create`).
             QueueError: the get or get-or-create call failed.
         """
         if (queue_id is None) == (name is None):
             raise ConfigError("give exactly one of queue_id and name")
         queue = cls(client, base_url=base_url, queue_id=queue_id or "", token=token, **options)
-        return await queue._resolve(name)
+        return await queue._resolve(name, create=create)
 
     @classmethod
     async def open_over(
@@ -266,23 +293,28 @@ class ApiQueue:
         name: str | None = None,
         cache_size: int = _DEFAULT_CACHE_SIZE,
         fetch_concurrency: int = _DEFAULT_FETCH_CONCURRENCY,
+        create: bool = True,
     ) -> ApiQueue:
-        """`open` through a shared `api` (see `over`): by `queue_id`, or got or created by `name`.
+        """`open` through a shared `api` (see `over`): by `queue_id`, or by `name` (got or created, or only got when
+        not `create`).
 
         Raises:
             ConfigError: not exactly one of `queue_id` and `name` is given.
-            NotFoundError: there is no queue `queue_id`.
+            NotFoundError: there is no queue `queue_id` (or `name`, when not `create`).
             QueueError: the get or get-or-create call failed.
         """
         if (queue_id is None) == (name is None):
             raise ConfigError("give exactly one of queue_id and name")
         queue = cls.over(api, queue_id=queue_id or "", cache_size=cache_size, fetch_concurrency=fetch_concurrency)
-        return await queue._resolve(name)
+        return await queue._resolve(name, create=create)
 
-    async def _resolve(self, name: str | None) -> Self:
+    async def _resolve(self, name: str | None, *, create: bool = True) -> Self:
         """Check the queue (or get or create it by `name`) and take its id; close this queue if that fails."""
         try:
-            if name is not None:
+            if name is not None and not create:
+                self._queue_id = f"~{name}"
+                info = await self._fetch(_GET_QUEUE, QueueInfo)
+            elif name is not None:
                 info = await self._fetch(_GET_OR_CREATE, QueueInfo, params={"name": name})
             else:
                 info = await self._fetch(_GET_QUEUE, QueueInfo)
@@ -504,14 +536,21 @@ class ApiQueue:
     async def _quarantine(self, request_id: str, raw: dict[str, Any], reason: str, *, client_key: str) -> bool:
         """End an unreadable request as failed under the lock just taken; return whether the server took it.
 
-        The server's object is written back as it was read, plus `handledAt` and an error message appended to
-        `errorMessages`, so nothing of it is lost and it leaves the head for good instead of coming back each
-        time its lock lapses. When that PUT fails too, the lock is left to lapse.
+        The server's object is written back as it was read, plus `handledAt`, an error message appended to
+        `errorMessages` and the failed marker in `userData` (`runner.models`), so nothing of it is lost and it
+        leaves the head for good instead of coming back each time its lock lapses. A `userData` that is not an
+        object moves to `userData.__headlock.unreadableUserData`. When that PUT fails too, the lock is left to
+        lapse.
         """
         message = f"quarantined: unreadable request: {reason}"
         errors = raw.get("errorMessages")
         kept = list(errors) if isinstance(errors, list) else [] if errors is None else [errors]
-        body = {**raw, "handledAt": _api_time(datetime.now(UTC)), "errorMessages": [*kept, message]}
+        body = {
+            **raw,
+            "handledAt": _api_time(datetime.now(UTC)),
+            "errorMessages": [*kept, message],
+            "userData": _marked_user_data(raw.get("userData")),
+        }
         body.setdefault("id", request_id)
         params: dict[str, str | int] = {"clientKey": client_key, "forefront": _bool(False)}
         try:
@@ -681,6 +720,156 @@ class ApiQueue:
             NotFoundError: the queue does not exist.
         """
         return await self._fetch(_GET_QUEUE, QueueInfo)
+
+    # -- the queue by hand (`runner.queue.admin.QueueAdmin`) ------------------------------------------------
+
+    async def counts(self) -> QueueCounts:
+        """Handled, failed, pending and locked requests: the totals from the queue's info, the locked ones counted
+        over `filter=locked` pages, the failed ones over every page (their marker is in `userData`, which the API
+        cannot filter on), each at most `_SCAN_PAGES` pages: beyond, `exact` is False and those are lower bounds.
+        Who holds the locks is not known (`locks_by_client` None).
+        """
+        info = await self.get_info()
+        locked, locked_exact = await self._count(locked=True)
+        failed, failed_exact = (0, True)
+        if info.handled_request_count:
+            failed, failed_exact = await self._count(failed=True)
+        handled = info.handled_request_count
+        return QueueCounts(
+            total=info.total_request_count,
+            handled=max(handled - failed, 0),
+            failed=failed,
+            pending=max(info.total_request_count - handled - locked, 0),
+            locked=locked,
+            exact=locked_exact and failed_exact,
+        )
+
+    async def _count(self, *, locked: bool = False, failed: bool = False) -> tuple[int, bool]:
+        """How many requests `list_requests` gives for the state, over at most `_SCAN_PAGES` pages; and whether
+        that was all of them."""
+        count = 0
+        after: str | None = None
+        for _ in range(_SCAN_PAGES):
+            page = await self.list_requests(after=after, limit=MAX_LIST_LIMIT, locked=locked, failed=failed)
+            count += len(page.items)
+            after = page.next_after
+            if after is None:
+                return count, True
+        return count, False
+
+    async def list_requests(
+        self,
+        *,
+        after: str | None = None,
+        limit: int,
+        locked: bool = False,
+        pending: bool = False,
+        failed: bool = False,
+        handled: bool = False,
+    ) -> RequestPage:
+        """One page of `GET requests` (see `QueueAdmin.list_requests`); `after` is the cursor of the page before.
+
+        The API filters `locked` and `pending` itself. `failed` and `handled` are told apart here, by `handledAt`
+        and the failed marker, from unfiltered pages: such a page may hold fewer items than `limit`. The items carry
+        no lock state, so those two go with both `locked` and `pending` (every unhandled request) or alone.
+
+        Raises:
+            InvalidInputError: `limit` is not 1-`MAX_LIST_LIMIT`, or `failed`/`handled` with only one of `locked`
+                and `pending` (no call is made).
+            QueueUnavailableError: the answer has no list of request objects.
+        """
+        label = _LIST_REQUESTS.label
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidInputError(f"limit must be 1-{MAX_LIST_LIMIT}, got {limit}", endpoint=label)
+        by_handled = failed or handled
+        if by_handled and locked != pending:
+            raise InvalidInputError(
+                "the API lists failed or handled requests alone or with both locked and pending (its items have no"
+                " lock state to tell those two apart)",
+                endpoint=label,
+            )
+        params: dict[str, str | int] = {"limit": limit}
+        if after is not None:
+            params["cursor"] = after
+        server_side = [] if by_handled else [name for name, on in (("locked", locked), ("pending", pending)) if on]
+        if server_side:
+            params["filter"] = ",".join(server_side)
+        answer = await self._call(_LIST_REQUESTS, params=params)
+        self._check(_LIST_REQUESTS, answer.response, None, maybe_applied=answer.ambiguous)
+        data = self._data(_LIST_REQUESTS, answer.response)
+        items, cursor = data.get("items"), data.get("nextCursor")
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise QueueUnavailableError("the answer has no list of request objects (`items`)", endpoint=label)
+        # No item, no next page: a server that always sends a cursor cannot keep a scan going for ever.
+        next_after = cursor if isinstance(cursor, str) and cursor and items else None
+        if by_handled:
+            items = [item for item in items if _kept(item, unhandled=locked, failed=failed, handled=handled)]
+        return RequestPage(items=items, next_after=next_after)
+
+    async def requeue(self, request_ids: Sequence[str], *, client_key: str) -> RequeueResult:
+        """Return the handled requests among `request_ids` to pending (see `QueueAdmin.requeue`): a GET of each,
+        then a PUT of the handled ones as `Request.requeued` makes them, a few at a time.
+
+        Not atomic: a request handled by another client between the GET and the PUT is overwritten as pending
+        (it runs once more). After a failure, some of them may have been requeued: calling again is safe.
+
+        Raises:
+            InvalidInputError: more than `MAX_REQUEUE_BATCH` ids.
+            QueueError: the first GET or PUT that failed (after the others ended).
+        """
+        if len(request_ids) > MAX_REQUEUE_BATCH:
+            raise InvalidInputError(
+                f"requeue takes at most {MAX_REQUEUE_BATCH} requests a call, got {len(request_ids)}",
+                endpoint=_UPDATE_REQUEST.label,
+            )
+        outcomes: dict[str, str] = {}
+        errors: list[QueueError] = []
+        limiter = anyio.CapacityLimiter(_REQUEUE_CONCURRENCY)
+
+        async def one(request_id: str) -> None:
+            async with limiter:
+                try:
+                    outcomes[request_id] = await self._requeue_one(request_id, client_key=client_key)
+                except QueueError as exc:
+                    errors.append(exc)
+
+        async with anyio.create_task_group() as group:
+            for request_id in dict.fromkeys(request_ids):
+                group.start_soon(one, request_id)
+        if errors:
+            raise errors[0]
+        result = RequeueResult()
+        for request_id in dict.fromkeys(request_ids):
+            getattr(result, outcomes[request_id]).append(request_id)
+        return result
+
+    async def _requeue_one(self, request_id: str, *, client_key: str) -> str:
+        """Requeue one request; return which `RequeueResult` list it goes in."""
+        raw = await self._get_raw(request_id)
+        if raw is None:
+            return "missing"
+        if raw.get("handledAt") is None:
+            return "not_handled"
+        try:
+            request = Request.model_validate(raw)
+        except ValidationError:
+            return "unreadable"
+        if not can_requeue(request):
+            return "unreadable"
+        await self.update_request(request.requeued(), client_key=client_key)
+        return "requeued"
+
+    async def drop(self) -> None:
+        """Delete the queue (`DELETE /v2/request-queues/{id}`), then close this queue.
+
+        Raises:
+            NotFoundError: there is no such queue.
+        """
+        try:
+            answer = await self._call(_DELETE_QUEUE)
+            self._check(_DELETE_QUEUE, answer.response, None, maybe_applied=answer.ambiguous)
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
         """Close the `ApiClient` if this queue made it (not one given to `over`). Idempotent."""

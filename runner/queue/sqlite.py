@@ -10,6 +10,13 @@ writes, so a read-then-update cannot interleave with another process's. Opening 
 the file up, in that thread. Inside the write lock each write takes its time from the store's clock (`StoreClock`:
 the wall clock read once, then advanced by the monotonic clock), never at or before the file's last time, so order
 numbers follow the writes and a lock lasts its length in real time whatever the wall clock does.
+
+A request that failed for good (see `runner.models`: handled, with the failed marker in `userData`) also has its
+`failed` column set, written with the row by every call that stores one, so the failed ones are counted and listed
+through a partial index without reading any JSON. Files made before that column existed get it on first open (in
+the schema's transaction): it is filled from the marker, and requests quarantined by older versions get the marker
+too. Requests older versions ended as failed carry no marker and cannot be told from successes after retries: they
+count as handled.
 """
 
 from __future__ import annotations
@@ -38,12 +45,15 @@ from runner.models import (
     AddedRequest,
     BatchAddResult,
     LockedHead,
+    QueueCounts,
     QueueInfo,
     Request,
     RequestDraft,
     RequestRegistration,
+    with_failed_mark,
 )
 from runner.queue._checkpoint import Checkpointer
+from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequestPage, RequeueResult, can_requeue
 from runner.queue.protocol import MAX_BATCH, MAX_CLIENT_KEY, MAX_LOCK_LIMIT
 from runner.uniquekey import request_id_for
 
@@ -79,13 +89,25 @@ CREATE TABLE IF NOT EXISTS requests (
     order_no INTEGER,
     lock_client TEXT,
     lock_expires INTEGER,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    failed INTEGER NOT NULL DEFAULT 0
 );
 """
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS requests_head ON requests (order_no) WHERE order_no IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_locks ON requests (lock_expires) WHERE lock_expires IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_failed ON requests (id) WHERE failed = 1;
 """
+# A file from before the `failed` column (module docstring). Every JSON function is behind `json_valid`: a damaged
+# row must not fail the migration (it is quarantined when the head reaches it).
+_ADD_FAILED_COLUMN = (
+    "ALTER TABLE requests ADD COLUMN failed INTEGER NOT NULL DEFAULT 0",
+    "UPDATE requests SET data = json_set(data, '$.userData.__crawlee.state', 6) WHERE order_no IS NULL"
+    " AND CASE WHEN json_valid(data) THEN json_type(data, '$.unreadableData') IS NOT NULL"
+    " AND coalesce(json_type(data, '$.userData'), 'object') = 'object' ELSE 0 END",
+    "UPDATE requests SET failed = 1 WHERE order_no IS NULL"
+    " AND CASE WHEN json_valid(data) THEN json_extract(data, '$.userData.__crawlee.state') = 6 ELSE 0 END",
+)
 # Read every column the store uses, so a SQLite file with other tables of the same names fails at open,
 # before the indexes are created on columns it may lack.
 _SCHEMA_PROBES = (
@@ -293,20 +315,34 @@ def _salvage(text: str) -> dict[str, Any]:
     }
 
 
+def _salvage_label(text: str) -> str | None:
+    """`userData.label` of an unreadable row's text, when it parses that far (best effort, like `_salvage`)."""
+    try:
+        body = json.loads(text)
+    except _UNREADABLE:
+        return None
+    user_data = body.get("userData") if isinstance(body, dict) else None
+    label = user_data.get("label") if isinstance(user_data, dict) else None
+    return _clean(label) if isinstance(label, str) else None
+
+
 def _quarantined(request_id: str, data: str | bytes, reason: str, now: int) -> str:
     """The `data` that replaces an unreadable row: a readable request ended as failed, keeping the original text.
 
-    Its `uniqueKey` and `url` are what could be read of the row ("" when nothing could), and `unreadableData` holds
-    the row's text (not UTF-8 bytes as `\\xNN`).
+    Its `uniqueKey`, `url` and `userData.label` are what could be read of the row ("" when nothing could), it
+    carries the failed marker (`runner.models`), and `unreadableData` holds the row's text (not UTF-8 bytes as
+    `\\xNN`).
     """
     text = _text(data)
     fields = _salvage(text)
+    label = _salvage_label(text)
     message = f"quarantined: stored request unreadable: {reason}"
     request = Request.model_validate(
         {
             **fields,
             "id": request_id,
             "handledAt": _to_datetime(now),
+            "userData": with_failed_mark({} if label is None else {"label": label}),
             "errorMessages": [*fields["errorMessages"], message],
             "unreadableData": text,
         }
@@ -337,17 +373,40 @@ _DRAFT_DEFAULTS = Request(id="", unique_key="", url="").model_dump_json(
 """The defaults of the request fields a draft lacks and the head shows (`"retryCount":0,"errorMessages":[]`)."""
 
 
-def _prepare(draft: RequestDraft, endpoint: str) -> tuple[str, str, bool, str]:
-    """`(id, uniqueKey, handled, data)` of a draft to store, validated as the request it becomes."""
+def _prepare(draft: RequestDraft, endpoint: str) -> tuple[str, str, bool, bool, str]:
+    """`(id, uniqueKey, handled, failed, data)` of a draft to store, validated as the request it becomes."""
     if draft.model_extra:
         # Extra fields (`handledAt`, `id`, ...) must be checked against the request's: a full validation.
         request = _from_draft(draft, endpoint)
-        return request.id, request.unique_key, request.handled_at is not None, _dump(request, endpoint)
+        handled = request.handled_at is not None
+        return request.id, request.unique_key, handled, request.is_failed, _dump(request, endpoint)
     # A plain draft's fields were validated when it was built and are the request's own; the request's other
     # fields take their defaults. Five new links a page come this way: a full validation cost them 5 us each.
     request_id = request_id_for(draft.unique_key)
     body = _dump(draft, endpoint)
-    return request_id, draft.unique_key, False, f'{{"id":"{request_id}",{_DRAFT_DEFAULTS},{body[1:]}'
+    return request_id, draft.unique_key, False, False, f'{{"id":"{request_id}",{_DRAFT_DEFAULTS},{body[1:]}'
+
+
+_LIST_STATES = (
+    "(order_no IS NOT NULL AND lock_expires > ?)",
+    "(order_no IS NOT NULL AND (lock_expires IS NULL OR lock_expires <= ?))",
+    "failed = 1",
+    "(order_no IS NULL AND failed = 0)",
+)
+"""The SQL of `list_requests`'s states, in its argument order: locked, pending, failed, handled (each `?` is now)."""
+
+
+def _listed(request_id: str, data: bytes) -> dict[str, Any]:
+    """A stored request as `list_requests` shows it: its JSON object; what can be read of an unreadable one."""
+    try:
+        item = json.loads(data)
+    except _UNREADABLE:
+        item = None
+    if not isinstance(item, dict):
+        text = _text(data)
+        return {"id": request_id, **_salvage(text), "unreadableData": text}
+    item["id"] = request_id
+    return item
 
 
 _HEAD_FIELDS = ("uniqueKey", "url", "method", "retryCount")
@@ -483,6 +542,11 @@ class SqliteQueue:
             raise QueueUnavailableError(
                 f"{self.path} is not a headlock queue database: {exc}", endpoint=endpoint
             ) from exc
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(requests)")}
+        if "failed" not in columns:
+            for statement in _ADD_FAILED_COLUMN:
+                self._db.execute(statement)
+            _log.info("queue.schema_migrated", path=str(self.path), added="requests.failed")
         run(_INDEXES)
         if self._db.execute("SELECT 1 FROM queue").fetchone() is None:
             now = self._time.now(0)
@@ -722,7 +786,8 @@ class SqliteQueue:
         """End an unreadable row as handled-failed, in the caller's transaction; return the reason."""
         reason = _reason(exc)
         self._db.execute(
-            "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, data = ? WHERE rowid = ?",
+            "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, data = ?, failed = 1"
+            " WHERE rowid = ?",
             (_quarantined(request_id, data, reason, now), rowid),
         )
         self._db.execute("UPDATE queue SET handled = handled + 1")
@@ -822,6 +887,7 @@ class SqliteQueue:
         """Store `request`; `fenced` is the endpoint when the write requires `client_key`'s lock, else ""."""
         now = self._clock()
         handled = request.handled_at is not None
+        failed = int(request.is_failed)
         row = self._db.execute(
             "SELECT order_no, lock_client, lock_expires FROM requests WHERE id = ?", (request.id,)
         ).fetchone()
@@ -830,8 +896,8 @@ class SqliteQueue:
         position = -now if forefront else now
         if row is None:
             self._db.execute(
-                "INSERT INTO requests (id, order_no, data) VALUES (?, ?, ?)",
-                (request.id, None if handled else position, data),
+                "INSERT INTO requests (id, order_no, data, failed) VALUES (?, ?, ?, ?)",
+                (request.id, None if handled else position, data, failed),
             )
             self._db.execute("UPDATE queue SET total = total + 1, handled = handled + ?", (int(handled),))
             self._touch(now, client_key)
@@ -840,15 +906,17 @@ class SqliteQueue:
         was_handled = order_no is None
         if handled:
             self._db.execute(
-                "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, data = ? WHERE id = ?",
-                (data, request.id),
+                "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, data = ?, failed = ?"
+                " WHERE id = ?",
+                (data, failed, request.id),
             )
         elif lock_expires is not None and (fenced or lock_expires > now):
             # A live lock stays; so does the fencing holder's expired one (it is still theirs to release).
-            self._db.execute("UPDATE requests SET data = ? WHERE id = ?", (data, request.id))
+            self._db.execute("UPDATE requests SET data = ?, failed = 0 WHERE id = ?", (data, request.id))
         else:
             self._db.execute(
-                "UPDATE requests SET order_no = ?, lock_client = NULL, lock_expires = NULL, data = ? WHERE id = ?",
+                "UPDATE requests SET order_no = ?, lock_client = NULL, lock_expires = NULL, data = ?, failed = 0"
+                " WHERE id = ?",
                 (position, data, request.id),
             )
         if handled != was_handled:
@@ -880,16 +948,16 @@ class SqliteQueue:
         return await self._run(self._batch_add, prepared, client_key, forefront, endpoint=endpoint)
 
     def _batch_add(
-        self, prepared: Sequence[tuple[str, str, bool, str]], client_key: str, forefront: bool
+        self, prepared: Sequence[tuple[str, str, bool, bool, str]], client_key: str, forefront: bool
     ) -> BatchAddResult:
         now = self._clock()
         position = -now if forefront else now
         processed: list[AddedRequest] = []
         added = handled_added = 0
-        for request_id, unique_key, handled, data in prepared:
+        for request_id, unique_key, handled, failed, data in prepared:
             cursor = self._db.execute(
-                "INSERT OR IGNORE INTO requests (id, order_no, data) VALUES (?, ?, ?)",
-                (request_id, None if handled else position, data),
+                "INSERT OR IGNORE INTO requests (id, order_no, data, failed) VALUES (?, ?, ?, ?)",
+                (request_id, None if handled else position, data, int(failed)),
             )
             present = cursor.rowcount == 0
             was_handled = False
@@ -1004,6 +1072,152 @@ class SqliteQueue:
             return [(rid, holder, _to_datetime(expires)) for rid, holder, expires in rows]
 
         return await self._run(read, endpoint="locks", write=False)
+
+    # -- the queue by hand (`runner.queue.admin.QueueAdmin`) ------------------------------------------------
+
+    async def counts(self) -> QueueCounts:
+        """Handled, failed, pending and locked requests, and the locks by client key, from one read snapshot.
+
+        The queue row keeps the totals; failed and locked requests are counted through their partial indexes, so
+        the cost grows with those two counts, never with the queue's size, and no JSON is read.
+        """
+        return await self._run(self._counts, endpoint="counts", write=False)
+
+    def _counts(self) -> QueueCounts:
+        self._db.execute("BEGIN")  # one snapshot for both statements
+        try:
+            now = self._clock()
+            total, handled, failed, locked = self._db.execute(
+                "SELECT total, handled, (SELECT count(*) FROM requests WHERE failed = 1),"
+                " (SELECT count(*) FROM requests WHERE lock_expires > ?) FROM queue",
+                (now,),
+            ).fetchone()
+            holders = self._db.execute(
+                "SELECT lock_client, count(*) FROM requests WHERE lock_expires > ? GROUP BY lock_client"
+                " ORDER BY lock_client",
+                (now,),
+            ).fetchall()
+        finally:
+            self._db.execute("COMMIT")
+        return QueueCounts(
+            total=total,
+            handled=handled - failed,
+            failed=failed,
+            pending=total - handled - locked,
+            locked=locked,
+            locks_by_client=dict(holders),
+        )
+
+    async def list_requests(
+        self,
+        *,
+        after: str | None = None,
+        limit: int,
+        locked: bool = False,
+        pending: bool = False,
+        failed: bool = False,
+        handled: bool = False,
+    ) -> RequestPage:
+        """Up to `limit` requests with ids after `after`, in id order, of the states asked (a union; none: all).
+
+        A lock is live while its expiry is after the store's clock. `next_after` is the last id of a full page.
+
+        Raises:
+            InvalidInputError: `limit` is not 1-`MAX_LIST_LIMIT`.
+        """
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidInputError(f"limit must be 1-{MAX_LIST_LIMIT}, got {limit}", endpoint="list_requests")
+        states = (locked, pending, failed, handled)
+        rows = await self._run(self._list, after, limit, states, endpoint="list_requests", write=False)
+        items = [_listed(request_id, data) for request_id, data in rows]
+        return RequestPage(items=items, next_after=items[-1]["id"] if len(items) == limit else None)
+
+    def _list(self, after: str | None, limit: int, states: tuple[bool, bool, bool, bool]) -> list[tuple[str, bytes]]:
+        conditions: list[str] = []
+        args: list[Any] = []
+        if after is not None:
+            conditions.append("id > ?")
+            args.append(after)
+        chosen = [sql for sql, asked in zip(_LIST_STATES, states, strict=True) if asked]
+        if chosen:
+            conditions.append(f"({' OR '.join(chosen)})")
+            now = self._clock()
+            args.extend(now for sql in chosen for _ in range(sql.count("?")))
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        sql = f"SELECT id, CAST(data AS BLOB) FROM requests{where} ORDER BY id LIMIT ?"  # noqa: S608 - fixed parts
+        rows: list[tuple[str, bytes]] = self._db.execute(sql, [*args, limit]).fetchall()
+        return rows
+
+    async def requeue(self, request_ids: Sequence[str], *, client_key: str) -> RequeueResult:
+        """Return the handled requests among `request_ids` to pending at the end of the queue, with a fresh retry
+        budget (`Request.requeued`), in one transaction. Idempotent: pending and locked ones are left as they are.
+
+        Raises:
+            InvalidInputError: more than `MAX_REQUEUE_BATCH` ids, or a bad client key.
+        """
+        _check_client_key(client_key, "requeue")
+        if len(request_ids) > MAX_REQUEUE_BATCH:
+            raise InvalidInputError(
+                f"requeue takes at most {MAX_REQUEUE_BATCH} requests a call, got {len(request_ids)}",
+                endpoint="requeue",
+            )
+        if not request_ids:
+            return RequeueResult()
+        return await self._run(self._requeue, list(request_ids), client_key, endpoint="requeue")
+
+    def _requeue(self, request_ids: list[str], client_key: str) -> RequeueResult:
+        now = self._clock()
+        result = RequeueResult()
+        for request_id in request_ids:
+            row = self._db.execute(
+                "SELECT order_no, CAST(data AS BLOB) FROM requests WHERE id = ?", (request_id,)
+            ).fetchone()
+            if row is None:
+                result.missing.append(request_id)
+                continue
+            if row[0] is not None:
+                result.not_handled.append(request_id)
+                continue
+            try:
+                request = _parse(row[1])
+                data = _dump(request.requeued(), "requeue") if can_requeue(request) else None
+            except (*_UNREADABLE, InvalidInputError):  # damage the head has not quarantined yet
+                data = None
+            if data is None:
+                result.unreadable.append(request_id)
+                continue
+            self._db.execute(
+                "UPDATE requests SET order_no = ?, lock_client = NULL, lock_expires = NULL, data = ?, failed = 0"
+                " WHERE id = ?",
+                (now, data, request_id),
+            )
+            result.requeued.append(request_id)
+        if result.requeued:
+            self._db.execute("UPDATE queue SET handled = handled - ?", (len(result.requeued),))
+        self._touch(now, client_key, changed=bool(result.requeued))
+        return result
+
+    async def drop(self) -> None:
+        """Close the store and delete its file with its `-wal` and `-shm` files. Cannot be undone.
+
+        Another process that has the file open keeps writing to the deleted file, unseen: stop runs first.
+
+        Raises:
+            NotFoundError: there is no queue file.
+            QueueUnavailableError: a file cannot be deleted.
+        """
+        await self.aclose()
+
+        def delete() -> None:
+            if not self.path.exists():
+                raise NotFoundError(f"no queue file {self.path}", endpoint="drop", error_type="record-not-found")
+            try:
+                for suffix in ("", "-wal", "-shm"):
+                    self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+            except OSError as exc:
+                raise QueueUnavailableError(f"cannot delete {self.path}: {exc}", endpoint="drop") from exc
+
+        await anyio.to_thread.run_sync(delete)
 
     async def aclose(self) -> None:
         """Stop the checkpoint thread and close the connection (the last one to the file folds the WAL in).

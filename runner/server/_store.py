@@ -190,6 +190,27 @@ class QueueRegistry:
             self._ids[info.id] = name
             return queue, created
 
+    async def delete(self, ref: str) -> None:
+        """Delete a queue (by id, name or `~name`): close its store and remove its files. The default queue is not
+        created to be deleted.
+
+        Calls on it still in flight fail as on a closed store (503); the next call naming it gets a 404.
+
+        Raises:
+            NotFoundError: there is no such queue.
+        """
+        queue = await self._resolve(ref)
+        async with self._lock:
+            if self._open.get(queue.name) is queue:
+                del self._open[queue.name]
+            for queue_id in [i for i, name in self._ids.items() if name == queue.name]:
+                del self._ids[queue_id]
+            try:
+                await queue.store.drop()
+            except NotFoundError:
+                raise _not_found() from None
+        _log.info("server.queue_deleted", name=queue.name)
+
     async def aclose(self) -> None:
         """Close every open queue. Idempotent."""
         async with self._lock:

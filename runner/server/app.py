@@ -135,11 +135,16 @@ class _Endpoints:
             _queue_object(info, self._base_url(request), self._registry.public_id(queue, info.id))
         )
 
+    async def delete_queue(self, request: Request) -> Response:
+        """DELETE /v2/request-queues/Q: 204, 404 when unknown; the queue and every request in it are gone."""
+        await self._registry.delete(request.path_params["queue_id"])
+        return wire.data_response(None)
+
     async def list_requests(self, request: Request) -> Response:
         """GET requests: every request (handled ones too) in id order, by pages; see `_requests_list`."""
         query, echo = requests_list.parse_query(request)
         queue = await self._queue(request)
-        data = await requests_list.list_requests(queue.store.path, query)
+        data = await requests_list.list_requests(queue.store, query)
         return wire.data_response(data | echo)
 
     async def get_head(self, request: Request) -> Response:
@@ -311,6 +316,7 @@ def _routes(endpoints: _Endpoints) -> list[Route]:
     return [
         Route("/v2/request-queues", endpoints.create_queue, methods=["POST"]),
         Route(q, endpoints.get_queue, methods=["GET"]),
+        Route(q, endpoints.delete_queue, methods=["DELETE"]),
         Route(q + "/head", endpoints.get_head, methods=["GET"]),
         Route(q + "/head/lock", endpoints.lock_head, methods=["POST"]),
         Route(q + "/requests", endpoints.add_request, methods=["POST"]),
