@@ -97,17 +97,18 @@ def progress_line(fields: Mapping[str, Any]) -> str:
 
     E.g. `1,234 pages (312/min), 1,200 items, 3 failed, 10 running, 4,321 pending, 22%, ETA 13m05s`: pages handled
     by this process and their rate over the last interval; pending, the percentage (of the queue's requests,
-    handled or failed) and the ETA (pending over this process's rate) when the queue's counts are known.
+    handled or failed) and the ETA (pending over this process's rate) when the queue's counts are known. Counts
+    from a million on are shortened (`1.23M`).
     """
     parts = [
-        f"{_count(fields.get('handled'))} pages ({_per_min(fields.get('pages_per_min'))}/min)",
-        f"{_count(fields.get('items'))} items",
-        f"{_count(fields.get('failed'))} failed",
-        f"{_count(fields.get('in_flight'))} running",
+        f"{_short(fields.get('handled'))} pages ({_per_min(fields.get('pages_per_min'))}/min)",
+        f"{_short(fields.get('items'))} items",
+        f"{_short(fields.get('failed'))} failed",
+        f"{_short(fields.get('in_flight'))} running",
     ]
     pending = fields.get("pending")
     if pending is not None:
-        parts.append(f"{_count(pending)} pending")
+        parts.append(f"{_short(pending)} pending")
     percent = fields.get("percent")
     if percent is not None:
         parts.append(f"{percent:.0f}%")
@@ -162,6 +163,10 @@ def duration(seconds: float) -> str:
 
 def _count(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) else "?"
+
+
+def _short(value: object) -> str:
+    return f"{value / 1e6:.2f}M" if isinstance(value, int) and value >= 1_000_000 else _count(value)
 
 
 def _per_min(value: object) -> str:
