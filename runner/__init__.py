@@ -30,6 +30,7 @@ from runner.router import Handler, Router
 from runner.runtime import RunSummary, run
 from runner.settings import Settings, WorkerSettings, load_settings
 from runner.shutdown import Stopper
+from runner.signals import stop_on_signals
 from runner.uniquekey import KeyConvention, normalize_url, request_id_for, unique_key_function
 
 __all__ = [
@@ -71,5 +72,6 @@ __all__ = [
     "normalize_url",
     "request_id_for",
     "run",
+    "stop_on_signals",
     "unique_key_function",
 ]

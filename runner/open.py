@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
@@ -14,7 +18,7 @@ import anyio.to_thread
 from runner.errors import ConfigError
 from runner.metrics import Metrics
 from runner.queue.protocol import RequestQueue
-from runner.queue.sqlite import SqliteQueue, validate_queue_name
+from runner.queue.sqlite import SqliteQueue, queue_path, validate_queue_name
 from runner.results.jsonl import JsonlDataset
 from runner.results.protocol import ResultsSink
 from runner.settings import Settings
@@ -23,24 +27,31 @@ if TYPE_CHECKING:
     from runner.api.client import ApiClient
     from runner.api.resources import ActorRun, KeyValueStore
 
-__all__ = ["RunBackends", "api_client", "open_queue", "open_run", "open_store"]
+__all__ = ["RunBackends", "api_client", "check_writable", "open_queue", "open_run", "open_store"]
+
+PLATFORM_HOSTS = ("api.apify.com",)
+"""API hosts that never answer without a token: asking them without one is refused before any call."""
 
 
 async def open_queue(settings: Settings, *, metrics: Metrics | None = None) -> RequestQueue:
     """Open (creating if needed) the configured queue; it reports its calls to `metrics` if given.
 
+    The embedded queue's file (or the directory it will be made in) is checked to be writable first, creating
+    nothing: the store itself opens lazily, and its first call would otherwise find out much later.
+
     Raises:
-        ConfigError: the API backend without a token or base URL.
+        ConfigError: the API backend without a base URL, or on the platform without a token; an embedded queue
+            whose storage cannot be written (read-only, no permission), naming the path.
         QueueError: the queue cannot be opened.
     """
     if settings.queue.backend == "embedded":
-        return SqliteQueue.open(settings.storage_dir, validate_queue_name(settings.queue.name), metrics=metrics)
+        path = queue_path(settings.storage_dir, validate_queue_name(settings.queue.name))
+        await anyio.to_thread.run_sync(check_writable, path)
+        return SqliteQueue.open(settings.storage_dir, settings.queue.name, metrics=metrics)
     from runner.queue.api import ApiQueue  # noqa: PLC0415 - only the API backend needs it
 
     api = settings.api
-    if not api.base_url:
-        raise ConfigError("api.base_url: required for backend 'apify'")
-    token = api.token.get_secret_value() if api.token else None
+    token = _token(settings)
     return await ApiQueue.open(
         base_url=api.base_url,
         token=token,
@@ -68,14 +79,12 @@ def api_client(settings: Settings, *, metrics: Metrics | None = None) -> ApiClie
     """One client for every API call of the run (queue, dataset, store, run), as the settings describe it.
 
     Raises:
-        ConfigError: no base URL.
+        ConfigError: no base URL, or the platform's API without a token.
     """
     from runner.api.client import ApiClient  # noqa: PLC0415 - only the API backend needs it
 
     api = settings.api
-    if not api.base_url:
-        raise ConfigError("api.base_url: required for backend 'apify'")
-    token = api.token.get_secret_value() if api.token else None
+    token = _token(settings)
     return ApiClient(
         base_url=api.base_url,
         token=token,
@@ -139,4 +148,64 @@ async def open_run(
 
 
 async def _local_results(settings: Settings) -> JsonlDataset:
-    return await anyio.to_thread.run_sync(JsonlDataset.open, settings.storage_dir, settings.dataset)
+    """The local dataset file, opened for appending.
+
+    Raises:
+        ConfigError: it cannot be created or opened (a read-only directory, no permission), naming the path.
+    """
+    try:
+        return await anyio.to_thread.run_sync(JsonlDataset.open, settings.storage_dir, settings.dataset)
+    except OSError as exc:
+        path = settings.storage_dir / "datasets" / f"{settings.dataset}.jsonl"
+        raise ConfigError(_unwritable(Path(exc.filename) if exc.filename else path, exc)) from exc
+
+
+def _token(settings: Settings) -> str | None:
+    """The API token, if any.
+
+    Raises:
+        ConfigError: no base URL, or none of the token for the platform's API, which would refuse every call (the
+            retries of an unreachable host would take half a minute to say so). `headlock serve` without
+            `--token` takes calls without one: any other host may be asked without a token; a wrong or missing
+            token there is a 401, which fails at once (UnauthorizedError).
+    """
+    api = settings.api
+    if not api.base_url:
+        raise ConfigError("api.base_url: required for backend 'apify'")
+    token = api.token.get_secret_value() if api.token else None
+    host = (urlsplit(api.base_url).hostname or "").lower()
+    if not token and host in PLATFORM_HOSTS:
+        raise ConfigError(
+            f"api.token: required for {api.base_url} (set APIFY_TOKEN or HEADLOCK_API__TOKEN, or [api] token in"
+            " the config file; for a local `headlock serve`, set --api-base-url)"
+        )
+    return token
+
+
+def check_writable(path: Path) -> None:
+    """Check that the file `path` can be written, or created with its missing parent directories; create nothing.
+
+    Raises:
+        ConfigError: the file, its directory or the nearest existing parent cannot be written (a read-only mount,
+            no permission), naming it.
+    """
+    target = path if path.exists() else None
+    directory = path.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    for place in (target, directory):
+        if place is not None and not os.access(place, os.W_OK | (os.X_OK if place.is_dir() else 0)):
+            reason = errno.EROFS if _read_only_mount(place) else errno.EACCES
+            raise ConfigError(_unwritable(place, OSError(reason, os.strerror(reason))))
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _unwritable(path: Path, exc: OSError) -> str:
+    why = exc.strerror or str(exc)
+    return f"storage is not writable: {path}: {why} (check the mount and permissions, or set --storage-dir)"

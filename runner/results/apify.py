@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict
 
 from runner.api.client import ApiClient, Body, Endpoint
-from runner.errors import ConfigError, DatasetWriteError, NotFoundError, QueueError
+from runner.errors import ConfigError, DatasetWriteError, NotFoundError, QueueError, QueueUnavailableError
 
-__all__ = ["MAX_PAYLOAD_BYTES", "ApiDataset"]
+__all__ = ["MAX_PAYLOAD_BYTES", "PAGE_ITEMS", "ApiDataset"]
 
 MAX_PAYLOAD_BYTES = 9_437_184
 """The platform's request limit (`MAX_PAYLOAD_SIZE_BYTES`, 9 MiB), on the uncompressed JSON body of one push."""
@@ -18,6 +19,10 @@ MAX_PAYLOAD_BYTES = 9_437_184
 _GET_OR_CREATE = Endpoint("POST", "datasets", "", "other", "short", collection=True)
 _GET_DATASET = Endpoint("GET", "datasets", "", "other", "short")
 _PUSH_ITEMS = Endpoint("POST", "datasets", "/items", "single", "medium")
+_LIST_ITEMS = Endpoint("GET", "datasets", "/items", "other", "medium")
+
+PAGE_ITEMS = 1000
+"""Items asked for per `GET /v2/datasets/{id}/items` call by `ApiDataset.pages`."""
 
 _log = structlog.get_logger("headlock.results.apify")
 
@@ -104,10 +109,71 @@ class ApiDataset:
             ) from exc
         return cls(api, info.id, max_payload_bytes=max_payload_bytes)
 
+    @classmethod
+    async def find(cls, api: ApiClient, *, dataset_id: str | None = None, name: str | None = None) -> ApiDataset:
+        """Open an existing dataset by `dataset_id` or `name` (`GET /v2/datasets/{id}`, `.../~name`: the token's
+        user's dataset of that name), never creating one: for readers.
+
+        Raises:
+            ConfigError: not exactly one of `dataset_id` and `name` is given.
+            NotFoundError: there is no such dataset.
+            QueueError: the call failed (e.g. UnauthorizedError for a wrong token).
+        """
+        if (dataset_id is None) == (name is None):
+            raise ConfigError("give exactly one of dataset_id and name")
+        ref = dataset_id if dataset_id is not None else f"~{name}"
+        try:
+            info = await api.fetch(_GET_DATASET, _DatasetInfo, resource_id=ref)
+        except NotFoundError as exc:
+            raise NotFoundError(
+                f"no dataset {dataset_id or name!r} at {api.base_url}",
+                endpoint=exc.endpoint,
+                status=exc.status,
+                error_type=exc.error_type,
+            ) from exc
+        return cls(api, info.id)
+
     @property
     def id(self) -> str:
         """The dataset's id."""
         return self._id
+
+    async def pages(self, *, limit: int = PAGE_ITEMS) -> AsyncIterator[list[dict[str, Any]]]:
+        """The items, in order, a page of at most `limit` at a time (`GET /v2/datasets/{id}/items`, `offset` and
+        `limit`), as stored (no `clean`, hidden fields kept).
+
+        The items are those there when the first page was read (its `X-Apify-Pagination-Total`): items pushed
+        meanwhile are left out, so the pages end. Without that header, pages are read until a short one.
+
+        Raises:
+            ConfigError: `limit` is below 1.
+            QueueError: a call failed after its retries, or its answer is not a JSON array of objects.
+        """
+        if limit < 1:
+            raise ConfigError(f"limit must be at least 1, got {limit}")
+        offset, total = 0, None
+        while total is None or offset < total:
+            params = {"offset": offset, "limit": limit if total is None else min(limit, total - offset)}
+            answer = await self._api.call(_LIST_ITEMS, resource_id=self._id, params=params)
+            self._api.check(_LIST_ITEMS, answer.response)
+            try:
+                payload = answer.response.json()
+            except ValueError:
+                payload = None
+            items = _items_of(payload)
+            if items is None:
+                raise QueueUnavailableError(
+                    f"the answer is not a JSON array of objects: {answer.response.text[:100]!r}",
+                    endpoint=_LIST_ITEMS.label,
+                    status=answer.response.status_code,
+                )
+            if total is None:
+                header = answer.response.headers.get("x-apify-pagination-total", "")
+                total = int(header) if header.isdigit() else (offset + len(items) if len(items) < limit else None)
+            if not items:
+                return  # fewer than the total said (items deleted meanwhile): nothing more to read
+            offset += len(items)
+            yield items
 
     @property
     def location(self) -> str:
@@ -189,3 +255,10 @@ class ApiDataset:
     async def aclose(self) -> None:
         """Stop taking pushes (the `ApiClient` is not closed: see the class docstring). Idempotent."""
         self._closed = True
+
+
+def _items_of(payload: object) -> list[dict[str, Any]] | None:
+    """`payload` if it is a list of objects, else None."""
+    if isinstance(payload, list) and all(isinstance(item, dict) for item in payload):
+        return payload
+    return None

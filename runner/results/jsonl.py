@@ -5,14 +5,17 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from runner.errors import DatasetWriteError
 from runner.results.items import encode_item
 
-__all__ = ["JsonlDataset", "read_items"]
+__all__ = ["JsonlDataset", "dataset_path", "iter_lines", "read_items", "whole_lines_size"]
+
+_READ_STEP = 1 << 20
+"""Bytes read per step by `iter_lines`."""
 
 
 class JsonlDataset:
@@ -31,8 +34,12 @@ class JsonlDataset:
 
     @classmethod
     def open(cls, storage_dir: Path, name: str) -> JsonlDataset:
-        """Open the named dataset under `storage_dir`."""
-        return cls(storage_dir / "datasets" / f"{name}.jsonl")
+        """Open the named dataset under `storage_dir` (`dataset_path`), creating it if missing.
+
+        Raises:
+            OSError: the directory or the file cannot be created or opened for appending.
+        """
+        return cls(dataset_path(storage_dir, name))
 
     def push(self, items: Iterable[Mapping[str, Any]]) -> int:
         """Validate and append `items`; return how many.
@@ -97,6 +104,54 @@ class JsonlDataset:
 
     def __repr__(self) -> str:
         return f"JsonlDataset({str(self.path)!r})"
+
+
+def dataset_path(storage_dir: Path, name: str) -> Path:
+    """Where the local dataset `name` lives: `<storage_dir>/datasets/<name>.jsonl`."""
+    return storage_dir / "datasets" / f"{name}.jsonl"
+
+
+def whole_lines_size(path: Path) -> int:
+    """The file's size now, taken under a shared `flock`: a push under way (exclusive lock) is wholly in it or not.
+
+    Reading up to this size (`iter_lines`) is a consistent snapshot of a dataset that is being appended to.
+
+    Raises:
+        OSError: the file cannot be opened (FileNotFoundError when missing).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def iter_lines(path: Path, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """`(line number, line)` of each non-blank line in the first `end` bytes of the file (all of it if None).
+
+    Lines come without their newline, read a block at a time: memory is bounded by the longest line, whatever the
+    file's size. A last line without its newline (cut short) is not an item and is left out.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    with path.open("rb", buffering=_READ_STEP) as file:
+        left = end
+        for number, line in enumerate(file, start=1):
+            if left is not None:
+                if left <= 0:
+                    return
+                left -= len(line)
+                if left < 0:
+                    return  # the snapshot ends inside this line
+            if not line.endswith(b"\n"):
+                return
+            if line.strip():
+                yield number, line.rstrip(b"\r\n")
 
 
 def read_items(path: Path) -> list[dict[str, Any]]:
