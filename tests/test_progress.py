@@ -92,9 +92,9 @@ async def test_progress_fields_rate_over_the_interval_percent_and_eta(queue: Sql
             with anyio.fail_after(5):
                 await reports.wait_for(1)
                 stats.handled, stats.failed = 33, 1  # 3 pages and a failure in the next interval
-                await reports.wait_for(2)
+                await reports.wait_for(3)  # and nothing in the one after
             tg.cancel_scope.cancel()
-    first, second = reports.fields[:2]
+    first, second, third = reports.fields[:3]
     assert first.keys() >= PLATFORM_FIELDS
     logged = next(e for e in logs if e["event"] == "run.progress")
     assert logged == {**first, "event": "run.progress", "log_level": "info"}
@@ -106,6 +106,7 @@ async def test_progress_fields_rate_over_the_interval_percent_and_eta(queue: Sql
     # 6 pending, 4 finished in the interval (3 pages and a failure).
     interval = 3 * 60 / second["pages_per_min"]
     assert second["eta_s"] == pytest.approx(6 / (4 / interval), abs=1)
+    assert (third["pages_per_min"], third["eta_s"]) == (0, None)  # the last interval's rate, not the run's
 
 
 @pytest.mark.anyio
