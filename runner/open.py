@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from runner.api.client import ApiClient
     from runner.api.resources import ActorRun, KeyValueStore
 
-__all__ = ["RunBackends", "api_client", "check_writable", "open_queue", "open_run", "open_store"]
+__all__ = ["RunBackends", "api_client", "api_token", "check_writable", "open_queue", "open_run", "open_store"]
 
 PLATFORM_HOSTS = ("api.apify.com",)
 """API hosts that never answer without a token: asking them without one is refused before any call."""
@@ -51,7 +51,7 @@ async def open_queue(settings: Settings, *, metrics: Metrics | None = None) -> R
     from runner.queue.api import ApiQueue  # noqa: PLC0415 - only the API backend needs it
 
     api = settings.api
-    token = _token(settings)
+    token = api_token(settings)
     return await ApiQueue.open(
         base_url=api.base_url,
         token=token,
@@ -84,7 +84,7 @@ def api_client(settings: Settings, *, metrics: Metrics | None = None) -> ApiClie
     from runner.api.client import ApiClient  # noqa: PLC0415 - only the API backend needs it
 
     api = settings.api
-    token = _token(settings)
+    token = api_token(settings)
     return ApiClient(
         base_url=api.base_url,
         token=token,
@@ -160,8 +160,8 @@ async def _local_results(settings: Settings) -> JsonlDataset:
         raise ConfigError(_unwritable(Path(exc.filename) if exc.filename else path, exc)) from exc
 
 
-def _token(settings: Settings) -> str | None:
-    """The API token, if any.
+def api_token(settings: Settings) -> str | None:
+    """The API token the settings give, if any; every command that calls the API should get it here.
 
     Raises:
         ConfigError: no base URL, or none of the token for the platform's API, which would refuse every call (the
