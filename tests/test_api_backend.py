@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,7 +28,8 @@ from runner.errors import (
     RateLimitedError,
     UnauthorizedError,
 )
-from runner.models import Request, RequestDraft
+from runner.models import QueueCounts, Request, RequestDraft, is_failed
+from runner.queue.admin import QueueAdmin
 from runner.queue.api import ApiQueue, ApiRetryPolicy, RateLimits, _RateLimiter
 from runner.queue.protocol import RequestQueue
 from runner.server import create_app
@@ -541,3 +544,136 @@ async def test_injected_server_faults_are_retried(tmp_path: Path) -> None:
     assert [r.user_data for r in head.items] == [{"n": 1}]
     assert api.calls["POST /head/lock 503"] == 2
     assert api.calls["POST /head/lock 201"] == 1
+
+
+# -- the queue by hand (runner.queue.admin) ---------------------------------------------------------------------
+
+FAILED_MARK = {"__crawlee": {"state": 6}}
+
+
+async def end(queue: ApiQueue, n: int, *, failed: bool) -> str:
+    """End request `n` (added by the test) as handled, with the failed marker when `failed`; return its id."""
+    request = await queue.get_request(request_id_for(url(n)))
+    assert request is not None
+    update: dict[str, object] = {"handled_at": datetime.now(UTC), "error_messages": [f"ValueError: {n}"]}
+    if failed:
+        update["user_data"] = {**request.user_data, **FAILED_MARK}
+    await queue.update_request(request.model_copy(update=update), client_key="a")
+    return request.id
+
+
+async def test_admin_counts_lists_requeues_and_drops_over_the_list_endpoint(base_url: str, queue: ApiQueue) -> None:
+    """Five requests: one ended well, one failed, one locked, two pending; counted, listed by state, the failed one
+    requeued (marker gone, errors kept), then the queue deleted."""
+    assert isinstance(queue, QueueAdmin)
+    await queue.batch_add([draft(n) for n in range(5)], client_key="a")
+    ok = await end(queue, 0, failed=False)
+    failed = await end(queue, 1, failed=True)
+    [locked] = [r.id for r in (await queue.lock_head(limit=1, lock_secs=60, client_key="a")).items]
+    counts = await queue.counts()
+    assert counts == QueueCounts(total=5, handled=1, failed=1, pending=2, locked=1, locks_by_client=None)
+
+    async def listed(**states: bool) -> set[str]:
+        return {item["id"] for item in (await queue.list_requests(limit=100, **states)).items}
+
+    everything = await listed()
+    assert (await listed(failed=True), await listed(handled=True), await listed(locked=True)) == (
+        {failed},
+        {ok},
+        {locked},
+    )
+    assert await listed(pending=True) == everything - {ok, failed, locked}
+    assert await listed(failed=True, locked=True, pending=True) == everything - {ok}
+    with pytest.raises(InvalidInputError, match="alone or with both locked and pending"):
+        await queue.list_requests(limit=10, failed=True, locked=True)
+    with pytest.raises(InvalidInputError, match="limit"):
+        await queue.list_requests(limit=10_001)
+    result = await queue.requeue([failed, ok, locked, request_id_for(url(99))], client_key="a")
+    assert (result.requeued, result.not_handled, result.missing) == ([failed, ok], [locked], [request_id_for(url(99))])
+    again = await queue.get_request(failed)
+    assert again is not None
+    assert (again.handled_at, again.retry_count, again.error_messages) == (None, 0, ["ValueError: 1"])
+    assert again.user_data == {"n": 1}
+    assert (await queue.counts()).failed == 0
+    queue_id = queue.queue_id
+    async with await ApiQueue.open(base_url=base_url, token=TOKEN, queue_id=queue_id, retry=FAST) as doomed:
+        await doomed.drop()
+    with pytest.raises(NotFoundError):
+        await ApiQueue.open(base_url=base_url, token=TOKEN, queue_id=queue_id, retry=FAST)
+
+
+async def test_open_by_name_without_create_finds_or_refuses(base_url: str, queue: ApiQueue, queue_name: str) -> None:
+    """create=False finds an existing queue by name with one GET and creates no missing one."""
+    async with await ApiQueue.open(base_url=base_url, token=TOKEN, name=queue_name, create=False) as found:
+        assert found.queue_id == queue.queue_id
+        assert found.calls == {"GET / 200": 1}
+    missing = f"{queue_name}-nope"
+    for _ in range(2):  # a first refusal created nothing the second would find
+        with pytest.raises(NotFoundError, match=missing):
+            await ApiQueue.open(base_url=base_url, token=TOKEN, name=missing, create=False, retry=FAST)
+
+
+async def test_counts_over_a_queue_bigger_than_the_scan_are_lower_bounds() -> None:
+    """A list endpoint that always has a next page is read for a bounded number of pages; `exact` is then False."""
+    pages: Counter[str] = Counter()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/requests"):
+            kind = request.url.params.get("filter") or "all"
+            pages[kind] += 1
+            item = {"id": f"r{pages[kind]}", "uniqueKey": "k", "url": "u"}
+            if kind == "all":
+                item |= {"handledAt": "2026-01-01T00:00:00.000Z", "userData": FAILED_MARK}
+            return httpx.Response(200, json={"data": {"items": [item], "limit": 10_000, "nextCursor": "more"}})
+        body = info_body()
+        body["data"] |= {"totalRequestCount": 50, "handledRequestCount": 30}  # type: ignore[operator]
+        return httpx.Response(200, json=body)
+
+    async with mock_queue(answer) as api:
+        counts = await api.counts()
+    assert (counts.failed, counts.locked, counts.exact) == (10, 10, False)
+    assert (counts.handled, counts.pending) == (20, 10)
+    assert pages == {"all": 10, "locked": 10}
+
+
+async def test_an_empty_page_ends_a_listing_whatever_its_cursor() -> None:
+    """A page with no items has no next page, even when the server sends a cursor (no endless scan)."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"data": {"items": [], "limit": 5, "nextCursor": "again"}})
+
+    async with mock_queue(answer) as api:
+        page = await api.list_requests(limit=5, failed=True)
+    assert (page.items, page.next_after) == ([], None)
+
+
+@pytest.mark.parametrize(
+    ("user_data", "stored"),
+    [
+        ({"keep": "me"}, {"keep": "me", **FAILED_MARK}),
+        (None, FAILED_MARK),
+        ("not an object", {"__headlock": {"unreadableUserData": "not an object"}, **FAILED_MARK}),
+    ],
+)
+async def test_a_quarantined_request_is_marked_failed(user_data: object, stored: dict[str, object]) -> None:
+    """The quarantine PUT carries the failed marker; a userData that is no object is kept under `__headlock`."""
+    puts: list[dict[str, Any]] = []
+    raw = {"id": "R", "uniqueKey": "k", "url": "u", "userData": user_data, "errorMessages": "boom"}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/head/lock"):
+            item = {"id": "R", "uniqueKey": "k", "url": "u", "retryCount": 0}
+            return httpx.Response(201, json={"data": {"items": [item], "lockSecs": 60}})
+        if request.method == "GET":
+            return httpx.Response(200, json={"data": raw})
+        puts.append(json.loads(request.content))
+        return httpx.Response(
+            200, json={"data": {"requestId": "R", "wasAlreadyPresent": True, "wasAlreadyHandled": False}}
+        )
+
+    async with mock_queue(answer) as api:
+        head = await api.lock_head(limit=1, lock_secs=60, client_key="a")
+    assert head.quarantined == 1
+    [body] = puts
+    assert body["userData"] == stored
+    assert is_failed(body)

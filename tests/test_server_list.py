@@ -7,10 +7,13 @@ details and the error cases.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,9 +24,15 @@ from tests._server import running_server
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's storage directory."""
+    return tmp_path_factory.mktemp("storage")
+
+
+@pytest.fixture(scope="module")
+def base_url(storage: Path) -> Iterator[str]:
     """One server for the module, over a fresh storage directory."""
-    with running_server(tmp_path_factory.mktemp("storage")) as url:
+    with running_server(storage) as url:
         yield url
 
 
@@ -46,6 +55,14 @@ def _queue(client: ApifyClient, count: int) -> tuple[str, list[str]]:
     requests = [{"url": f"http://example.com/{n}", "uniqueKey": f"key-{n}", "userData": {"n": n}} for n in range(count)]
     added = client.request_queue(queue.id).batch_add_requests(requests)
     return queue.id, sorted(r.request_id for r in added.processed_requests)
+
+
+def _name(client: ApifyClient, queue_id: str) -> str:
+    """The queue's name (its file's stem on the server)."""
+    queue = client.request_queue(queue_id).get()
+    assert queue is not None
+    assert queue.name is not None
+    return queue.name
 
 
 def _list(http: httpx.Client, queue_id: str, **params: Any) -> httpx.Response:
@@ -189,3 +206,52 @@ def test_unknown_queue_and_bad_client_key(http: httpx.Client, client: ApifyClien
     bad_key = _list(http, queue_id, clientKey="k" * 33)
     assert bad_key.status_code == 400
     assert bad_key.json()["error"]["type"] == "invalid-client-key"
+
+
+def test_a_failed_request_is_listed_with_its_marker_and_errors(client: ApifyClient) -> None:
+    """A request ended with the failed marker lists as stored: handledAt, userData.__crawlee.state 6, errors."""
+    queue_id, ids = _queue(client, 2)
+    rq = client.request_queue(queue_id)
+    request = rq.get_request(ids[0])
+    assert request is not None
+    body = request.model_dump(by_alias=True, exclude_none=True, mode="json")
+    rq.update_request(
+        body
+        | {"handledAt": "2026-01-01T00:00:00Z", "userData": {"n": 0, "__crawlee": {"state": 6}}, "errorMessages": ["e"]}
+    )
+    [item] = [item for item in rq.list_requests().items if item.id == ids[0]]
+    dumped = item.model_dump(by_alias=True, mode="json")
+    assert dumped["userData"]["__crawlee"]["state"] == 6
+    assert dumped["errorMessages"] == ["e"]
+
+
+def test_an_unreadable_row_lists_what_can_be_read_of_it(client: ApifyClient, http: httpx.Client, storage: Path) -> None:
+    """A damaged row (not JSON) lists with its id, the uniqueKey and url read from its text, and the text."""
+    queue_id, ids = _queue(client, 1)
+    name = _name(client, queue_id)
+    text = '{"uniqueKey": "http://example.com/0", "url": "http://example.com/0", "userDa'
+    with contextlib.closing(sqlite3.connect(storage / "request_queues" / f"{name}.sqlite")) as db:
+        db.execute("UPDATE requests SET data = ? WHERE id = ?", (text, ids[0]))
+        db.commit()
+    [item] = _list(http, queue_id).json()["data"]["items"]
+    assert (item["id"], item["uniqueKey"], item["url"], item["unreadableData"]) == (
+        ids[0],
+        "http://example.com/0",
+        "http://example.com/0",
+        text,
+    )
+
+
+def test_delete_queue_removes_it_and_its_files(client: ApifyClient, http: httpx.Client, storage: Path) -> None:
+    """DELETE of a queue: 204, its files are gone, a GET is then a 404, and so is a second DELETE."""
+    queue_id, _ = _queue(client, 3)
+    name = _name(client, queue_id)
+    assert (storage / "request_queues" / f"{name}.sqlite").exists()
+    client.request_queue(queue_id).delete()
+    assert client.request_queue(queue_id).get() is None
+    assert not list((storage / "request_queues").glob(f"{name}.sqlite*"))
+    again = http.delete(f"/v2/request-queues/{queue_id}")
+    assert again.status_code == 404
+    assert again.json()["error"]["type"] == "record-not-found"
+    recreated = client.request_queues().get_or_create(name=name)
+    assert (recreated.id != queue_id, recreated.total_request_count) == (True, 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import sqlite3
 import time
@@ -18,8 +20,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
-from runner.models import Request, RequestDraft
+from runner.models import QueueCounts, Request, RequestDraft, with_failed_mark
 from runner.queue._checkpoint import Checkpointer
+from runner.queue.admin import MAX_REQUEUE_BATCH, QueueAdmin, RequeueResult
 from runner.queue.protocol import RequestQueue
 from runner.queue.sqlite import _HEAD_QUERY, SqliteQueue, StoreClock, queue_path, validate_queue_name
 from runner.uniquekey import normalize_url, request_id_for
@@ -1184,3 +1187,268 @@ async def test_a_draft_that_cannot_be_stored_as_json_is_refused_and_its_batch_is
     with pytest.raises(InvalidInputError, match=r"request 'http://example.com/bad' cannot be stored as JSON"):
         await store.batch_add([draft(1), bad], client_key=A)
     assert (await store.get_info()).total_request_count == 0
+
+
+# -- failed requests and the queue by hand (runner.queue.admin) -------------------------------------------------
+
+FAILED_MARK = {"__crawlee": {"state": 6}}
+
+
+async def fail(queue: SqliteQueue, n: int | str, client_key: str = A, **extra: object) -> None:
+    """End request `n` as the committer ends a request that failed for good: handled, marker, one more error."""
+    request = await queue.get_request(request_id_for(url(n)))
+    assert request is not None
+    ended = request.model_copy(
+        update={
+            "handled_at": datetime.now(UTC),
+            "retry_count": request.retry_count + 1,
+            "error_messages": [*request.error_messages, f"ValueError: page {n}"],
+            "user_data": with_failed_mark(request.user_data),
+            **extra,
+        }
+    )
+    await queue.update_request(ended, client_key=client_key)
+
+
+@pytest.mark.anyio
+async def test_admin_protocol(store: SqliteQueue) -> None:
+    """SqliteQueue is a QueueAdmin."""
+    assert isinstance(store, QueueAdmin)
+
+
+@pytest.mark.anyio
+async def test_counts_tell_handled_failed_pending_and_locked_apart(store: SqliteQueue) -> None:
+    """Six requests: one ended well, one failed, one locked by A, one by B, two pending; the locks by client."""
+    await add(store, *range(6))
+    await handle(store, 0)
+    await fail(store, 1)
+    assert await lock_keys(store, A, limit=1) == ["2"]
+    assert await lock_keys(store, B, limit=1) == ["3"]
+    counts = await store.counts()
+    assert counts == QueueCounts(
+        total=6, handled=1, failed=1, pending=2, locked=2, locks_by_client={A: 1, B: 1}, exact=True
+    )
+    info = await store.get_info()
+    assert (info.handled_request_count, info.pending_request_count) == (2, 4)  # the API's counters are unchanged
+
+
+@pytest.mark.anyio
+async def test_the_failed_column_follows_the_marker_through_every_write(store: SqliteQueue) -> None:
+    """Failed by update, by a batch add of an ended request, and back: handled again without the marker, requeued."""
+    await add(store, 1, 2)
+    await fail(store, 1)
+    marked = RequestDraft.model_validate(
+        {"uniqueKey": url(3), "url": url(3), "handledAt": "2026-01-01T00:00:00Z", "userData": FAILED_MARK}
+    )
+    await store.batch_add([marked], client_key=A)
+    assert (await store.counts()).failed == 2
+    request = await store.get_request(request_id_for(url(3)))
+    assert request is not None
+    assert request.is_failed
+    await store.update_request(request.model_copy(update={"user_data": {}}), client_key=A)  # ended well after all
+    assert (await store.counts()).failed == 1
+    pending = await store.get_request(request_id_for(url(1)))
+    assert pending is not None
+    await store.update_request(pending.model_copy(update={"handled_at": None}), client_key=A)  # a marker, pending
+    counts = await store.counts()
+    assert (counts.failed, counts.pending) == (0, 2)
+
+
+@pytest.mark.anyio
+async def test_failed_requests_are_counted_and_listed_through_the_partial_index(store: SqliteQueue) -> None:
+    """The failed count and the failed listing read the `requests_failed` index, not the table's rows."""
+    await add(store, 1)
+    async with raw_connection(store.path) as raw:
+        count_plan = await raw.execute("EXPLAIN QUERY PLAN SELECT count(*) FROM requests WHERE failed = 1")
+        list_plan = await raw.execute(
+            "EXPLAIN QUERY PLAN SELECT id, data FROM requests WHERE id > ? AND (failed = 1) ORDER BY id LIMIT 5", ("",)
+        )
+    assert "requests_failed" in str(count_plan)
+    assert "requests_failed" in str(list_plan)
+
+
+@pytest.mark.anyio
+async def test_a_quarantined_row_is_failed(store: SqliteQueue) -> None:
+    """An unreadable row ended by lock_head carries the marker (and its label, if readable) and counts as failed."""
+    (rid,) = await add(store, 1)
+    async with raw_connection(store.path) as raw:
+        await raw.execute(
+            "UPDATE requests SET data = ? WHERE id = ?",
+            ('{"uniqueKey": "k", "url": "u", "userData": {"label": "detail"}, "retryCount": "x"}', rid),
+        )
+    head = await store.lock_head(limit=1, lock_secs=LONG, client_key=A)
+    assert head.quarantined == 1
+    ended = await store.get_request(rid)
+    assert ended is not None
+    assert ended.is_failed
+    assert ended.label == "detail"
+    assert (await store.counts()).failed == 1
+    [item] = (await store.list_requests(limit=10, failed=True)).items
+    assert item["id"] == rid
+
+
+@pytest.mark.anyio
+async def test_list_requests_by_state_in_id_order_and_by_pages(store: SqliteQueue) -> None:
+    """Each state alone, a union, every request; pages of 2 continue after the last id and end on a short page."""
+    ids = await add(store, *range(7))
+    await handle(store, 0)
+    await fail(store, 1)
+    await fail(store, 2)
+    [locked] = [r.id for r in (await store.lock_head(limit=1, lock_secs=LONG, client_key=A)).items]
+
+    async def listed(**states: bool) -> list[str]:
+        return [item["id"] for item in (await store.list_requests(limit=100, **states)).items]
+
+    failed_ids = {request_id_for(url(1)), request_id_for(url(2))}
+    assert set(await listed(failed=True)) == failed_ids
+    assert await listed(handled=True) == [request_id_for(url(0))]
+    assert await listed(locked=True) == [locked]
+    pending = set(ids) - failed_ids - {request_id_for(url(0)), locked}
+    assert set(await listed(pending=True)) == pending
+    assert set(await listed(failed=True, pending=True)) == failed_ids | pending
+    assert await listed() == sorted(ids)
+    pages: list[list[str]] = []
+    after = None
+    for _ in range(10):
+        page = await store.list_requests(after=after, limit=2)
+        pages.append([item["id"] for item in page.items])
+        after = page.next_after
+        if after is None:
+            break
+    assert [len(p) for p in pages] == [2, 2, 2, 1]
+    assert [i for p in pages for i in p] == sorted(ids)
+    with pytest.raises(InvalidInputError, match="limit"):
+        await store.list_requests(limit=0)
+
+
+@pytest.mark.anyio
+async def test_an_expired_lock_lists_as_pending_by_the_stores_clock(tmp_path: Path) -> None:
+    """A lock past its expiry on the store's clock is pending, even when the wall clock says otherwise."""
+    time_ = SteppedTime()
+    queue = SqliteQueue(tmp_path / "q.sqlite", clock=time_.clock())
+    try:
+        (rid,) = await add(queue, 1)
+        await queue.lock_head(limit=1, lock_secs=10, client_key=A)
+        time_.step_wall(-3600)  # the wall clock goes back: the lock must still run out on time
+        time_.elapse(11)
+        assert [i["id"] for i in (await queue.list_requests(limit=5, pending=True)).items] == [rid]
+        assert (await queue.list_requests(limit=5, locked=True)).items == []
+        assert (await queue.counts()).locked == 0
+    finally:
+        await queue.aclose()
+
+
+@pytest.mark.anyio
+async def test_requeue_gives_a_fresh_retry_budget_keeps_the_errors_and_is_idempotent(store: SqliteQueue) -> None:
+    """A failed and an ended request go back to the end of the queue: retry 0, no handledAt, no marker, the errors
+    and other userData kept; pending, missing and quarantined ids are reported and left alone; twice changes nothing."""
+    await add(store, 1, 2, 3, 4)
+    await fail(store, 1, user_data={"label": "detail", "__crawlee": {"state": 6, "crawlDepth": 2}})
+    await handle(store, 2)
+    (damaged,) = await add(store, 5)
+    async with raw_connection(store.path) as raw:
+        await raw.execute("UPDATE requests SET data = '{' WHERE id = ?", (damaged,))
+    assert (await store.lock_head(limit=25, lock_secs=LONG, client_key=B)).quarantined == 1
+    await store.unlock_requests(client_key=B)
+    ids = [request_id_for(url(n)) for n in (1, 2, 3)]
+    result = await store.requeue([*ids, "noSuchRequest", damaged], client_key=A)
+    assert (result.requeued, result.not_handled, result.missing, result.unreadable) == (
+        ids[:2],
+        [ids[2]],
+        ["noSuchRequest"],
+        [damaged],
+    )
+    again = await store.get_request(ids[0])
+    assert again is not None
+    assert (again.handled_at, again.retry_count, again.error_messages) == (None, 0, ["ValueError: page 1"])
+    assert again.user_data == {"label": "detail", "__crawlee": {"crawlDepth": 2}}
+    counts = await store.counts()
+    assert (counts.handled, counts.failed, counts.pending) == (0, 1, 4)
+    head = await store.lock_head(limit=25, lock_secs=LONG, client_key=A)
+    assert [r.url for r in head.items] == [url(3), url(4), url(1), url(2)]  # at the end, in the order given
+    second = await store.requeue(ids, client_key=A)
+    assert (second.requeued, second.not_handled) == ([], ids)
+
+
+@pytest.mark.anyio
+async def test_requeue_takes_a_bounded_batch(store: SqliteQueue) -> None:
+    """More than MAX_REQUEUE_BATCH ids in one call is an InvalidInputError; no ids is nothing done."""
+    with pytest.raises(InvalidInputError, match=f"at most {MAX_REQUEUE_BATCH}"):
+        await store.requeue(["x"] * (MAX_REQUEUE_BATCH + 1), client_key=A)
+    assert await store.requeue([], client_key=A) == RequeueResult()
+
+
+@pytest.mark.anyio
+async def test_drop_deletes_the_file_and_its_wal_and_shm(tmp_path: Path) -> None:
+    """drop closes the store and removes the queue file and its -wal/-shm; a second drop is NotFoundError."""
+    path = tmp_path / "q.sqlite"
+    queue = SqliteQueue(path)
+    await add(queue, 1)
+    assert await anyio.Path(f"{path}-wal").exists()
+    await queue.drop()
+    assert not [p async for p in anyio.Path(tmp_path).iterdir()]
+    with pytest.raises(NotFoundError):
+        await SqliteQueue(path).drop()
+
+
+_OLD_SCHEMA = """
+CREATE TABLE queue (one INTEGER PRIMARY KEY CHECK (one = 1), id TEXT NOT NULL, name TEXT, created_at INTEGER NOT NULL,
+    modified_at INTEGER NOT NULL, accessed_at INTEGER NOT NULL, total INTEGER NOT NULL DEFAULT 0,
+    handled INTEGER NOT NULL DEFAULT 0, had_multiple_clients INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE clients (client_key TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE requests (id TEXT PRIMARY KEY, order_no INTEGER, lock_client TEXT, lock_expires INTEGER,
+    data TEXT NOT NULL);
+CREATE INDEX requests_head ON requests (order_no) WHERE order_no IS NOT NULL;
+CREATE INDEX requests_locks ON requests (lock_expires) WHERE lock_expires IS NOT NULL;
+INSERT INTO queue VALUES (1, 'oldQueueId', 'q', 1, 1, 1, 5, 3, 0);
+"""
+
+
+@pytest.mark.anyio
+async def test_a_file_from_before_the_failed_column_is_migrated_on_open(tmp_path: Path) -> None:
+    """An old file gets the column: requests with the marker (crawlee's) and those older versions quarantined count
+    as failed; a damaged row does not stop the migration and is quarantined later; the file keeps working."""
+    path = tmp_path / "q.sqlite"
+
+    def row(n: int, **fields: object) -> tuple[str, str]:
+        return request_id_for(url(n)), json.dumps(
+            {"id": request_id_for(url(n)), "uniqueKey": url(n), "url": url(n)} | fields
+        )
+
+    done = "2026-01-01T00:00:00.000Z"
+    rows = [
+        (*row(1, handledAt=done, userData={"__crawlee": {"state": 6}}), None),  # failed by crawlee
+        (*row(2, handledAt=done, unreadableData="{", errorMessages=["quarantined: ..."]), None),  # old quarantine
+        (*row(3, handledAt=done, errorMessages=["ValueError: x"]), None),  # ended: failed or not, nobody knows
+        (*row(4), 10),
+        (request_id_for(url(5)), "{", 11),  # damage
+    ]
+
+    def build() -> None:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.executescript(_OLD_SCHEMA)
+            db.executemany("INSERT INTO requests (id, data, order_no) VALUES (?, ?, ?)", rows)
+            db.commit()
+
+    await anyio.to_thread.run_sync(build)
+    queue = SqliteQueue(path)
+    try:
+        with capture_logs() as logs:
+            counts = await queue.counts()
+        assert [e["event"] for e in logs if e["event"] == "queue.schema_migrated"] == ["queue.schema_migrated"]
+        assert (counts.total, counts.handled, counts.failed, counts.pending) == (5, 1, 2, 2)
+        quarantined = await queue.get_request(request_id_for(url(2)))
+        assert quarantined is not None
+        assert quarantined.is_failed
+        head = await queue.lock_head(limit=5, lock_secs=LONG, client_key=A)
+        assert ([r.url for r in head.items], head.quarantined) == ([url(4)], 1)
+        assert (await queue.counts()).failed == 3
+    finally:
+        await queue.aclose()
+    again = SqliteQueue(path)  # a second open finds the column and migrates nothing
+    try:
+        with capture_logs() as logs:
+            assert (await again.counts()).failed == 3
+        assert not [e for e in logs if e["event"] == "queue.schema_migrated"]
+    finally:
+        await again.aclose()

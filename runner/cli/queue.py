@@ -181,22 +181,28 @@ def _last(errors: list[str]) -> str:
     return errors[-1] if errors else ""
 
 
-def _fit(text: str, width: int) -> str:
-    """`text` on one line, cut to `width` characters with an ellipsis."""
+def _fit(text: str, width: int, *, middle: bool = False) -> str:
+    """`text` on one line, cut to `width` characters with an ellipsis: at the end, or in the `middle` (for URLs,
+    whose ends tell them apart)."""
     line = " ".join(text.split())
-    return line if len(line) <= width else line[: max(width - 1, 0)] + "…"
+    if len(line) <= width:
+        return line
+    if not middle:
+        return line[: max(width - 1, 0)] + "…"
+    tail = (width - 1) // 2
+    return line[: width - 1 - tail] + "…" + line[len(line) - tail :]
 
 
 def _table(rows: Sequence[tuple[str, int, str, str, str]], width: int) -> list[str]:
     """Rows of (state, retries, label, url, last error) as aligned columns, at most `width` characters a line."""
-    label_w = min(max([len("LABEL"), *(len(r[2]) for r in rows)]), 14)
-    url_w = min(max([len("URL"), *(len(r[3]) for r in rows)]), 56)
+    label_w = min(max([len("LABEL"), *(len(r[2]) for r in rows)]), 12)
+    url_w = min(max([len("URL"), *(len(r[3]) for r in rows)]), 40)
     fixed = 7 + 1 + 7 + 1 + label_w + 1 + url_w + 1
     error_w = max(width - fixed, 20)
     lines = [f"{'STATE':<7} {'RETRIES':>7} {'LABEL':<{label_w}} {'URL':<{url_w}} LAST ERROR"]
     for state, retries, label, url, error in rows:
         lines.append(
-            f"{state:<7} {retries:>7} {_fit(label, label_w):<{label_w}} {_fit(url, url_w):<{url_w}} "
+            f"{state:<7} {retries:>7} {_fit(label, label_w):<{label_w}} {_fit(url, url_w, middle=True):<{url_w}} "
             f"{_fit(error, error_w)}".rstrip()
         )
     return lines
