@@ -677,3 +677,19 @@ async def test_a_quarantined_request_is_marked_failed(user_data: object, stored:
     [body] = puts
     assert body["userData"] == stored
     assert is_failed(body)
+
+
+async def test_requeue_leaves_a_request_it_cannot_read() -> None:
+    """A handled request whose stored form is no valid request is reported unreadable and not written."""
+    puts: list[httpx.Request] = []
+    raw = {"id": "R", "uniqueKey": "k", "url": "u", "handledAt": "2026-01-01T00:00:00.000Z", "errorMessages": "boom"}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json={"data": raw})
+        puts.append(request)
+        return httpx.Response(500)
+
+    async with mock_queue(answer) as api:
+        result = await api.requeue(["R"], client_key="a")
+    assert (result.unreadable, result.requeued, puts) == (["R"], [], [])

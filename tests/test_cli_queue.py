@@ -30,9 +30,15 @@ def url(n: int) -> str:
 
 
 def build_queue(
-    storage: Path, *, failed: Sequence[int] = (), ok: Sequence[int] = (), pending: Sequence[int] = ()
+    storage: Path,
+    *,
+    failed: Sequence[int] = (),
+    ok: Sequence[int] = (),
+    pending: Sequence[int] = (),
+    locked: int = 0,
 ) -> None:
-    """An embedded `default` queue: requests ended as failed (two errors each), ended well, and pending."""
+    """An embedded `default` queue: requests ended as failed (two errors each), ended well, and pending, of which
+    the first `locked` are locked for an hour."""
 
     async def build() -> None:
         store = SqliteQueue(queue_path(storage, "default"))
@@ -41,6 +47,7 @@ def build_queue(
                 RequestDraft(unique_key=url(n), url=url(n), user_data={"label": "a-rather-long-label"})
                 for n in (*failed, *ok, *pending)
             ]
+            await store.get_info()  # the file, even when empty
             await store.batch_add(drafts, client_key="builder")
             for n in (*failed, *ok):
                 request = await store.get_request(request_id_for(url(n)))
@@ -53,6 +60,8 @@ def build_queue(
                         "user_data": with_failed_mark(request.user_data),
                     }
                 await store.update_request(request.model_copy(update=update), client_key="builder")
+            if locked:
+                await store.lock_head(limit=locked, lock_secs=3600, client_key="builder")
         finally:
             await store.aclose()
 
@@ -146,18 +155,20 @@ def test_the_requests_table_fits_120_columns_and_the_json_has_every_error(tmp_pa
 
 def test_requests_lists_every_state_and_says_when_it_stops_at_the_limit(tmp_path: Path) -> None:
     """Without a filter each request shows its state; --limit cuts the list and says so on stderr."""
-    build_queue(tmp_path / "storage", failed=[1], ok=[2], pending=[3])
+    build_queue(tmp_path / "storage", failed=[1], ok=[2], pending=[3, 4], locked=1)
     records = [json.loads(line) for line in lines(headlock("requests", "--json", cwd=tmp_path).stdout)]
     assert sorted((r["url"], r["state"]) for r in records) == [
         (url(1), "failed"),
         (url(2), "handled"),
-        (url(3), "pending"),
+        (url(3), "locked"),
+        (url(4), "pending"),
     ]
     cut = headlock("requests", "--limit", "2", cwd=tmp_path)
     assert len(lines(cut.stdout)) == 1 + 2
     assert lines(cut.stderr)[-1] == "showing the first 2: --limit N for more"
-    none = headlock("requests", "--locked", cwd=tmp_path)
-    assert (none.returncode, none.stdout, lines(none.stderr)) == (0, "", ["no locked requests in the queue"])
+    build_queue(tmp_path / "empty")
+    empty = headlock("requests", "--locked", "--storage-dir", str(tmp_path / "empty"), cwd=tmp_path)
+    assert (empty.returncode, empty.stdout, lines(empty.stderr)) == (0, "", ["no locked requests in the queue"])
 
 
 @pytest.mark.parametrize(

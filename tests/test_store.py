@@ -1242,6 +1242,10 @@ async def test_the_failed_column_follows_the_marker_through_every_write(store: S
     )
     await store.batch_add([marked], client_key=A)
     assert (await store.counts()).failed == 2
+    put = stored(4, handled_at=datetime.now(UTC), user_data=FAILED_MARK)  # a PUT of a request the queue lacks
+    await store.update_request(put, client_key=A)
+    assert (await store.counts()).failed == 3
+    await store.delete_requests([put.id], client_key=A)
     request = await store.get_request(request_id_for(url(3)))
     assert request is not None
     assert request.is_failed
@@ -1380,13 +1384,15 @@ async def test_requeue_takes_a_bounded_batch(store: SqliteQueue) -> None:
 
 @pytest.mark.anyio
 async def test_drop_deletes_the_file_and_its_wal_and_shm(tmp_path: Path) -> None:
-    """drop closes the store and removes the queue file and its -wal/-shm; a second drop is NotFoundError."""
+    """drop closes the store and removes the queue file and its -wal/-shm, which another connection to the file (a
+    process still on it) keeps; a second drop is NotFoundError."""
     path = tmp_path / "q.sqlite"
     queue = SqliteQueue(path)
     await add(queue, 1)
-    assert await anyio.Path(f"{path}-wal").exists()
-    await queue.drop()
-    assert not [p async for p in anyio.Path(tmp_path).iterdir()]
+    async with raw_connection(path) as raw:
+        await raw.execute("SELECT count(*) FROM requests")
+        await queue.drop()
+        assert not [p async for p in anyio.Path(tmp_path).iterdir()]
     with pytest.raises(NotFoundError):
         await SqliteQueue(path).drop()
 
@@ -1400,7 +1406,7 @@ CREATE TABLE requests (id TEXT PRIMARY KEY, order_no INTEGER, lock_client TEXT, 
     data TEXT NOT NULL);
 CREATE INDEX requests_head ON requests (order_no) WHERE order_no IS NOT NULL;
 CREATE INDEX requests_locks ON requests (lock_expires) WHERE lock_expires IS NOT NULL;
-INSERT INTO queue VALUES (1, 'oldQueueId', 'q', 1, 1, 1, 5, 3, 0);
+INSERT INTO queue VALUES (1, 'oldQueueId', 'q', 1, 1, 1, 6, 4, 0);
 """
 
 
@@ -1422,6 +1428,7 @@ async def test_a_file_from_before_the_failed_column_is_migrated_on_open(tmp_path
         (*row(3, handledAt=done, errorMessages=["ValueError: x"]), None),  # ended: failed or not, nobody knows
         (*row(4), 10),
         (request_id_for(url(5)), "{", 11),  # damage
+        (request_id_for(url(6)), '{"handledAt": "', None),  # damage, handled: the migration reads it too
     ]
 
     def build() -> None:
@@ -1436,7 +1443,7 @@ async def test_a_file_from_before_the_failed_column_is_migrated_on_open(tmp_path
         with capture_logs() as logs:
             counts = await queue.counts()
         assert [e["event"] for e in logs if e["event"] == "queue.schema_migrated"] == ["queue.schema_migrated"]
-        assert (counts.total, counts.handled, counts.failed, counts.pending) == (5, 1, 2, 2)
+        assert (counts.total, counts.handled, counts.failed, counts.pending) == (6, 2, 2, 2)
         quarantined = await queue.get_request(request_id_for(url(2)))
         assert quarantined is not None
         assert quarantined.is_failed

@@ -26,7 +26,7 @@ from runner.context import make_draft
 from runner.errors import ConfigError, NotFoundError, QueueError
 from runner.metrics import Metrics
 from runner.models import QueueCounts, is_failed
-from runner.open import api_client, open_queue
+from runner.open import api_client, api_token, open_queue
 from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequeueResult
 from runner.queue.sqlite import SqliteQueue, queue_path, validate_queue_name
 from runner.settings import Settings, random_client_key
@@ -70,12 +70,11 @@ async def _open_existing(settings: Settings) -> SqliteQueue | ApiQueue | None:
     from runner.queue.api import ApiQueue  # noqa: PLC0415 - only the API backend needs it
 
     api = settings.api
-    if not api.base_url:
-        raise ConfigError("api.base_url: required for backend 'apify'")
+    token = api_token(settings)  # no base URL, or the platform's without a token: a ConfigError at once
     try:
         return await ApiQueue.open(
             base_url=api.base_url,
-            token=api.token.get_secret_value() if api.token else None,
+            token=token,
             queue_id=settings.queue.id,
             name=None if settings.queue.id else name,
             create=False,
@@ -394,8 +393,8 @@ def _delete_files(files: Sequence[Path]) -> None:
 
 
 async def purge_command(settings: Settings, args: argparse.Namespace) -> int:
-    if args.dataset and settings.results_on_api() and not settings.api.base_url:
-        raise ConfigError("api.base_url: required for backend 'apify'")
+    if args.dataset and settings.results_on_api():
+        api_token(settings)  # the same checks, before anything is asked or deleted
     queue = await _open_existing(settings)
     try:
         targets = [] if queue is None else [await _describe(queue, settings)]

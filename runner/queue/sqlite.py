@@ -911,8 +911,9 @@ class SqliteQueue:
                 (data, failed, request.id),
             )
         elif lock_expires is not None and (fenced or lock_expires > now):
-            # A live lock stays; so does the fencing holder's expired one (it is still theirs to release).
-            self._db.execute("UPDATE requests SET data = ?, failed = 0 WHERE id = ?", (data, request.id))
+            # A live lock stays; so does the fencing holder's expired one (it is still theirs to release). A locked
+            # request is unhandled: its `failed` is 0 already.
+            self._db.execute("UPDATE requests SET data = ? WHERE id = ?", (data, request.id))
         else:
             self._db.execute(
                 "UPDATE requests SET order_no = ?, lock_client = NULL, lock_expires = NULL, data = ?, failed = 0"
