@@ -103,9 +103,14 @@ def _shadowing(module_name: str, here: str) -> str | None:
     ours = Path(__file__).resolve().parent.parent  # headlock's packages sit side by side
     theirs = "headlock's own" if other.is_relative_to(ours / top) or other == ours / f"{top}.py" else "another"
     imported = sys.modules.get(top)
-    used = f"; {_origin(imported)} was imported" if imported is not None else ""
+    used = (
+        Path(_origin(imported)).resolve()
+        if imported is not None and _origin(imported) != "a namespace package"
+        else None
+    )
     return (
-        f"{top!r} names both {mine} (in the current directory) and {theirs} {top!r} at {other}{used}. "
-        f"Rename your module (e.g. my_{top}.py, then --handler my_{top}:...) or put it in a package of your own "
-        f"(myproject/{top}.py, then --handler myproject.{top}:...)"
+        f"two modules are named {top!r}: {mine} (in the current directory{', imported' if used == mine else ''})"
+        f" and {theirs} {top!r} package at {other}{' (imported)' if used == other else ''}. Rename yours (e.g."
+        f" my_{top}.py, then --handler my_{top}:...) or put it in a package of your own (myproject/{top}.py, then"
+        f" --handler myproject.{top}:...)"
     )

@@ -17,8 +17,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
+from runner import SqliteQueue, request_id_for
+from runner.context import make_draft
 from tests._server import running_server
 from tests.conftest import ROOT, cli_env, free_port, headlock, reaped, wait_for
 
@@ -96,7 +99,7 @@ def test_a_clash_with_headlocks_own_handlers_package_is_explained(
     assert "headlock's own 'handlers'" in error
     assert str((ROOT / "handlers" / "__init__.py").resolve()) in error
     assert str(tmp_path.resolve()) in error
-    assert "Rename your module (e.g. my_handlers.py" in error
+    assert "Rename yours (e.g. my_handlers.py" in error
 
 
 def test_the_users_handlers_module_wins_in_the_current_directory(tmp_path: Path) -> None:
@@ -211,8 +214,19 @@ def test_enqueue_file_skips_blank_lines_comments_and_a_bom(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     done = json.loads(result.stderr.strip().splitlines()[-1])
     assert (done["given"], done["added"]) == (3, 3)
-    listed = headlock("status", "--json", cwd=tmp_path)
-    assert json.loads(listed.stdout)["total"] == 3
+    urls = ["https://a.example/one", "https://a.example/two#section", "https://a.example/three"]
+    assert anyio.run(stored_urls, tmp_path / "storage", urls) == urls
+
+
+async def stored_urls(storage: Path, urls: list[str]) -> list[str | None]:
+    """The URL stored for each of `urls`' requests (looked up by its request id), None where there is none."""
+    queue = SqliteQueue.open(storage, "default")
+    try:
+        found = [await queue.get_request(request_id_for(make_draft(url).unique_key)) for url in urls]
+        assert (await queue.get_info()).total_request_count == len(urls)
+    finally:
+        await queue.aclose()
+    return [request.url if request else None for request in found]
 
 
 def test_enqueue_file_names_the_bad_line_and_adds_nothing(tmp_path: Path) -> None:
@@ -645,4 +659,5 @@ def test_the_checkouts_build_context_is_small_and_holds_what_the_dockerfile_copi
         )
         missing = [name for name in expected if name not in names]
         assert not missing, f"{source}: {missing[:5]}"
-    assert sum((ROOT / path).stat().st_size for path in sent) < 2_000_000
+    sizes = sorted(((ROOT / path).stat().st_size, path.as_posix()) for path in sent)
+    assert sum(size for size, _ in sizes) < 2_000_000, f"largest files in the build context: {sizes[-5:]}"
