@@ -204,7 +204,7 @@ def test_requeue_by_url_requeues_the_handled_leaves_the_pending_and_names_the_mi
     assert done.returncode == 1
     assert lines(done.stdout) == [
         "requeued 2 requests: pending again with a fresh retry budget, error messages kept",
-        "1 request not handled (pending or locked): left as they are",
+        "left 1 request as it is: not handled (pending or locked)",
     ]
     assert lines(done.stderr)[0] == "headlock: error: not in the queue: http://example.com/missing"
     counts = json.loads(headlock("status", "--json", cwd=tmp_path).stdout)

@@ -307,6 +307,10 @@ def _requests(count: int) -> str:
     return f"{count} request{'' if count == 1 else 's'}"
 
 
+def _left(count: int) -> str:
+    return f"left {'1 request' if count == 1 else f'{count} requests'} as {'it is' if count == 1 else 'they are'}:"
+
+
 async def requeue_command(settings: Settings, args: argparse.Namespace) -> int:
     urls_by_id: dict[str, str] = {}
     if args.url:
@@ -338,14 +342,16 @@ def _report_requeue(result: RequeueResult, urls_by_id: dict[str, str], *, dry_ru
     what = ("failed request" if not urls_by_id else "request") + ("" if count == 1 else "s")
     if dry_run:
         _say(f"would requeue {count} {what} (dry run: nothing changed)")
-    else:
+    elif count:
         _say(f"requeued {count} {what}: pending again with a fresh retry budget, error messages kept")
+    else:
+        _say(f"no {what} to requeue")
     if result.not_handled:
-        _say(f"{_requests(len(result.not_handled))} not handled (pending or locked): left as they are")
+        _say(f"{_left(len(result.not_handled))} not handled (pending or locked)")
     if result.unreadable:
         _say(
-            f"{_requests(len(result.unreadable))} unreadable (quarantined damage): left as they are, the stored"
-            " text is in `headlock requests --failed --json`"
+            f"{_left(len(result.unreadable))} unreadable (quarantined damage), see `headlock requests --failed"
+            " --json` for the stored text"
         )
     for request_id in result.missing:
         _error(f"not in the queue: {urls_by_id.get(request_id, request_id)}")
