@@ -50,24 +50,31 @@ class RunStats:
 
 
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
-_LONG_NUMBER = re.compile(r"(?<![\w.])\d{4,}(?![\w.])")
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+_HTTP_STATUS = re.compile(r"[1-5]\d\d")
 _HEX_ID = re.compile(r"\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{12,}\b")
 _MAX_GROUP = 200
 """Longest group name kept (a message longer than this is cut)."""
 
 
 def error_group(message: str) -> str:
-    """The group an error message counts in: its first line, URLs as `<url>`, ids and numbers of 4+ digits as `<n>`.
+    """The group an error message counts in: its first line, URLs as `<url>`, ids and numbers as `<n>`.
 
-    So one error on many pages groups together (`ValueError: no price on <url>`), while short numbers that tell
-    errors apart stay (an HTTP status, a timeout's seconds). Simpler than Crawlee's `ErrorTracker`, which merges
-    messages differing in fewer than half their words; ours is predictable and needs no earlier message.
+    So one error on many pages groups together (`ValueError: no price on page <n>`, `... on <url>`), while the
+    number that tells HTTP errors apart stays (a three-digit status, 100-599). Simpler than Crawlee's
+    `ErrorTracker`, which merges messages differing in fewer than half their words; ours is predictable and needs
+    no earlier message.
     """
     line = message.split("\n", 1)[0].strip()
     line = _URL.sub("<url>", line)
     line = _HEX_ID.sub("<n>", line)
-    line = _LONG_NUMBER.sub("<n>", line)
+    line = _NUMBER.sub(_number, line)
     return line if len(line) <= _MAX_GROUP else line[: _MAX_GROUP - 3] + "..."
+
+
+def _number(match: re.Match[str]) -> str:
+    text = match.group()
+    return text if _HTTP_STATUS.fullmatch(text) else "<n>"
 
 
 class ErrorTally:

@@ -137,7 +137,7 @@ async def test_head_with_odd_and_unreadable_requests_is_done_in_one_lock(
         "boom",
         "quarantined: unreadable request: errorMessages: Input should be a list of strings or null",
     ]
-    assert (stored["userData"], stored["custom"]) == ({"keep": "me"}, [1, 2])
+    assert (stored["userData"], stored["custom"]) == ({"keep": "me", "__crawlee": {"state": 6}}, [1, 2])  # failed
     for request in head.items:
         await queue.update_request(handled(request), client_key="a")
     info = await direct.get_info()
@@ -181,6 +181,8 @@ async def test_a_quarantine_the_server_refuses_leaves_that_lock_to_lapse(
     await direct.batch_add([draft(1), draft(2)], client_key="b")
     unreadable = request_id_for(url(2))
     proxy.add("GET", f"/requests/{unreadable}$", Rewrite(lambda body: {"data": {**body["data"], "userData": "x"}}))
+    refused = Respond(400, body={"error": {"type": "invalid-input", "message": "refused"}})
+    proxy.add("PUT", f"/requests/{unreadable}$", refused, times=None)
     with capture_logs() as logs:
         head = await queue.lock_head(limit=2, lock_secs=60, client_key="a")
     assert [r.url for r in head.items] == [url(1)]

@@ -79,10 +79,12 @@ def test_enqueue_status_unlock_round_trip(tmp_path: Path) -> None:
         "queue": "default",
         "total": 5,
         "handled": 0,
+        "failed": 0,
         "pending": 5,
         "had_multiple_clients": False,
         "locked": 0,
         "locks_by_client": {},
+        "exact": True,
     }
     unlock = headlock("unlock", "--client-key", "nobody", cwd=tmp_path)
     assert unlock.returncode == 0, unlock.stderr

@@ -222,13 +222,15 @@ def test_summary_block() -> None:
             "HTTPStatusError: Client error '404 Not Found' for url 'http://h:8/a'\nFor more information check: x",
             "HTTPStatusError: Client error '404 Not Found' for url '<url>'",
         ),
-        ("handler timed out after 60 s", "handler timed out after 60 s"),
+        ("handler timed out after 60 s", "handler timed out after <n> s"),
+        ("ValueError: no price on page 17", "ValueError: no price on page <n>"),
         ("item 123456 has no id 5f3c2a9e0b1d4e7f", "item <n> has no id <n>"),
-        ("version 1.2345 of 2024", "version 1.2345 of <n>"),
+        ("version 1.2345 of 2024", "version <n> of <n>"),
+        ("upstream answered 503 after 2 tries", "upstream answered 503 after <n> tries"),
     ],
 )
 def test_error_groups(message: str, group: str) -> None:
-    """One error on many pages is one group: first line, URLs and long numbers or ids replaced; short numbers stay."""
+    """One error on many pages is one group: first line, URLs, numbers and ids replaced; HTTP statuses stay."""
     assert error_group(message) == group
 
 
