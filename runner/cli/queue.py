@@ -103,7 +103,7 @@ def _status_lines(name: str, counts: QueueCounts, multiple: bool) -> list[str]:
     lines = [f"{key:<8} {value:>8}" if isinstance(value, int) else f"{key:<8} {value}" for key, value in rows]
     for holder, count in (counts.locks_by_client or {}).items():
         lines.append(f"         {count:>8} locked by {holder}")
-    lines.append(f"clients  {'several' if multiple else 'one or none':>8}")
+    lines.append("used by  " + ("several clients" if multiple else "one client (or none yet)"))
     if not counts.exact:
         lines.append("(failed and locked counted over part of the queue only: lower bounds)")
     if counts.failed:
