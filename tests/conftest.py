@@ -14,11 +14,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import pytest
 from blockbuster import BlockBuster, BlockBusterFunction
 
 from handlers.demo_site import serve_site
+
+if TYPE_CHECKING:
+    from tests._postgres import Postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -241,3 +245,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server for the session (`tests/_postgres.py`), stopped at the end; it fails, never skips."""
+    from tests._postgres import ClusterError, start  # noqa: PLC0415 - only Postgres tests need psycopg
+
+    try:
+        server = start()
+    except ClusterError as exc:
+        pytest.fail(f"PostgreSQL test server: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres: Postgres) -> str:
+    """A DSN of the session's server whose search_path is a fresh schema of this test's own."""
+    return postgres.fresh_dsn()

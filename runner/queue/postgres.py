@@ -1,0 +1,1154 @@
+"""The PostgreSQL queue: many named queues in one database, shared by workers on any number of machines.
+
+Same semantics as the embedded store (`runner.queue.sqlite`, whose row helpers it shares), laid out for many
+writers (schema version 1, in the connection's current schema):
+
+    headlock_schema    the schema version (migrations run under an advisory lock, so any number of workers may
+                       open the database at once)
+    headlock_queues    one row per queue: qid (internal), id (17 alphanumerics), name, created_at
+    headlock_clients   one row per (queue, client key): the counts of what that client added and handled, and when
+                       it last wrote. `get_info` sums them: no counter row is shared by every worker, so writers
+                       never queue behind one hot row.
+    headlock_requests  (qid, id) -> order_no, lock_client, failed, data (the request's JSON)
+
+Ordering follows the platform's model as the embedded store does, with order numbers in ticks of 1/1024 µs: a
+pending request has `order_no` = ±(time · 1024 + k), k its place in the batch that wrote it (< 1024), the sign
+forefront (< 0) or not; a lock moves it to ±(expiry · 1024). The available head is then the range
+[-now · 1024, now · 1024 + 1023] of a partial index over unhandled rows (handled ones have `order_no` NULL): a claim
+reads `limit` index entries whatever the queue's size and whatever the fleet holds, a lock expires with no write,
+and "is anything locked" is a probe of the two ranges beside it. Every time is the database's `now()`, never a
+worker's clock: worker clock steps and skew between machines cannot break a lock.
+
+Every call is one statement in autocommit (or one short transaction), shielded from cancellation and bounded by a
+server-side `statement_timeout` (a cancelled caller waits for the statement's outcome instead of abandoning a
+connection mid-query). Fenced writes check `lock_client` in the statement itself (`RequestQueue.update_request`):
+a write whose lease was retaken matches no row, changes nothing and raises `LockLostError`. Fenced updates arriving
+together (the committer's handled marks) are group-committed: one `UPDATE ... FROM unnest(...)` for all of them.
+Rows are written in id order within a statement (batch adds sort, marks sort), so overlapping writers cannot
+deadlock.
+
+The DSN's password never appears in a message, a log event or a repr.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import quote, quote_plus
+
+import anyio
+import psycopg
+import psycopg.errors
+import structlog
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueError, QueueUnavailableError
+from runner.metrics import Metrics
+from runner.models import (
+    AddedRequest,
+    BatchAddResult,
+    LockedHead,
+    QueueCounts,
+    QueueInfo,
+    Request,
+    RequestDraft,
+    RequestRegistration,
+)
+from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequestPage, RequeueResult, can_requeue
+from runner.queue.protocol import MAX_BATCH, MAX_LOCK_LIMIT
+from runner.queue.sqlite import (
+    _UNREADABLE,
+    _check_client_key,
+    _check_lock_secs,
+    _dump,
+    _listed,
+    _load,
+    _parse,
+    _prepare,
+    _quarantined,
+    _reason,
+    validate_queue_name,
+)
+from runner.uniquekey import request_id_for
+
+__all__ = ["SCHEMA_VERSION", "PostgresQueue", "redact"]
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
+
+_log = structlog.get_logger("headlock.queue.postgres")
+
+TICKS = 1024
+"""Order-number ticks per microsecond: room for the place of each request in a batch (a requeue takes 1000)."""
+_NOW = "(extract(epoch FROM now()) * 1000000)::bigint"
+"""The database's time in microseconds (the transaction's start: one statement, in autocommit)."""
+_LOW = f"(-{_NOW} * {TICKS})"
+_HIGH = f"({_NOW} * {TICKS} + {TICKS - 1})"
+_AVAILABLE = f"order_no BETWEEN {_LOW} AND {_HIGH}"
+"""Unhandled and not locked (never, released, or expired): the available head."""
+_LOCKED = f"(order_no > {_HIGH} OR order_no < {_LOW})"
+"""Held by a live lock (two index ranges beside the available head)."""
+
+_ADVISORY_CLASS = 0x6865_6164  # "head": the first key of the migration's advisory lock; the second is the schema's
+
+SCHEMA_VERSION = 1
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE headlock_queues (
+            qid integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id text NOT NULL UNIQUE,
+            name text UNIQUE,
+            created_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        """CREATE TABLE headlock_clients (
+            qid integer NOT NULL REFERENCES headlock_queues ON DELETE CASCADE,
+            client_key text NOT NULL,
+            total bigint NOT NULL DEFAULT 0,
+            handled bigint NOT NULL DEFAULT 0,
+            modified_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (qid, client_key)
+        )""",
+        # No foreign key to the queue: its check would take a share lock on the one queue row in every insert.
+        # Autovacuum settings for a table whose head is rewritten all the time (as pgqueuer ships them).
+        """CREATE TABLE headlock_requests (
+            qid integer NOT NULL,
+            id text NOT NULL,
+            order_no bigint,
+            lock_client text,
+            failed boolean NOT NULL DEFAULT false,
+            data json NOT NULL,
+            PRIMARY KEY (qid, id)
+        ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000,
+                autovacuum_vacuum_cost_delay = 0)""",
+        "CREATE INDEX headlock_requests_head ON headlock_requests (qid, order_no) WHERE order_no IS NOT NULL",
+        "CREATE INDEX headlock_requests_failed ON headlock_requests (qid, id) WHERE failed",
+    ),
+)
+"""Migration n takes the schema from version n to n + 1; append, never edit."""
+
+_CLAIM = f"""
+WITH t AS MATERIALIZED (SELECT {_NOW} AS now_us),
+c AS MATERIALIZED (
+    SELECT id, order_no FROM headlock_requests
+    WHERE qid = %(q)s
+      AND order_no BETWEEN -(SELECT now_us FROM t) * {TICKS} AND (SELECT now_us FROM t) * {TICKS} + {TICKS - 1}
+    ORDER BY order_no LIMIT %(n)s FOR UPDATE SKIP LOCKED
+),
+p AS (SELECT id, order_no, row_number() OVER (ORDER BY order_no) - 1 AS place FROM c),
+u AS (
+    UPDATE headlock_requests r
+    SET order_no = (CASE WHEN p.order_no < 0 THEN -1 ELSE 1 END) * ((SELECT now_us FROM t) + %(lock_us)s) * {TICKS}
+            + p.place,
+        lock_client = %(client)s
+    FROM p WHERE r.qid = %(q)s AND r.id = p.id
+    RETURNING r.id, p.order_no, r.data::text AS data
+)
+SELECT id, order_no, data, NULL::boolean, NULL::boolean FROM u
+UNION ALL
+SELECT NULL, NULL, NULL,
+    EXISTS (SELECT 1 FROM headlock_requests WHERE qid = %(q)s AND {_LOCKED}),
+    (SELECT count(*) FROM (SELECT 1 FROM headlock_clients WHERE qid = %(q)s LIMIT 2) k) > 1
+"""  # noqa: S608 - fixed parts only
+"""Lock up to n available requests in head order and return them, with "is anything locked" and "several clients"
+in a trailing row (the probe reads the snapshot before this statement's own locks: the caller adds them)."""
+
+_QUARANTINE = """
+WITH u AS (SELECT * FROM unnest(%(ids)s::text[], %(data)s::text[]) AS u(id, data)),
+w AS (
+    UPDATE headlock_requests r SET order_no = NULL, lock_client = NULL, failed = true, data = u.data::json
+    FROM u WHERE r.qid = %(q)s AND r.id = u.id AND r.lock_client = %(client)s AND r.order_no IS NOT NULL
+    RETURNING r.id
+)
+UPDATE headlock_clients SET handled = handled + (SELECT count(*) FROM w), modified_at = now()
+WHERE qid = %(q)s AND client_key = %(client)s
+"""
+
+_FENCED = """
+WITH u AS (
+    SELECT * FROM unnest(%(ids)s::text[], %(data)s::text[], %(handled)s::boolean[], %(failed)s::boolean[],
+                         %(clients)s::text[]) AS u(id, data, handled, failed, client)
+),
+w AS (
+    UPDATE headlock_requests r
+    SET order_no = CASE WHEN u.handled THEN NULL ELSE r.order_no END,
+        lock_client = CASE WHEN u.handled THEN NULL ELSE r.lock_client END,
+        failed = u.failed, data = u.data::json
+    FROM u WHERE r.qid = %(q)s AND r.id = u.id AND r.lock_client = u.client AND r.order_no IS NOT NULL
+    RETURNING r.id, u.client, u.handled
+),
+n AS (SELECT client, count(*) AS handled FROM w WHERE handled GROUP BY client),
+k AS (
+    UPDATE headlock_clients k SET handled = k.handled + n.handled, modified_at = now()
+    FROM n WHERE k.qid = %(q)s AND k.client_key = n.client
+)
+SELECT id FROM w
+"""
+"""Fenced updates of several requests at once (ids unique): applied only where `lock_client` is the caller's and
+the request is unhandled (the lock may have expired if nobody retook it); a handled one leaves the head."""
+
+_BATCH_ADD = f"""
+WITH t AS MATERIALIZED (SELECT {_NOW} AS now_us),
+d AS (
+    SELECT * FROM unnest(%(ids)s::text[], %(data)s::text[], %(handled)s::boolean[], %(failed)s::boolean[],
+                         %(places)s::integer[]) AS d(id, data, handled, failed, place)
+),
+ins AS (
+    INSERT INTO headlock_requests (qid, id, order_no, data, failed)
+    SELECT %(q)s, d.id,
+        CASE WHEN d.handled THEN NULL
+             WHEN %(forefront)s THEN -(SELECT now_us FROM t) * {TICKS} + d.place
+             ELSE (SELECT now_us FROM t) * {TICKS} + d.place END,
+        d.data::json, d.failed
+    FROM d ORDER BY d.id
+    ON CONFLICT (qid, id) DO NOTHING
+    RETURNING id, order_no IS NULL AS handled
+),
+k AS (
+    UPDATE headlock_clients SET total = total + (SELECT count(*) FROM ins),
+        handled = handled + (SELECT count(*) FROM ins WHERE handled), modified_at = now()
+    WHERE qid = %(q)s AND client_key = %(client)s AND EXISTS (SELECT 1 FROM ins)
+)
+SELECT id, true, handled FROM ins
+UNION ALL
+SELECT r.id, false, r.order_no IS NULL FROM headlock_requests r
+WHERE r.qid = %(q)s AND r.id = ANY(%(ids)s::text[]) AND r.id NOT IN (SELECT id FROM ins)
+"""  # noqa: S608 - fixed parts only
+"""Insert new requests in id order (overlapping batches cannot deadlock), count them on the client's row, and
+report the ones already present (from this statement's snapshot)."""
+
+_LIST_STATES = (
+    f"(order_no IS NOT NULL AND {_LOCKED})",
+    f"({_AVAILABLE})",
+    "failed",
+    "(order_no IS NULL AND NOT failed)",
+)
+"""`list_requests`'s states in its argument order: locked, pending, failed, handled."""
+
+_CONNECTION_LOST = ("57P01", "57P02", "57P03", "08000", "08003", "08006", "08001", "08004")
+"""SQLSTATEs of a server that went away or refuses connections for now (restart, shutdown, crash recovery)."""
+
+
+def redact(text: str, secret_values: Sequence[str] = ()) -> str:
+    """`text` with the given secrets, and anything that looks like a DSN's password, replaced by `***`."""
+    for value in secret_values:
+        if value:
+            for form in {value, quote(value, safe=""), quote_plus(value)}:
+                text = text.replace(form, "***")
+    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
+def _to_datetime(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1_000_000, UTC)
+
+
+def _lock_us(lock_secs: float) -> int:
+    return max(int(lock_secs * 1_000_000), 1)
+
+
+@dataclass(eq=False, slots=True)
+class _Fenced:
+    """One fenced update waiting for, or written by, a group commit."""
+
+    request_id: str
+    data: str
+    handled: bool
+    failed: bool
+    client_key: str
+    endpoint: str
+    taken: bool = False
+    error: QueueError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where the database is, without the password: for messages and reprs."""
+
+    host: str
+    port: str
+    dbname: str
+    secrets: tuple[str, ...] = field(repr=False)
+
+    def __str__(self) -> str:
+        return f"postgres {self.host}:{self.port}/{self.dbname}"
+
+
+def _target(dsn: str) -> _Target:
+    """Parse `dsn` (a libpq conninfo string or a postgresql:// URL).
+
+    Raises:
+        InvalidInputError: it does not parse (the message shows it without its password).
+    """
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        raise InvalidInputError(
+            f"queue.dsn is not a valid PostgreSQL connection string: {redact(str(exc))}", endpoint="open queue"
+        ) from None  # the original message may quote the DSN, password included
+    password = str(params.get("password") or "")
+    return _Target(
+        host=str(params.get("host") or "localhost"),
+        port=str(params.get("port") or "5432"),
+        dbname=str(params.get("dbname") or params.get("user") or ""),
+        secrets=(password,) if password else (),
+    )
+
+
+class PostgresQueue:
+    """A `RequestQueue` and `QueueAdmin` stored in PostgreSQL; many processes and machines may share one queue.
+
+    Open it with `PostgresQueue.open`.
+
+    Seam for the results sink (part 2 of issue 15): a request's new links, its items and its handled mark should
+    commit in one transaction, fenced on the lease, through one method the committer calls instead of
+    `batch_add` + `push_lines` + `update_request`:
+
+        async def complete(self, request: Request, *, client_key: str, links: Mapping[bool, Sequence[RequestDraft]],
+                           items: Sequence[str], dataset: str) -> CompleteResult
+
+    built from this class's pieces: in one transaction on one connection, first the links (`_BATCH_ADD`, sorted by
+    id), then the items (one INSERT into the dataset's table), then the fenced mark (`_FENCED`) last (the other
+    order deadlocked in the prototype), rolling everything back with `LockLostError` when the mark matches no row.
+    Group commit extends to it as to `_FENCED` now: several completes in one transaction, each in a savepoint.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Conn],
+        target: _Target,
+        *,
+        qid: int,
+        queue_id: str,
+        name: str,
+        timeout: float,
+        metrics: Metrics,
+    ) -> None:
+        """Use `PostgresQueue.open`: it creates the pool, migrates the schema and finds or creates the queue."""
+        self._pool = pool
+        self._target = target
+        self.qid = qid
+        self.queue_id = queue_id
+        self.name = name
+        self._timeout = timeout
+        self._metrics = metrics
+        self._clients: set[str] = set()
+        self._fenced: list[_Fenced] = []
+        self._fenced_turn = anyio.Lock(fast_acquire=True)
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        name: str,
+        *,
+        create: bool = True,
+        pool_size: int = 4,
+        call_timeout: float = 30.0,
+        metrics: Metrics | None = None,
+    ) -> PostgresQueue:
+        """Connect to `dsn`, bring the schema to this version (safe from any number of workers at once) and find
+        the queue `name`, creating it unless `create` is false.
+
+        `call_timeout` bounds every call: the server cancels a statement that runs longer (`statement_timeout`), and a
+        call that gets no connection or no answer within it raises `QueueUnavailableError`.
+
+        Raises:
+            InvalidInputError: an invalid queue name or DSN.
+            NotFoundError: `create` is false and there is no such queue (nothing is created).
+            QueueUnavailableError: the database cannot be reached, or holds a newer headlock schema.
+        """
+        validate_queue_name(name)
+        target = _target(dsn)
+        timeout = call_timeout
+        timeout_ms = int(timeout * 1000)
+
+        async def configure(conn: Conn) -> None:
+            # Bounded on the server: a statement past the timeout is cancelled there (and rolled back), a lock
+            # wait too, and a connection left in a transaction is closed rather than holding row locks.
+            await conn.execute(
+                "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false),"
+                " set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(timeout_ms), str(timeout_ms), str(max(timeout_ms * 2, 1000))),
+            )
+
+        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=max(pool_size, 1),
+            kwargs={"autocommit": True, "connect_timeout": max(int(timeout), 2), "application_name": "headlock"},
+            configure=configure,
+            open=False,
+            timeout=timeout,
+            name="headlock",
+        )
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(timeout + 5):
+                await pool.open(wait=True, timeout=timeout)
+        except (psycopg.Error, TimeoutError) as exc:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+            reason = "no connection within the timeout" if isinstance(exc, TimeoutError) else str(exc)
+            raise QueueUnavailableError(
+                f"cannot connect to {target}: {redact(reason, target.secrets)}", endpoint="open queue"
+            ) from None  # the cause's message may carry connection details
+        queue = cls(pool, target, qid=0, queue_id="", name=name, timeout=timeout, metrics=metrics or Metrics())
+        try:
+            found = await queue._run("open queue", lambda conn: _find_queue(conn, name, create=create))
+        except BaseException:
+            await queue.aclose()
+            raise
+        if found is None:
+            await queue.aclose()
+            raise NotFoundError(f"no queue {name!r} in {target}", endpoint="open queue", error_type="record-not-found")
+        queue.qid, queue.queue_id = found
+        return queue
+
+    def __repr__(self) -> str:
+        return f"PostgresQueue({str(self._target)!r}, {self.name!r})"
+
+    @property
+    def where(self) -> str:
+        """The database and queue, without the password (for messages)."""
+        return f"{self._target}, queue {self.name!r}"
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+
+    async def _run(self, endpoint: str, fn: Callable[[Conn], Awaitable[T]], *, write: bool = True) -> T:
+        """Run `fn` on a pooled connection (see `_shielded`), reporting its outcome and duration to the metrics."""
+        if not self._metrics.enabled:
+            return await self._shielded(endpoint, fn, write)
+        status = "cancelled"
+        started = anyio.current_time()
+        try:
+            result = await self._shielded(endpoint, fn, write)
+            status = "ok"
+        except Exception as exc:
+            status = type(exc).__name__
+            raise
+        finally:
+            self._metrics.queue_call("postgres", endpoint.partition(" ")[0], status, anyio.current_time() - started)
+        return result
+
+    async def _shielded(self, endpoint: str, fn: Callable[[Conn], Awaitable[T]], write: bool) -> T:
+        """Run `fn` shielded from cancellation (a cancelled caller gets the outcome's cancellation afterwards, not a
+        connection abandoned mid-query), bounded by the timeout; map psycopg's errors.
+
+        A read that lost its connection is tried once more on a fresh one (after the pool dropped its dead ones).
+        """
+        if self._closed:
+            raise QueueUnavailableError(f"the queue {self.where} is closed", endpoint=endpoint)
+        for attempt in (1, 2):
+            with anyio.CancelScope(shield=True):
+                try:
+                    with anyio.fail_after(self._timeout + 5):
+                        async with self._pool.connection(timeout=self._timeout) as conn:
+                            return await fn(conn)
+                except TimeoutError:
+                    raise QueueUnavailableError(
+                        f"{self._target} did not answer within {self._timeout + 5:g} s",
+                        endpoint=endpoint,
+                        maybe_applied=write,
+                    ) from None
+                except psycopg.Error as exc:
+                    lost = _connection_lost(exc)
+                    if lost:
+                        with anyio.move_on_after(self._timeout):
+                            await self._pool.check()  # drop the pool's other dead connections now
+                    if lost and not write and attempt == 1:
+                        continue
+                    raise self._map(exc, endpoint, write=write) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _map(self, exc: psycopg.Error, endpoint: str, *, write: bool) -> QueueError:
+        """The headlock error for a psycopg one (its message without the password)."""
+        message = redact(str(exc).strip() or type(exc).__name__, self._target.secrets)
+        if isinstance(exc, PoolTimeout):
+            return QueueUnavailableError(f"no connection to {self._target}: {message}", endpoint=endpoint)
+        if isinstance(exc, psycopg.errors.QueryCanceled):
+            return QueueUnavailableError(f"{self._target}: statement cancelled: {message}", endpoint=endpoint)
+        if isinstance(exc, psycopg.DataError):
+            return InvalidInputError(f"{self._target} refused the data: {message}", endpoint=endpoint)
+        # Without a SQLSTATE the connection broke under the statement: a commit may have happened unanswered.
+        unanswered = write and exc.sqlstate is None and isinstance(exc, psycopg.OperationalError)
+        return QueueUnavailableError(f"{self._target}: {message}", endpoint=endpoint, maybe_applied=unanswered)
+
+    async def _register(self, client_key: str, endpoint: str) -> None:
+        """Give `client_key` its counter row (once per client key and handle)."""
+        if client_key in self._clients:
+            return
+        await self._run(
+            endpoint,
+            lambda conn: conn.execute(
+                "INSERT INTO headlock_clients (qid, client_key) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (self.qid, client_key),
+            ),
+        )
+        self._clients.add(client_key)
+
+    async def _diagnose(self, conn: Conn, request_ids: Sequence[str]) -> dict[str, tuple[bool, str | None]]:
+        """`(handled, lock_client)` of each of `request_ids` that exists (for the error of a refused write)."""
+        cursor = await conn.execute(
+            "SELECT id, order_no IS NULL, lock_client FROM headlock_requests WHERE qid = %s AND id = ANY(%s::text[])",
+            (self.qid, list(request_ids)),
+        )
+        return {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
+
+    def _refusal(self, state: tuple[bool, str | None] | None, endpoint: str) -> QueueError:
+        if state is None:
+            return NotFoundError("Request was not found", endpoint=endpoint, error_type="record-not-found")
+        if state[0]:
+            return LockLostError(
+                "request is already handled", endpoint=endpoint, error_type="request-handled-or-locked"
+            )
+        return LockLostError(
+            "request is not locked by this client", endpoint=endpoint, error_type="request-handled-or-locked"
+        )
+
+    # -- the Protocol -------------------------------------------------------------------------------------
+
+    async def lock_head(self, *, limit: int, lock_secs: float, client_key: str) -> LockedHead:
+        """Lock up to `limit` (≤ 25) available requests in queue order and return them complete, in one statement.
+
+        A stored request that cannot be read as a request is quarantined as the embedded store does (ended as
+        failed, its text kept in `unreadableData`), and the requests behind it take its place in the batch.
+        """
+        endpoint = "lock_head"
+        _check_client_key(client_key, endpoint)
+        if not 1 <= limit <= MAX_LOCK_LIMIT:
+            raise InvalidInputError(f"limit must be 1-{MAX_LOCK_LIMIT}, got {limit}", endpoint=endpoint)
+        _check_lock_secs(lock_secs, endpoint)
+        await self._register(client_key, endpoint)
+        locked_at = anyio.current_time()
+        args = {"q": self.qid, "lock_us": _lock_us(lock_secs), "client": client_key}
+        items: list[Request] = []
+        quarantined: list[tuple[str, str]] = []
+        has_locks = multiple = False
+        wanted = limit
+        # A quarantined row leaves the head, so each round reads rows not seen yet (bounded all the same).
+        for _ in range(100):
+            rows = await self._run(endpoint, _claim(args, wanted))
+            locked = sorted((row for row in rows if row[0] is not None), key=lambda row: row[1])
+            _, _, _, has_locks, multiple = next(row for row in rows if row[0] is None)
+            bad: list[tuple[str, str, BaseException]] = []
+            for request_id, _, data, _, _ in locked:
+                try:
+                    items.append(_parse(data))
+                except _UNREADABLE as exc:
+                    bad.append((request_id, data, exc))
+            if bad:
+                quarantined.extend(await self._quarantine(bad, client_key))
+            if len(locked) < wanted or not bad:
+                break
+            wanted = len(bad)
+        for request_id, reason in quarantined:
+            _log.warning("queue.request_quarantined", request_id=request_id, reason=reason, queue=self.where)
+        return LockedHead(
+            items=items,
+            lock_secs=lock_secs,
+            queue_has_locked_requests=bool(items) or bool(has_locks),
+            had_multiple_clients=bool(multiple),
+            locked_at=locked_at,
+            quarantined=len(quarantined),
+        )
+
+    async def _quarantine(self, bad: list[tuple[str, str, BaseException]], client_key: str) -> list[tuple[str, str]]:
+        """End unreadable rows this client just locked as handled-failed; return `(request_id, reason)` of each."""
+        now_us = int(datetime.now(UTC).timestamp() * 1_000_000)  # only the handledAt written into the JSON
+        reasons = [(request_id, _reason(exc)) for request_id, _, exc in bad]
+        data = [
+            _quarantined(request_id, text, reason, now_us)
+            for (request_id, text, _), (_, reason) in zip(bad, reasons, strict=True)
+        ]
+        args = {"q": self.qid, "ids": [b[0] for b in bad], "data": data, "client": client_key}
+        await self._run("lock_head", lambda conn: conn.execute(_QUARANTINE, args))
+        return reasons
+
+    async def prolong_lock(
+        self, request_id: str, *, lock_secs: float, client_key: str, forefront: bool = False
+    ) -> datetime:
+        """Extend this client's lock to the database's now + `lock_secs`; return the new expiry.
+
+        A lock that expired is still this client's until another client locks the request.
+        """
+        endpoint = f"prolong_lock {request_id}"
+        _check_client_key(client_key, endpoint)
+        _check_lock_secs(lock_secs, endpoint)
+        sql = (
+            f"UPDATE headlock_requests SET order_no = %(sign)s * ({_NOW} + %(lock_us)s) * {TICKS}"  # noqa: S608
+            " WHERE qid = %(q)s AND id = %(id)s AND lock_client = %(client)s AND order_no IS NOT NULL"
+            f" RETURNING {_NOW} + %(lock_us)s"
+        )
+        args = {"q": self.qid, "id": request_id, "client": client_key, "lock_us": _lock_us(lock_secs)}
+        args["sign"] = -1 if forefront else 1
+
+        async def prolong(conn: Conn) -> int:
+            row = await (await conn.execute(sql, args)).fetchone()
+            if row is None:
+                raise self._refusal((await self._diagnose(conn, [request_id])).get(request_id), endpoint)
+            return int(row[0])
+
+        return _to_datetime(await self._run(endpoint, prolong))
+
+    async def delete_lock(self, request_id: str, *, client_key: str, forefront: bool = False) -> None:
+        """Release this client's lock; the request goes to the head (`forefront`) or the end of the queue."""
+        endpoint = f"delete_lock {request_id}"
+        _check_client_key(client_key, endpoint)
+        sql = (
+            f"UPDATE headlock_requests SET order_no = %(sign)s * {_NOW} * {TICKS}, lock_client = NULL"  # noqa: S608
+            " WHERE qid = %(q)s AND id = %(id)s AND lock_client = %(client)s AND order_no IS NOT NULL"
+        )
+        args = {"q": self.qid, "id": request_id, "client": client_key, "sign": -1 if forefront else 1}
+
+        async def release(conn: Conn) -> None:
+            cursor = await conn.execute(sql, args)
+            if cursor.rowcount != 1:
+                raise self._refusal((await self._diagnose(conn, [request_id])).get(request_id), endpoint)
+
+        await self._run(endpoint, release)
+
+    async def unlock_requests(self, *, client_key: str) -> int:
+        """Release every unexpired lock `client_key` holds (to the head or the end, as they were); return how many."""
+        _check_client_key(client_key, "unlock_requests")
+        # In the order they were in (each lock of one claim has its own place): they come back as they left.
+        sql = f"""
+            WITH l AS (
+                SELECT id, order_no FROM headlock_requests
+                WHERE qid = %(q)s AND lock_client = %(client)s AND order_no IS NOT NULL AND {_LOCKED} FOR UPDATE
+            ),
+            p AS (SELECT id, order_no, least(row_number() OVER (ORDER BY order_no) - 1, {TICKS - 1}) AS place FROM l)
+            UPDATE headlock_requests r
+            SET order_no = (CASE WHEN p.order_no < 0 THEN -1 ELSE 1 END) * {_NOW} * {TICKS} + p.place,
+                lock_client = NULL
+            FROM p WHERE r.qid = %(q)s AND r.id = p.id
+        """  # noqa: S608 - fixed parts only
+
+        async def unlock(conn: Conn) -> int:
+            return (await conn.execute(sql, {"q": self.qid, "client": client_key})).rowcount
+
+        return await self._run("unlock_requests", unlock)
+
+    async def update_request(
+        self, request: Request, *, client_key: str, forefront: bool = False, lock_required: bool = False
+    ) -> RequestRegistration:
+        """Replace the stored request (inserting it when unknown, unless `lock_required`).
+
+        With `handled_at` set it leaves the head and its lock is released; without it, it is pending again and
+        keeps a lock it has. `lock_required` fences the write in the statement itself: it applies only while
+        `client_key` holds the request's lock (an expired lock nobody retook counts, and a write without
+        `handled_at` keeps it). Fenced writes arriving together are written by one statement.
+
+        Raises:
+            InvalidInputError: the id does not match the uniqueKey, or the request cannot be stored as JSON.
+            LockLostError: `lock_required`, and the request is handled, unlocked or locked by another client.
+            NotFoundError: `lock_required`, and there is no such request.
+        """
+        endpoint = f"update_request {request.id}"
+        _check_client_key(client_key, endpoint)
+        if request.id != request_id_for(request.unique_key):
+            raise InvalidInputError(
+                "Request ID does not correspond to uniqueKey", endpoint=endpoint, error_type="request-id-invalid"
+            )
+        data = _dump(request, endpoint)
+        handled = request.handled_at is not None
+        await self._register(client_key, endpoint)
+        if not lock_required:
+            return await self._run(
+                endpoint,
+                lambda conn: self._update(
+                    conn,
+                    request.id,
+                    data,
+                    handled=handled,
+                    failed=request.is_failed,
+                    client_key=client_key,
+                    forefront=forefront,
+                ),
+            )
+        op = _Fenced(request.id, data, handled, request.is_failed, client_key, endpoint)
+        await self._group_commit(op)
+        return RequestRegistration(request_id=request.id, was_already_present=True, was_already_handled=False)
+
+    async def _group_commit(self, op: _Fenced) -> None:
+        """Write `op` with the fenced updates waiting beside it: while one group is being written, later ones wait
+        for their turn and then go together in one statement."""
+        self._fenced.append(op)
+        try:
+            async with self._fenced_turn:
+                if not op.taken:
+                    batch, self._fenced = self._fenced, []
+                    for queued in batch:
+                        queued.taken = True
+                    await self._write_fenced(batch)
+        except BaseException:
+            if not op.taken:
+                self._fenced.remove(op)  # cancelled before it was written: it never happens
+            raise
+        if op.error is not None:
+            raise op.error
+
+    async def _write_fenced(self, batch: list[_Fenced]) -> None:
+        """Write `batch` in rounds of distinct requests (in arrival order), each round one statement in id order;
+        give every update its own outcome."""
+        rounds: list[list[_Fenced]] = []
+        for op in batch:
+            for group in rounds:
+                if all(other.request_id != op.request_id for other in group):
+                    group.append(op)
+                    break
+            else:
+                rounds.append([op])
+        for group in rounds:
+            group.sort(key=lambda op: op.request_id)
+            args = {
+                "q": self.qid,
+                "ids": [op.request_id for op in group],
+                "data": [op.data for op in group],
+                "handled": [op.handled for op in group],
+                "failed": [op.failed for op in group],
+                "clients": [op.client_key for op in group],
+            }
+
+            async def write(conn: Conn, group: list[_Fenced] = group, args: dict[str, Any] = args) -> None:
+                applied = {row[0] for row in await (await conn.execute(_FENCED, args)).fetchall()}
+                refused = [op for op in group if op.request_id not in applied]
+                if refused:
+                    states = await self._diagnose(conn, [op.request_id for op in refused])
+                    for op in refused:
+                        op.error = self._refusal(states.get(op.request_id), op.endpoint)
+
+            try:
+                await self._run("update_request", write)
+            except QueueError as exc:
+                for op in group:
+                    op.error = type(exc)(
+                        str(exc).partition(": ")[2] or str(exc), endpoint=op.endpoint, maybe_applied=exc.maybe_applied
+                    )
+                    op.error.__cause__ = exc
+
+    async def _update(
+        self,
+        conn: Conn,
+        request_id: str,
+        data: str,
+        *,
+        handled: bool,
+        failed: bool,
+        client_key: str,
+        forefront: bool,
+    ) -> RequestRegistration:
+        """An unfenced update (or insert) in one transaction, as the embedded store's `_update`."""
+        position = f"{'-' if forefront else ''}{_NOW} * {TICKS}"
+        args = {"q": self.qid, "id": request_id, "data": data, "failed": failed, "client": client_key}
+        for _ in range(3):  # a concurrent insert of the same id makes the insert a no-op: read it again
+            async with conn.transaction():
+                cursor = await conn.execute(
+                    f"SELECT order_no, lock_client, order_no IS NOT NULL AND {_LOCKED} FROM headlock_requests"  # noqa: S608
+                    " WHERE qid = %(q)s AND id = %(id)s FOR UPDATE",
+                    args,
+                )
+                row = await cursor.fetchone()
+                if row is None:
+                    inserted = await conn.execute(
+                        "INSERT INTO headlock_requests (qid, id, order_no, data, failed) VALUES (%(q)s, %(id)s,"  # noqa: S608
+                        f" {'NULL' if handled else position}, %(data)s::json, %(failed)s) ON CONFLICT DO NOTHING",
+                        args,
+                    )
+                    if inserted.rowcount != 1:
+                        continue
+                    await self._count(conn, total=1, handled=int(handled), client_key=client_key)
+                    return RequestRegistration(
+                        request_id=request_id, was_already_present=False, was_already_handled=False
+                    )
+                order_no, lock_client, live = row
+                was_handled = order_no is None
+                if handled:
+                    sql = "order_no = NULL, lock_client = NULL, data = %(data)s::json, failed = %(failed)s"
+                elif lock_client is not None and live:
+                    sql = "data = %(data)s::json"  # a live lock stays
+                else:
+                    sql = f"order_no = {position}, lock_client = NULL, data = %(data)s::json, failed = false"
+                await conn.execute(f"UPDATE headlock_requests SET {sql} WHERE qid = %(q)s AND id = %(id)s", args)  # noqa: S608
+                if handled != was_handled:
+                    await self._count(conn, total=0, handled=1 if handled else -1, client_key=client_key)
+                return RequestRegistration(
+                    request_id=request_id, was_already_present=True, was_already_handled=was_handled
+                )
+        raise QueueUnavailableError(
+            "the request kept changing under the update", endpoint=f"update_request {request_id}"
+        )
+
+    async def _count(self, conn: Conn, *, total: int, handled: int, client_key: str) -> None:
+        await conn.execute(
+            "UPDATE headlock_clients SET total = total + %s, handled = handled + %s, modified_at = now()"
+            " WHERE qid = %s AND client_key = %s",
+            (total, handled, self.qid, client_key),
+        )
+
+    async def batch_add(
+        self, requests: Sequence[RequestDraft], *, client_key: str, forefront: bool = False
+    ) -> BatchAddResult:
+        """Add up to 25 requests, deduplicated by `uniqueKey` (the first of duplicates in one batch wins), in one
+        statement that writes them in id order.
+
+        A draft may carry `handledAt` (it is stored as handled) and extra fields, and `id` only if it matches. A
+        request another client adds at the same moment is reported as already present.
+
+        Raises:
+            InvalidInputError: more than 25 drafts, a draft whose `id` does not match its uniqueKey, or a
+                draft that is not a valid request (nothing of the batch is stored then).
+        """
+        endpoint = "batch_add"
+        _check_client_key(client_key, endpoint)
+        if len(requests) > MAX_BATCH:
+            raise InvalidInputError(
+                f"a batch holds at most {MAX_BATCH} requests, got {len(requests)}", endpoint=endpoint
+            )
+        if not requests:
+            return BatchAddResult()
+        prepared = [_prepare(draft, endpoint) for draft in requests]
+        await self._register(client_key, endpoint)
+        unique: dict[str, tuple[str, str, bool, bool, str]] = {}
+        for item in prepared:
+            unique.setdefault(item[0], item)
+        rows = list(unique.values())
+        args = {
+            "q": self.qid,
+            "client": client_key,
+            "forefront": forefront,
+            "ids": [r[0] for r in rows],
+            "data": [r[4] for r in rows],
+            "handled": [r[2] for r in rows],
+            "failed": [r[3] for r in rows],
+            "places": list(range(len(rows))),
+        }
+
+        async def add(conn: Conn) -> list[tuple[str, bool, bool]]:
+            return await (await conn.execute(_BATCH_ADD, args)).fetchall()
+
+        outcome = {request_id: (new, handled) for request_id, new, handled in await self._run(endpoint, add)}
+        processed: list[AddedRequest] = []
+        seen: set[str] = set()
+        for request_id, unique_key, _, _, _ in prepared:
+            # Not in the answer: another client's insert, committed after this statement's snapshot, won.
+            new, handled = outcome.get(request_id, (False, False))
+            first = request_id not in seen
+            seen.add(request_id)
+            processed.append(
+                AddedRequest(
+                    request_id=request_id,
+                    unique_key=unique_key,
+                    was_already_present=not (new and first),
+                    was_already_handled=handled and not (new and first),
+                )
+            )
+        return BatchAddResult(processed_requests=processed)
+
+    async def get_request(self, request_id: str) -> Request | None:
+        """Return the stored request, or None.
+
+        Raises:
+            QueueUnavailableError: the stored request is unreadable (it reads as failed once `lock_head`
+                quarantined it).
+        """
+        endpoint = f"get_request {request_id}"
+
+        async def read(conn: Conn) -> tuple[str] | None:
+            cursor = await conn.execute(
+                "SELECT data::text FROM headlock_requests WHERE qid = %s AND id = %s", (self.qid, request_id)
+            )
+            return await cursor.fetchone()
+
+        row = await self._run(endpoint, read, write=False)
+        return None if row is None else _load(request_id, row[0], endpoint)
+
+    async def get_info(self) -> QueueInfo:
+        """The queue's metadata and counters, summed over its clients' rows.
+
+        `modifiedAt` and `accessedAt` are the last add or handled change (locks move no timestamp here).
+        """
+
+        async def read(conn: Conn) -> tuple[Any, ...] | None:
+            cursor = await conn.execute(
+                "SELECT q.id, q.name, (extract(epoch FROM q.created_at) * 1000000)::bigint,"
+                " coalesce(sum(k.total), 0), coalesce(sum(k.handled), 0),"
+                " (extract(epoch FROM greatest(q.created_at, max(k.modified_at))) * 1000000)::bigint,"
+                " count(k.client_key) > 1"
+                " FROM headlock_queues q LEFT JOIN headlock_clients k ON k.qid = q.qid WHERE q.qid = %s"
+                " GROUP BY q.qid",
+                (self.qid,),
+            )
+            return await cursor.fetchone()
+
+        row = await self._run("get_info", read, write=False)
+        if row is None:
+            raise NotFoundError(
+                f"the queue {self.where} was deleted", endpoint="get_info", error_type="record-not-found"
+            )
+        queue_id, name, created, total, handled, modified, multiple = row
+        return QueueInfo(
+            id=queue_id,
+            name=name,
+            created_at=_to_datetime(int(created)),
+            modified_at=_to_datetime(int(modified)),
+            accessed_at=_to_datetime(int(modified)),
+            total_request_count=int(total),
+            handled_request_count=int(handled),
+            pending_request_count=int(total) - int(handled),
+            had_multiple_clients=bool(multiple),
+        )
+
+    async def locks(self) -> list[tuple[str, str, datetime]]:
+        """`(request_id, client_key, expires_at)` of every live lock, soonest expiry first."""
+
+        async def read(conn: Conn) -> list[tuple[str, str, int]]:
+            cursor = await conn.execute(
+                f"SELECT id, lock_client, abs(order_no) / {TICKS} FROM headlock_requests"  # noqa: S608
+                f" WHERE qid = %s AND order_no IS NOT NULL AND {_LOCKED} ORDER BY abs(order_no)",
+                (self.qid,),
+            )
+            return await cursor.fetchall()
+
+        rows = await self._run("locks", read, write=False)
+        return [(request_id, holder, _to_datetime(int(us))) for request_id, holder, us in rows]
+
+    # -- the queue by hand (`runner.queue.admin.QueueAdmin`) ------------------------------------------------
+
+    async def counts(self) -> QueueCounts:
+        """Handled, failed, pending and locked requests, and the locks by client key, from one snapshot.
+
+        Totals come from the clients' rows, failed and locked requests through their indexes: the cost grows with
+        those counts, not with the queue's size.
+        """
+        sql = (
+            "SELECT (SELECT coalesce(sum(total), 0) FROM headlock_clients WHERE qid = %(q)s),"  # noqa: S608
+            " (SELECT coalesce(sum(handled), 0) FROM headlock_clients WHERE qid = %(q)s),"
+            " (SELECT count(*) FROM headlock_requests WHERE qid = %(q)s AND failed),"
+            " (SELECT coalesce(json_object_agg(lock_client, n), '{}')::text FROM (SELECT lock_client, count(*) AS n"
+            f" FROM headlock_requests WHERE qid = %(q)s AND order_no IS NOT NULL AND {_LOCKED}"
+            " GROUP BY lock_client) l)"
+        )
+
+        async def read(conn: Conn) -> tuple[Any, ...] | None:
+            return await (await conn.execute(sql, {"q": self.qid})).fetchone()
+
+        row = await self._run("counts", read, write=False)
+        assert row is not None  # noqa: S101 - an aggregate always returns its row
+        total, handled, failed = int(row[0]), int(row[1]), int(row[2])
+        holders: dict[str, int] = dict(sorted(json.loads(row[3]).items()))
+        locked = sum(holders.values())
+        return QueueCounts(
+            total=total,
+            handled=handled - failed,
+            failed=failed,
+            pending=total - handled - locked,
+            locked=locked,
+            locks_by_client=holders,
+        )
+
+    async def list_requests(
+        self,
+        *,
+        after: str | None = None,
+        limit: int,
+        locked: bool = False,
+        pending: bool = False,
+        failed: bool = False,
+        handled: bool = False,
+    ) -> RequestPage:
+        """Up to `limit` requests with ids after `after`, in id order, of the states asked (a union; none: all).
+
+        A lock is live while its expiry is after the database's now. `next_after` is the last id of a full page.
+
+        Raises:
+            InvalidInputError: `limit` is not 1-`MAX_LIST_LIMIT`.
+        """
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidInputError(f"limit must be 1-{MAX_LIST_LIMIT}, got {limit}", endpoint="list_requests")
+        conditions = ["qid = %(q)s"]
+        if after is not None:
+            conditions.append("id > %(after)s")
+        chosen = [sql for sql, asked in zip(_LIST_STATES, (locked, pending, failed, handled), strict=True) if asked]
+        if chosen:
+            conditions.append(f"({' OR '.join(chosen)})")
+        sql = (
+            f"SELECT id, data::text FROM headlock_requests WHERE {' AND '.join(conditions)}"  # noqa: S608
+            " ORDER BY id LIMIT %(limit)s"
+        )
+
+        async def read(conn: Conn) -> list[tuple[str, str]]:
+            return await (await conn.execute(sql, {"q": self.qid, "after": after, "limit": limit})).fetchall()
+
+        rows = await self._run("list_requests", read, write=False)
+        items = [_listed(request_id, data.encode()) for request_id, data in rows]
+        return RequestPage(items=items, next_after=items[-1]["id"] if len(items) == limit else None)
+
+    async def requeue(self, request_ids: Sequence[str], *, client_key: str) -> RequeueResult:
+        """Return the handled requests among `request_ids` to pending at the end of the queue (in the order given),
+        with a fresh retry budget, in one transaction. Idempotent: pending and locked ones are left as they are.
+
+        Raises:
+            InvalidInputError: more than `MAX_REQUEUE_BATCH` ids, or a bad client key.
+        """
+        _check_client_key(client_key, "requeue")
+        if len(request_ids) > MAX_REQUEUE_BATCH:
+            raise InvalidInputError(
+                f"requeue takes at most {MAX_REQUEUE_BATCH} requests a call, got {len(request_ids)}",
+                endpoint="requeue",
+            )
+        if not request_ids:
+            return RequeueResult()
+        await self._register(client_key, "requeue")
+        ids = list(request_ids)
+
+        async def requeue(conn: Conn) -> RequeueResult:
+            result = RequeueResult()
+            async with conn.transaction():
+                cursor = await conn.execute(
+                    "SELECT id, order_no IS NULL, data::text FROM headlock_requests WHERE qid = %s"
+                    " AND id = ANY(%s::text[]) ORDER BY id FOR UPDATE",
+                    (self.qid, ids),
+                )
+                found = {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
+                back: dict[str, str] = {}
+                for request_id in ids:
+                    state = found.get(request_id)
+                    if state is None:
+                        result.missing.append(request_id)
+                    elif not state[0]:
+                        result.not_handled.append(request_id)
+                    elif request_id not in back:
+                        data = _requeued(state[1])
+                        if data is None:
+                            result.unreadable.append(request_id)
+                        else:
+                            back[request_id] = data
+                            result.requeued.append(request_id)
+                if back:
+                    order = sorted(back)
+                    places = {request_id: place for place, request_id in enumerate(back)}
+                    await conn.execute(
+                        f"UPDATE headlock_requests r SET order_no = {_NOW} * {TICKS} + u.place, lock_client = NULL,"  # noqa: S608
+                        " failed = false, data = u.data::json FROM unnest(%s::text[], %s::text[], %s::integer[])"
+                        " AS u(id, data, place) WHERE r.qid = %s AND r.id = u.id",
+                        (order, [back[i] for i in order], [places[i] for i in order], self.qid),
+                    )
+                    await self._count(conn, total=0, handled=-len(back), client_key=client_key)
+            return result
+
+        return await self._run("requeue", requeue)
+
+    async def drop(self) -> None:
+        """Delete the queue with every request in it, and close this handle. Cannot be undone.
+
+        Raises:
+            NotFoundError: the queue does not exist (any more).
+        """
+
+        async def drop(conn: Conn) -> None:
+            async with conn.transaction():
+                cursor = await conn.execute("DELETE FROM headlock_queues WHERE qid = %s", (self.qid,))
+                if cursor.rowcount != 1:
+                    raise NotFoundError(f"no queue {self.where}", endpoint="drop", error_type="record-not-found")
+                await conn.execute("DELETE FROM headlock_requests WHERE qid = %s", (self.qid,))
+
+        try:
+            await self._run("drop", drop)
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self._pool.close(timeout=self._timeout)
+
+
+def _claim(args: dict[str, Any], wanted: int) -> Callable[[Conn], Awaitable[list[tuple[Any, ...]]]]:
+    """The claim statement (`_CLAIM`) for `wanted` requests, as a call `_run` makes."""
+
+    async def claim(conn: Conn) -> list[tuple[Any, ...]]:
+        return await (await conn.execute(_CLAIM, {**args, "n": wanted})).fetchall()
+
+    return claim
+
+
+def _requeued(data: str) -> str | None:
+    """The stored JSON of a handled request made pending again (`Request.requeued`), or None when it cannot be
+    (unreadable, or quarantined damage)."""
+    try:
+        request = _parse(data)
+        return _dump(request.requeued(), "requeue") if can_requeue(request) else None
+    except (*_UNREADABLE, InvalidInputError):
+        return None
+
+
+def _connection_lost(exc: psycopg.Error) -> bool:
+    """Whether `exc` says the connection is gone (not a refused statement): the pool's connections may all be."""
+    if isinstance(exc, PoolTimeout):
+        return False
+    if exc.sqlstate is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return exc.sqlstate in _CONNECTION_LOST
+
+
+async def _find_queue(conn: Conn, name: str, *, create: bool) -> tuple[int, str] | None:
+    """Migrate the schema (unless `create` is false and there is none), then find (or create) the queue `name`.
+
+    Raises:
+        QueueUnavailableError: the schema is newer than this version knows, or tables of these names are not
+            headlock's.
+    """
+    if not create:
+        exists = await (await conn.execute("SELECT to_regclass('headlock_queues') IS NOT NULL")).fetchone()
+        if exists is None or not exists[0]:
+            return None
+    await _migrate(conn)
+    if create:
+        alphabet = string.ascii_letters + string.digits
+        queue_id = "".join(secrets.choice(alphabet) for _ in range(17))
+        await conn.execute(
+            "INSERT INTO headlock_queues (id, name) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING", (queue_id, name)
+        )
+    row = await (await conn.execute("SELECT qid, id FROM headlock_queues WHERE name = %s", (name,))).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+async def _migrate(conn: Conn) -> None:
+    """Bring the schema to `SCHEMA_VERSION` in one transaction, under an advisory lock per schema: workers opening
+    at once wait for the first, then find it done."""
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(coalesce(current_schema(), '')))", (_ADVISORY_CLASS,)
+        )
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS headlock_schema"
+            " (one integer PRIMARY KEY CHECK (one = 1), version integer NOT NULL)"
+        )
+        row = await (await conn.execute("SELECT version FROM headlock_schema")).fetchone()
+        version = 0 if row is None else int(row[0])
+        if version > SCHEMA_VERSION:
+            raise QueueUnavailableError(
+                f"the database holds headlock schema version {version}, newer than this headlock's"
+                f" ({SCHEMA_VERSION}): upgrade headlock",
+                endpoint="open queue",
+            )
+        for step in range(version, SCHEMA_VERSION):
+            for statement in _MIGRATIONS[step]:
+                await conn.execute(statement)
+            _log.info("queue.schema_migrated", version=step + 1)
+        if version != SCHEMA_VERSION:
+            await conn.execute(
+                "INSERT INTO headlock_schema (one, version) VALUES (1, %s)"
+                " ON CONFLICT (one) DO UPDATE SET version = excluded.version",
+                (SCHEMA_VERSION,),
+            )
