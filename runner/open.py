@@ -1,4 +1,5 @@
-"""Open what the settings name: the queue (the embedded store or the HTTP API) and the results sink beside it."""
+"""Open what the settings name: the queue (the embedded store, PostgreSQL or the HTTP API) and the results sink
+beside it (the local dataset file on the embedded and postgres backends)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,19 @@ from runner.settings import Settings
 if TYPE_CHECKING:
     from runner.api.client import ApiClient
     from runner.api.resources import ActorRun, KeyValueStore
+    from runner.queue.postgres import PostgresQueue
 
-__all__ = ["RunBackends", "api_client", "api_token", "check_writable", "open_queue", "open_run", "open_store"]
+__all__ = [
+    "RunBackends",
+    "api_client",
+    "api_token",
+    "check_writable",
+    "open_postgres",
+    "open_queue",
+    "open_run",
+    "open_store",
+    "postgres_dsn",
+]
 
 PLATFORM_HOSTS = ("api.apify.com",)
 """API hosts that never answer without a token: asking them without one is refused before any call."""
@@ -41,9 +53,12 @@ async def open_queue(settings: Settings, *, metrics: Metrics | None = None) -> R
 
     Raises:
         ConfigError: the API backend without a base URL, or on the platform without a token; an embedded queue
-            whose storage cannot be written (read-only, no permission), naming the path.
+            whose storage cannot be written (read-only, no permission), naming the path; the postgres backend
+            without a DSN (or without the `postgres` extra).
         QueueError: the queue cannot be opened.
     """
+    if settings.queue.backend == "postgres":
+        return await open_postgres(settings, metrics=metrics)
     if settings.queue.backend == "embedded":
         path = queue_path(settings.storage_dir, validate_queue_name(settings.queue.name))
         await anyio.to_thread.run_sync(check_writable, path)
@@ -60,6 +75,38 @@ async def open_queue(settings: Settings, *, metrics: Metrics | None = None) -> R
         timeout=api.timeout,
         max_retries=api.max_retries,
         metrics=metrics or Metrics(),
+    )
+
+
+def postgres_dsn(settings: Settings) -> str:
+    """The postgres backend's DSN.
+
+    Raises:
+        ConfigError: none is set.
+    """
+    if settings.queue.dsn is None or not settings.queue.dsn.get_secret_value().strip():
+        raise ConfigError(
+            "queue.dsn: required for backend 'postgres' (set HEADLOCK_QUEUE__DSN or DATABASE_URL, or [queue] dsn in"
+            " the config file)"
+        )
+    return settings.queue.dsn.get_secret_value()
+
+
+async def open_postgres(settings: Settings, *, create: bool = True, metrics: Metrics | None = None) -> PostgresQueue:
+    """The configured queue in PostgreSQL (the schema brought up to date), created unless `create` is false.
+
+    Raises:
+        ConfigError: no DSN, a DSN that does not parse, or psycopg is not installed.
+        NotFoundError: `create` is false and there is no such queue.
+        QueueError: the database cannot be reached.
+    """
+    dsn = postgres_dsn(settings)
+    try:
+        from runner.queue.postgres import PostgresQueue  # noqa: PLC0415 - only this backend needs psycopg
+    except ImportError as exc:
+        raise ConfigError(f"queue.backend 'postgres' needs psycopg: pip install 'headlock[postgres]' ({exc})") from exc
+    return await PostgresQueue.open(
+        dsn, validate_queue_name(settings.queue.name), create=create, metrics=metrics or Metrics()
     )
 
 
@@ -114,7 +161,7 @@ async def open_run(
         QueueError: a backend cannot be opened (e.g. no such queue or dataset).
     """
     async with contextlib.AsyncExitStack() as stack:
-        if settings.queue.backend == "embedded" and not settings.results_on_api():
+        if settings.queue.backend in ("embedded", "postgres") and not settings.results_on_api():
             queue = await open_queue(settings, metrics=metrics)
             stack.push_async_callback(queue.aclose)
             results = await _local_results(settings)

@@ -1,5 +1,8 @@
-"""Settings, lowest rank first: a TOML file, the Apify platform's variables (`runner.actor.env`), the Actor's input
-record (`runner.actor.input`), `HEADLOCK_...` environment variables, then CLI flags (flags win).
+"""Settings, lowest rank first: `DATABASE_URL`, a TOML file, the Apify platform's variables (`runner.actor.env`), the
+Actor's input record (`runner.actor.input`), `HEADLOCK_...` environment variables, then CLI flags (flags win).
+
+`DATABASE_URL` (the variable hosting platforms set for an app's database) gives `queue.dsn`, and nothing else: it
+is read only when nothing else sets the DSN, and it does not choose the backend (`queue.backend = "postgres"` does).
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ import os
 import secrets
 import string
 import tomllib
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +38,7 @@ __all__ = [
     "Settings",
     "StartRequest",
     "WorkerSettings",
+    "database_url_settings",
     "load_settings",
     "random_client_key",
 ]
@@ -52,8 +57,16 @@ class _Section(BaseModel):
 class QueueSettings(_Section):
     """Which queue to consume."""
 
-    backend: Literal["embedded", "apify"] = "embedded"
-    name: str = Field("default", description="Queue name (a file under storage_dir for the embedded backend).")
+    backend: Literal["embedded", "apify", "postgres"] = "embedded"
+    name: str = Field(
+        "default",
+        description="Queue name (a file under storage_dir for the embedded backend, a queue row for postgres).",
+    )
+    dsn: SecretStr | None = Field(
+        None,
+        description="The postgres backend's database: a libpq connection string or a postgresql:// URL (also read from "
+        "DATABASE_URL). Never shown: not in logs, errors or reprs.",
+    )
     id: str | None = Field(None, description="API queue id; when unset the API queue is got or created by name.")
     unique_keys: KeyConvention = Field(
         "headlock",
@@ -183,13 +196,21 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Flags (init) > HEADLOCK_ env > Apify env > TOML file (`load_settings` adds the Actor's input)."""
+        """Flags (init) > HEADLOCK_ env > Apify env > TOML file > DATABASE_URL (`load_settings` adds the Actor's
+        input)."""
         return (
             init_settings,
             env_settings,
             _DictSource(settings_cls, actor_env_settings(os.environ)),
             TomlConfigSettingsSource(settings_cls),
+            _DictSource(settings_cls, database_url_settings(os.environ)),
         )
+
+
+def database_url_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """`queue.dsn` from `DATABASE_URL`, when it is set and not blank."""
+    url = env.get("DATABASE_URL", "").strip()
+    return {"queue": {"dsn": url}} if url else {}
 
 
 class _DictSource(PydanticBaseSettingsSource):
@@ -254,7 +275,7 @@ def describe_validation_error(exc: ValidationError, source: Path | None = None) 
         if error["type"] == "extra_forbidden":
             rule = "unknown key"
         value = error.get("input")
-        secret = "token" in key
+        secret = "token" in key or "dsn" in key
         shown = "" if secret or isinstance(value, dict) or error["type"] == "missing" else f" (got {value!r})"
         lines.append(f"{key}: {rule}{shown}")
     where = f" in {source}" if source else ""

@@ -1,9 +1,10 @@
-"""`headlock status`, `requests`, `requeue`, `purge` and `unlock`: the queue by hand, on either backend.
+"""`headlock status`, `requests`, `requeue`, `purge` and `unlock`: the queue by hand, on every backend.
 
 These commands only look a queue up, they never create one: `status --queue NAME` (and the others) of a queue that
-does not exist say so on one line and exit 1, leaving no file (embedded) or queue (API: a GET of `~NAME`, not the
-get-or-create a run does) behind. Exit codes: 0 done; 1 no such queue, a URL given to `requeue --url` is not in it,
-or `purge` was declined at its prompt; 2 bad usage (e.g. `purge` without `--yes` when stdin is not a terminal).
+does not exist say so on one line and exit 1, leaving no file (embedded), queue row or tables (postgres) or queue
+(API: a GET of `~NAME`, not the get-or-create a run does) behind. Exit codes: 0 done; 1 no such queue, a URL given
+to `requeue --url` is not in it, or `purge` was declined at its prompt; 2 bad usage (e.g. `purge` without `--yes`
+when stdin is not a terminal).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from runner.context import make_draft
 from runner.errors import ConfigError, NotFoundError, QueueError
 from runner.metrics import Metrics
 from runner.models import QueueCounts, is_failed
-from runner.open import api_client, api_token, open_queue
+from runner.open import api_client, api_token, open_postgres, open_queue
 from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequeueResult
 from runner.queue.sqlite import SqliteQueue, queue_path, validate_queue_name
 from runner.settings import Settings, random_client_key
@@ -34,6 +35,8 @@ from runner.uniquekey import request_id_for, unique_key_function
 
 if TYPE_CHECKING:
     from runner.queue.api import ApiQueue
+    from runner.queue.postgres import PostgresQueue
+
 
 log = structlog.get_logger("headlock.cli")
 
@@ -53,7 +56,7 @@ def _say(message: str) -> None:
     print(message)  # noqa: T201 - the command's output
 
 
-async def _open_existing(settings: Settings) -> SqliteQueue | ApiQueue | None:
+async def _open_existing(settings: Settings) -> SqliteQueue | ApiQueue | PostgresQueue | None:
     """The configured queue if it exists (None, with the reason on stderr, when it does not); nothing is created.
 
     Raises:
@@ -61,6 +64,12 @@ async def _open_existing(settings: Settings) -> SqliteQueue | ApiQueue | None:
         QueueError: the API's lookup failed otherwise.
     """
     name = settings.queue.name
+    if settings.queue.backend == "postgres":
+        try:
+            return await open_postgres(settings, create=False)
+        except NotFoundError as exc:
+            _error(f"{exc} (nothing was created)")
+            return None
     if settings.queue.backend == "embedded":
         path = queue_path(settings.storage_dir, validate_queue_name(name))
         if not await anyio.to_thread.run_sync(path.is_file):
@@ -142,15 +151,19 @@ async def status_command(settings: Settings, args: argparse.Namespace) -> int:
 # -- requests -------------------------------------------------------------------------------------------------
 
 
-async def _collect(queue: SqliteQueue | ApiQueue, state: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+async def _collect(
+    queue: SqliteQueue | ApiQueue | PostgresQueue, state: str | None, limit: int
+) -> tuple[list[dict[str, Any]], bool]:
     """The first `limit` requests in the state (None: all), and whether there are more."""
+    from runner.queue.api import ApiQueue  # noqa: PLC0415 - only the API backend needs it
+
     flags = {} if state is None else {state: True}
     items: list[dict[str, Any]] = []
     after: str | None = None
     for _ in range(_MAX_PAGES):
         wanted = limit + 1 - len(items)
         # A page the API backend filters itself (failed, handled) may match few of its items: ask for big pages.
-        size = MAX_LIST_LIMIT if not isinstance(queue, SqliteQueue) and state in ("failed", "handled") else wanted
+        size = MAX_LIST_LIMIT if isinstance(queue, ApiQueue) and state in ("failed", "handled") else wanted
         page = await queue.list_requests(after=after, limit=min(max(size, 1), MAX_LIST_LIMIT), **flags)
         items.extend(page.items)
         after = page.next_after
@@ -265,7 +278,9 @@ def _merge(total: RequeueResult, part: RequeueResult) -> None:
     total.unreadable.extend(part.unreadable)
 
 
-async def _requeue_failed(queue: SqliteQueue | ApiQueue, *, client_key: str, dry_run: bool) -> RequeueResult:
+async def _requeue_failed(
+    queue: SqliteQueue | ApiQueue | PostgresQueue, *, client_key: str, dry_run: bool
+) -> RequeueResult:
     """Requeue (or, dry, only find) every failed request, one page at a time."""
     total = RequeueResult()
     after: str | None = None
@@ -283,7 +298,7 @@ async def _requeue_failed(queue: SqliteQueue | ApiQueue, *, client_key: str, dry
     return total
 
 
-async def _classify(queue: SqliteQueue | ApiQueue, request_ids: Sequence[str]) -> RequeueResult:
+async def _classify(queue: SqliteQueue | ApiQueue | PostgresQueue, request_ids: Sequence[str]) -> RequeueResult:
     """What `requeue` would do with each id, read only."""
     result = RequeueResult()
     for request_id in request_ids:
@@ -437,10 +452,15 @@ async def _dataset_target(settings: Settings) -> tuple[str, Callable[[], Awaitab
     return f"dataset {settings.dataset!r} ({files[0]})", partial(anyio.to_thread.run_sync, _delete_files, files)
 
 
-async def _describe(queue: SqliteQueue | ApiQueue, settings: Settings) -> str:
+async def _describe(queue: SqliteQueue | ApiQueue | PostgresQueue, settings: Settings) -> str:
     """The queue as the purge prompt names it: name, where, how many requests."""
     total = (await queue.get_info()).total_request_count
     where = str(queue.path) if isinstance(queue, SqliteQueue) else f"at {settings.api.base_url}"
+    if settings.queue.backend == "postgres":
+        from runner.queue.postgres import PostgresQueue  # noqa: PLC0415 - only this backend needs psycopg
+
+        if isinstance(queue, PostgresQueue):
+            where = f"in {queue.database}"
     return f"queue {settings.queue.id or settings.queue.name!r} ({where}, {_requests(total)})"
 
 

@@ -49,7 +49,14 @@ import structlog
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueError, QueueUnavailableError
+from runner.errors import (
+    ConfigError,
+    InvalidInputError,
+    LockLostError,
+    NotFoundError,
+    QueueError,
+    QueueUnavailableError,
+)
 from runner.metrics import Metrics
 from runner.models import (
     AddedRequest,
@@ -284,13 +291,13 @@ def _target(dsn: str) -> _Target:
     """Parse `dsn` (a libpq conninfo string or a postgresql:// URL).
 
     Raises:
-        InvalidInputError: it does not parse (the message shows it without its password).
+        ConfigError: it does not parse (the message shows it without its password).
     """
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.Error as exc:
-        raise InvalidInputError(
-            f"queue.dsn is not a valid PostgreSQL connection string: {redact(str(exc))}", endpoint="open queue"
+        raise ConfigError(
+            f"queue.dsn: not a valid PostgreSQL connection string: {redact(str(exc))}"
         ) from None  # the original message may quote the DSN, password included
     password = str(params.get("password") or "")
     return _Target(
@@ -361,7 +368,8 @@ class PostgresQueue:
         call that gets no connection or no answer within it raises `QueueUnavailableError`.
 
         Raises:
-            InvalidInputError: an invalid queue name or DSN.
+            ConfigError: a DSN that does not parse.
+            InvalidInputError: an invalid queue name.
             NotFoundError: `create` is false and there is no such queue (nothing is created).
             QueueUnavailableError: the database cannot be reached, or holds a newer headlock schema.
         """
@@ -379,40 +387,58 @@ class PostgresQueue:
                 (str(timeout_ms), str(timeout_ms), str(max(timeout_ms * 2, 1000))),
             )
 
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": max(int(timeout), 2),
+            "application_name": "headlock",
+        }
+        # One connection of its own first, for the schema and the queue: a wrong password or a missing database
+        # fails here at once, with the server's reason (a pool would try again until its timeout).
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(timeout + 5):
+                first = await psycopg.AsyncConnection.connect(dsn, **kwargs)
+        except (psycopg.Error, TimeoutError) as exc:
+            reason = "no connection within the timeout" if isinstance(exc, TimeoutError) else str(exc)
+            raise QueueUnavailableError(
+                f"cannot connect to {target}: {redact(reason, target.secrets)}", endpoint="open queue"
+            ) from None  # the cause's message may carry connection details
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(timeout + 5):
+                await configure(first)
+                found = await _find_queue(first, name, create=create)
+        except TimeoutError:
+            raise QueueUnavailableError(
+                f"{target} did not answer within {timeout + 5:g} s", endpoint="open queue"
+            ) from None
+        except psycopg.Error as exc:
+            raise _mapped(exc, target, "open queue", write=True) from exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await first.close()
+        if found is None:
+            raise NotFoundError(f"no queue {name!r} in {target}", endpoint="open queue", error_type="record-not-found")
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             dsn,
             min_size=1,
             max_size=max(pool_size, 1),
-            kwargs={"autocommit": True, "connect_timeout": max(int(timeout), 2), "application_name": "headlock"},
+            kwargs=kwargs,
             configure=configure,
             open=False,
             timeout=timeout,
             name="headlock",
         )
-        try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(timeout + 5):
-                await pool.open(wait=True, timeout=timeout)
-        except (psycopg.Error, TimeoutError) as exc:
-            with anyio.CancelScope(shield=True):
-                await pool.close()
-            reason = "no connection within the timeout" if isinstance(exc, TimeoutError) else str(exc)
-            raise QueueUnavailableError(
-                f"cannot connect to {target}: {redact(reason, target.secrets)}", endpoint="open queue"
-            ) from None  # the cause's message may carry connection details
-        queue = cls(pool, target, qid=0, queue_id="", name=name, timeout=timeout, metrics=metrics or Metrics())
-        try:
-            found = await queue._run("open queue", lambda conn: _find_queue(conn, name, create=create))
-        except BaseException:
-            await queue.aclose()
-            raise
-        if found is None:
-            await queue.aclose()
-            raise NotFoundError(f"no queue {name!r} in {target}", endpoint="open queue", error_type="record-not-found")
-        queue.qid, queue.queue_id = found
-        return queue
+        await pool.open(wait=False)  # connects in the background; the first call waits for it (bounded)
+        return cls(
+            pool, target, qid=found[0], queue_id=found[1], name=name, timeout=timeout, metrics=metrics or Metrics()
+        )
 
     def __repr__(self) -> str:
         return f"PostgresQueue({str(self._target)!r}, {self.name!r})"
+
+    @property
+    def database(self) -> str:
+        """The database, without the password (for messages): `postgres HOST:PORT/DBNAME`."""
+        return str(self._target)
 
     @property
     def where(self) -> str:
@@ -441,7 +467,8 @@ class PostgresQueue:
         """Run `fn` shielded from cancellation (a cancelled caller gets the outcome's cancellation afterwards, not a
         connection abandoned mid-query), bounded by the timeout; map psycopg's errors.
 
-        A read that lost its connection is tried once more on a fresh one (after the pool dropped its dead ones).
+        A call whose connection was gone (a database restart) is tried once more on a fresh one, after the pool
+        dropped its dead ones: a read always, a write when the server's answer shows it was not applied.
         """
         if self._closed:
             raise QueueUnavailableError(f"the queue {self.where} is closed", endpoint=endpoint)
@@ -462,23 +489,15 @@ class PostgresQueue:
                     if lost:
                         with anyio.move_on_after(self._timeout):
                             await self._pool.check()  # drop the pool's other dead connections now
-                    if lost and not write and attempt == 1:
+                    # A read may always go again; a write only when the server said it failed (a SQLSTATE:
+                    # `terminating connection`, `shutting down`), so it was not applied.
+                    if lost and attempt == 1 and (not write or exc.sqlstate is not None):
                         continue
                     raise self._map(exc, endpoint, write=write) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _map(self, exc: psycopg.Error, endpoint: str, *, write: bool) -> QueueError:
-        """The headlock error for a psycopg one (its message without the password)."""
-        message = redact(str(exc).strip() or type(exc).__name__, self._target.secrets)
-        if isinstance(exc, PoolTimeout):
-            return QueueUnavailableError(f"no connection to {self._target}: {message}", endpoint=endpoint)
-        if isinstance(exc, psycopg.errors.QueryCanceled):
-            return QueueUnavailableError(f"{self._target}: statement cancelled: {message}", endpoint=endpoint)
-        if isinstance(exc, psycopg.DataError):
-            return InvalidInputError(f"{self._target} refused the data: {message}", endpoint=endpoint)
-        # Without a SQLSTATE the connection broke under the statement: a commit may have happened unanswered.
-        unanswered = write and exc.sqlstate is None and isinstance(exc, psycopg.OperationalError)
-        return QueueUnavailableError(f"{self._target}: {message}", endpoint=endpoint, maybe_applied=unanswered)
+        return _mapped(exc, self._target, endpoint, write=write)
 
     async def _register(self, client_key: str, endpoint: str) -> None:
         """Give `client_key` its counter row (once per client key and handle)."""
@@ -1090,6 +1109,20 @@ def _requeued(data: str) -> str | None:
         return _dump(request.requeued(), "requeue") if can_requeue(request) else None
     except (*_UNREADABLE, InvalidInputError):
         return None
+
+
+def _mapped(exc: psycopg.Error, target: _Target, endpoint: str, *, write: bool) -> QueueError:
+    """The headlock error for a psycopg one (its message without the password)."""
+    message = redact(str(exc).strip() or type(exc).__name__, target.secrets)
+    if isinstance(exc, PoolTimeout):
+        return QueueUnavailableError(f"no connection to {target}: {message}", endpoint=endpoint)
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return QueueUnavailableError(f"{target}: statement cancelled: {message}", endpoint=endpoint)
+    if isinstance(exc, psycopg.DataError):
+        return InvalidInputError(f"{target} refused the data: {message}", endpoint=endpoint)
+    # Without a SQLSTATE the connection broke under the statement: a commit may have happened unanswered.
+    unanswered = write and exc.sqlstate is None and isinstance(exc, psycopg.OperationalError)
+    return QueueUnavailableError(f"{target}: {message}", endpoint=endpoint, maybe_applied=unanswered)
 
 
 def _connection_lost(exc: psycopg.Error) -> bool:
