@@ -39,6 +39,7 @@ _SETTINGS = {
     "max_connections": "200",
     "shared_buffers": "64MB",
     "log_min_messages": "warning",
+    "deadlock_timeout": "'50ms'",  # a deadlock (which a test must not cause) is found at once, not after 1 s
 }
 _WAIT = 30
 """Seconds any step (initdb, start, stop, restart) may take."""
