@@ -124,7 +124,7 @@ async def test_queues_of_one_database_are_apart_and_looking_one_up_creates_nothi
 @pytest.mark.anyio
 async def test_the_claim_reads_the_head_index_not_the_table(queue: PostgresQueue, postgres_dsn: str) -> None:
     """With 100,000 handled and 100,000 pending rows, the claim is an index scan of the head (no sequential scan,
-    no sort) and locks the first requests in order."""
+    no sort), its "is anything locked" probe two index ranges (no filtering), and it locks the first requests."""
     async with await raw(postgres_dsn) as conn:
         await conn.execute(
             "INSERT INTO headlock_requests (qid, id, order_no, data)"
@@ -145,6 +145,8 @@ async def test_the_claim_reads_the_head_index_not_the_table(queue: PostgresQueue
     assert "Index Scan using headlock_requests_head" in claim
     assert "Sort" not in claim  # the index gives the head order: no sort of the pending set
     assert "Seq Scan on headlock_requests" not in plan
+    # "Is anything locked" reads the two ranges beside the head: with an OR the planner filtered every row.
+    assert not re.search(r"Filter: .*order_no", plan), plan
     head = await queue.lock_head(limit=25, lock_secs=LONG, client_key=A)
     assert [r.url for r in head.items] == [f"http://example.com/{n}" for n in range(100000, 100025)]
 

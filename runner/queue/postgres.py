@@ -101,7 +101,13 @@ _HIGH = f"({_NOW} * {TICKS} + {TICKS - 1})"
 _AVAILABLE = f"order_no BETWEEN {_LOW} AND {_HIGH}"
 """Unhandled and not locked (never, released, or expired): the available head."""
 _LOCKED = f"(order_no > {_HIGH} OR order_no < {_LOW})"
-"""Held by a live lock (two index ranges beside the available head)."""
+"""Held by a live lock (two index ranges beside the available head). As a filter only: the planner does not make
+index ranges of the OR (it scanned every row of the queue); `_LOCKED_ROWS` reads the two ranges."""
+_LOCKED_ROWS = f"""(
+    SELECT id, lock_client, order_no FROM headlock_requests WHERE qid = %(q)s AND order_no > {_HIGH}
+    UNION ALL SELECT id, lock_client, order_no FROM headlock_requests WHERE qid = %(q)s AND order_no < {_LOW}
+)"""  # noqa: S608 - fixed parts only
+"""The live locks of queue %(q)s, read through the head index's two ranges beside the available head."""
 
 _ADVISORY_CLASS = 0x6865_6164  # "head": the first key of the migration's advisory lock; the second is the schema's
 
@@ -160,7 +166,8 @@ u AS (
 SELECT id, order_no, data, NULL::boolean, NULL::boolean FROM u
 UNION ALL
 SELECT NULL, NULL, NULL,
-    EXISTS (SELECT 1 FROM headlock_requests WHERE qid = %(q)s AND {_LOCKED}),
+    EXISTS (SELECT 1 FROM headlock_requests WHERE qid = %(q)s AND order_no > {_HIGH})
+        OR EXISTS (SELECT 1 FROM headlock_requests WHERE qid = %(q)s AND order_no < {_LOW}),
     (SELECT count(*) FROM (SELECT 1 FROM headlock_clients WHERE qid = %(q)s LIMIT 2) k) > 1
 """  # noqa: S608 - fixed parts only
 """Lock up to n available requests in head order and return them, with "is anything locked" and "several clients"
@@ -638,10 +645,15 @@ class PostgresQueue:
         _check_client_key(client_key, "unlock_requests")
         # In the order they were in (each lock of one claim has its own place): they come back as they left.
         sql = f"""
-            WITH l AS (
+            WITH high AS (
                 SELECT id, order_no FROM headlock_requests
-                WHERE qid = %(q)s AND lock_client = %(client)s AND order_no IS NOT NULL AND {_LOCKED} FOR UPDATE
+                WHERE qid = %(q)s AND order_no > {_HIGH} AND lock_client = %(client)s FOR UPDATE
             ),
+            low AS (
+                SELECT id, order_no FROM headlock_requests
+                WHERE qid = %(q)s AND order_no < {_LOW} AND lock_client = %(client)s FOR UPDATE
+            ),
+            l AS (SELECT * FROM high UNION ALL SELECT * FROM low),
             p AS (SELECT id, order_no, least(row_number() OVER (ORDER BY order_no) - 1, {TICKS - 1}) AS place FROM l)
             UPDATE headlock_requests r
             SET order_no = (CASE WHEN p.order_no < 0 THEN -1 ELSE 1 END) * {_NOW} * {TICKS} + p.place,
@@ -929,9 +941,9 @@ class PostgresQueue:
 
         async def read(conn: Conn) -> list[tuple[str, str, int]]:
             cursor = await conn.execute(
-                f"SELECT id, lock_client, abs(order_no) / {TICKS} FROM headlock_requests"  # noqa: S608
-                f" WHERE qid = %s AND order_no IS NOT NULL AND {_LOCKED} ORDER BY abs(order_no)",
-                (self.qid,),
+                f"SELECT id, lock_client, abs(order_no) / {TICKS} FROM {_LOCKED_ROWS} l"  # noqa: S608
+                " ORDER BY abs(order_no)",
+                {"q": self.qid},
             )
             return await cursor.fetchall()
 
@@ -951,8 +963,7 @@ class PostgresQueue:
             " (SELECT coalesce(sum(handled), 0) FROM headlock_clients WHERE qid = %(q)s),"
             " (SELECT count(*) FROM headlock_requests WHERE qid = %(q)s AND failed),"
             " (SELECT coalesce(json_object_agg(lock_client, n), '{}')::text FROM (SELECT lock_client, count(*) AS n"
-            f" FROM headlock_requests WHERE qid = %(q)s AND order_no IS NOT NULL AND {_LOCKED}"
-            " GROUP BY lock_client) l)"
+            f" FROM {_LOCKED_ROWS} l GROUP BY lock_client) l)"
         )
 
         async def read(conn: Conn) -> tuple[Any, ...] | None:
