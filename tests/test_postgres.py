@@ -135,11 +135,11 @@ async def test_the_claim_reads_the_head_index_not_the_table(queue: PostgresQueue
             (queue.qid,),
         )
         await conn.execute("ANALYZE headlock_requests")
-        from runner.queue.postgres import _CLAIM  # noqa: PLC0415 - the statement itself
+        from runner.queue.postgres._sql import CLAIM  # noqa: PLC0415 - the statement itself
 
         args = {"q": queue.qid, "n": 25, "lock_us": 1, "client": "explain"}
         async with conn.transaction(force_rollback=True):
-            plan = "\n".join(r[0] for r in await (await conn.execute(f"EXPLAIN {_CLAIM}", args)).fetchall())
+            plan = "\n".join(r[0] for r in await (await conn.execute(f"EXPLAIN {CLAIM}", args)).fetchall())
     [claim] = [part for part in re.split(r"\n\s*CTE ", plan) if part.startswith("c\n")]
     assert "LockRows" in claim
     assert "Index Scan using headlock_requests_head" in claim
@@ -226,11 +226,11 @@ async def test_three_clients_racing_with_stalls_never_hold_one_request_at_once(p
 
 
 @pytest.mark.anyio
-async def test_overlapping_unsorted_batch_adds_from_four_clients_do_not_deadlock(postgres_dsn: str) -> None:
-    """Four clients adding the same 25 new requests each round, each in its own shuffled order, all at once, 30
+async def test_overlapping_unsorted_batch_adds_from_six_clients_do_not_deadlock(postgres_dsn: str) -> None:
+    """Six clients adding the same 25 new requests each round, each in its own shuffled order, all at once, 60
     rounds: no deadlock (rows are written in id order), every request stored and counted once."""
-    queues = [await PostgresQueue.open(postgres_dsn, "adds", pool_size=1) for _ in range(4)]
-    rounds = [anyio.Event() for _ in range(30)]
+    queues = [await PostgresQueue.open(postgres_dsn, "adds", pool_size=1) for _ in range(6)]
+    rounds = [anyio.Event() for _ in range(60)]
     arrived = [0] * len(rounds)
     try:
 
@@ -253,7 +253,7 @@ async def test_overlapping_unsorted_batch_adds_from_four_clients_do_not_deadlock
     finally:
         for q in queues:
             await q.aclose()
-    assert (info.total_request_count, info.pending_request_count) == (750, 750)
+    assert (info.total_request_count, info.pending_request_count) == (1500, 1500)
 
 
 # -- cancellation, timeouts, restarts ---------------------------------------------------------------------------------

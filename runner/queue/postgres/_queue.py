@@ -1,62 +1,19 @@
-"""The PostgreSQL queue: many named queues in one database, shared by workers on any number of machines.
-
-Same semantics as the embedded store (`runner.queue.sqlite`, whose row helpers it shares), laid out for many
-writers (schema version 1, in the connection's current schema):
-
-    headlock_schema    the schema version (migrations run under an advisory lock, so any number of workers may
-                       open the database at once)
-    headlock_queues    one row per queue: qid (internal), id (17 alphanumerics), name, created_at
-    headlock_clients   one row per (queue, client key): the counts of what that client added and handled, and when
-                       it last wrote. `get_info` sums them: no counter row is shared by every worker, so writers
-                       never queue behind one hot row.
-    headlock_requests  (qid, id) -> order_no, lock_client, failed, data (the request's JSON)
-
-Ordering follows the platform's model as the embedded store does, with order numbers in ticks of 1/1024 µs: a
-pending request has `order_no` = ±(time · 1024 + k), k its place in the batch that wrote it (< 1024), the sign
-forefront (< 0) or not; a lock moves it to ±(expiry · 1024). The available head is then the range
-[-now · 1024, now · 1024 + 1023] of a partial index over unhandled rows (handled ones have `order_no` NULL): a claim
-reads `limit` index entries whatever the queue's size and whatever the fleet holds, a lock expires with no write,
-and "is anything locked" is a probe of the two ranges beside it. Every time is the database's `now()`, never a
-worker's clock: worker clock steps and skew between machines cannot break a lock.
-
-Every call is one statement in autocommit (or one short transaction), shielded from cancellation and bounded by a
-server-side `statement_timeout` (a cancelled caller waits for the statement's outcome instead of abandoning a
-connection mid-query). Fenced writes check `lock_client` in the statement itself (`RequestQueue.update_request`):
-a write whose lease was retaken matches no row, changes nothing and raises `LockLostError`. Fenced updates arriving
-together (the committer's handled marks) are group-committed: one `UPDATE ... FROM unnest(...)` for all of them.
-Rows are written in id order within a statement (batch adds sort, marks sort), so overlapping writers cannot
-deadlock.
-
-The DSN's password never appears in a message, a log event or a repr.
-"""
+"""`PostgresQueue`: the Protocol methods and the queue by hand over one connection pool (see the package docstring)."""
 
 from __future__ import annotations
 
 import json
-import re
-import secrets
-import string
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import quote, quote_plus
 
 import anyio
 import psycopg
-import psycopg.errors
 import structlog
-from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
-from runner.errors import (
-    ConfigError,
-    InvalidInputError,
-    LockLostError,
-    NotFoundError,
-    QueueError,
-    QueueUnavailableError,
-)
+from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueError, QueueUnavailableError
 from runner.metrics import Metrics
 from runner.models import (
     AddedRequest,
@@ -69,6 +26,21 @@ from runner.models import (
     RequestRegistration,
 )
 from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequestPage, RequeueResult, can_requeue
+from runner.queue.postgres._connect import Target, connection_lost, mapped, parse_target, redact
+from runner.queue.postgres._schema import find_queue
+from runner.queue.postgres._sql import (
+    BATCH_ADD,
+    CLAIM,
+    FENCED,
+    HIGH,
+    LIST_STATES,
+    LOCKED,
+    LOCKED_ROWS,
+    LOW,
+    NOW,
+    QUARANTINE,
+    TICKS,
+)
 from runner.queue.protocol import MAX_BATCH, MAX_LOCK_LIMIT
 from runner.queue.sqlite import (
     _UNREADABLE,
@@ -85,178 +57,12 @@ from runner.queue.sqlite import (
 )
 from runner.uniquekey import request_id_for
 
-__all__ = ["SCHEMA_VERSION", "PostgresQueue", "redact"]
+__all__ = ["PostgresQueue"]
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
 
 _log = structlog.get_logger("headlock.queue.postgres")
-
-TICKS = 1024
-"""Order-number ticks per microsecond: room for the place of each request in a batch (a requeue takes 1000)."""
-_NOW = "(extract(epoch FROM now()) * 1000000)::bigint"
-"""The database's time in microseconds (the transaction's start: one statement, in autocommit)."""
-_LOW = f"(-{_NOW} * {TICKS})"
-_HIGH = f"({_NOW} * {TICKS} + {TICKS - 1})"
-_AVAILABLE = f"order_no BETWEEN {_LOW} AND {_HIGH}"
-"""Unhandled and not locked (never, released, or expired): the available head."""
-_LOCKED = f"(order_no > {_HIGH} OR order_no < {_LOW})"
-"""Held by a live lock (two index ranges beside the available head). As a filter only: the planner does not make
-index ranges of the OR (it scanned every row of the queue); `_LOCKED_ROWS` reads the two ranges."""
-_LOCKED_ROWS = f"""(
-    SELECT id, lock_client, order_no FROM headlock_requests WHERE qid = %(q)s AND order_no > {_HIGH}
-    UNION ALL SELECT id, lock_client, order_no FROM headlock_requests WHERE qid = %(q)s AND order_no < {_LOW}
-)"""  # noqa: S608 - fixed parts only
-"""The live locks of queue %(q)s, read through the head index's two ranges beside the available head."""
-
-_ADVISORY_CLASS = 0x6865_6164  # "head": the first key of the migration's advisory lock; the second is the schema's
-
-SCHEMA_VERSION = 1
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE headlock_queues (
-            qid integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            id text NOT NULL UNIQUE,
-            name text UNIQUE,
-            created_at timestamptz NOT NULL DEFAULT now()
-        )""",
-        """CREATE TABLE headlock_clients (
-            qid integer NOT NULL REFERENCES headlock_queues ON DELETE CASCADE,
-            client_key text NOT NULL,
-            total bigint NOT NULL DEFAULT 0,
-            handled bigint NOT NULL DEFAULT 0,
-            modified_at timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (qid, client_key)
-        )""",
-        # No foreign key to the queue: its check would take a share lock on the one queue row in every insert.
-        # Autovacuum settings for a table whose head is rewritten all the time (as pgqueuer ships them).
-        """CREATE TABLE headlock_requests (
-            qid integer NOT NULL,
-            id text NOT NULL,
-            order_no bigint,
-            lock_client text,
-            failed boolean NOT NULL DEFAULT false,
-            data json NOT NULL,
-            PRIMARY KEY (qid, id)
-        ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000,
-                autovacuum_vacuum_cost_delay = 0)""",
-        "CREATE INDEX headlock_requests_head ON headlock_requests (qid, order_no) WHERE order_no IS NOT NULL",
-        "CREATE INDEX headlock_requests_failed ON headlock_requests (qid, id) WHERE failed",
-    ),
-)
-"""Migration n takes the schema from version n to n + 1; append, never edit."""
-
-_CLAIM = f"""
-WITH t AS MATERIALIZED (SELECT {_NOW} AS now_us),
-c AS MATERIALIZED (
-    SELECT id, order_no FROM headlock_requests
-    WHERE qid = %(q)s
-      AND order_no BETWEEN -(SELECT now_us FROM t) * {TICKS} AND (SELECT now_us FROM t) * {TICKS} + {TICKS - 1}
-    ORDER BY order_no LIMIT %(n)s FOR UPDATE SKIP LOCKED
-),
-p AS (SELECT id, order_no, row_number() OVER (ORDER BY order_no) - 1 AS place FROM c),
-u AS (
-    UPDATE headlock_requests r
-    SET order_no = (CASE WHEN p.order_no < 0 THEN -1 ELSE 1 END) * ((SELECT now_us FROM t) + %(lock_us)s) * {TICKS}
-            + p.place,
-        lock_client = %(client)s
-    FROM p WHERE r.qid = %(q)s AND r.id = p.id
-    RETURNING r.id, p.order_no, r.data::text AS data
-)
-SELECT id, order_no, data, NULL::boolean, NULL::boolean FROM u
-UNION ALL
-SELECT NULL, NULL, NULL,
-    EXISTS (SELECT 1 FROM headlock_requests WHERE qid = %(q)s AND order_no > {_HIGH})
-        OR EXISTS (SELECT 1 FROM headlock_requests WHERE qid = %(q)s AND order_no < {_LOW}),
-    (SELECT count(*) FROM (SELECT 1 FROM headlock_clients WHERE qid = %(q)s LIMIT 2) k) > 1
-"""  # noqa: S608 - fixed parts only
-"""Lock up to n available requests in head order and return them, with "is anything locked" and "several clients"
-in a trailing row (the probe reads the snapshot before this statement's own locks: the caller adds them)."""
-
-_QUARANTINE = """
-WITH u AS (SELECT * FROM unnest(%(ids)s::text[], %(data)s::text[]) AS u(id, data)),
-w AS (
-    UPDATE headlock_requests r SET order_no = NULL, lock_client = NULL, failed = true, data = u.data::json
-    FROM u WHERE r.qid = %(q)s AND r.id = u.id AND r.lock_client = %(client)s AND r.order_no IS NOT NULL
-    RETURNING r.id
-)
-UPDATE headlock_clients SET handled = handled + (SELECT count(*) FROM w), modified_at = now()
-WHERE qid = %(q)s AND client_key = %(client)s
-"""
-
-_FENCED = """
-WITH u AS (
-    SELECT * FROM unnest(%(ids)s::text[], %(data)s::text[], %(handled)s::boolean[], %(failed)s::boolean[],
-                         %(clients)s::text[]) AS u(id, data, handled, failed, client)
-),
-w AS (
-    UPDATE headlock_requests r
-    SET order_no = CASE WHEN u.handled THEN NULL ELSE r.order_no END,
-        lock_client = CASE WHEN u.handled THEN NULL ELSE r.lock_client END,
-        failed = u.failed, data = u.data::json
-    FROM u WHERE r.qid = %(q)s AND r.id = u.id AND r.lock_client = u.client AND r.order_no IS NOT NULL
-    RETURNING r.id, u.client, u.handled
-),
-n AS (SELECT client, count(*) AS handled FROM w WHERE handled GROUP BY client),
-k AS (
-    UPDATE headlock_clients k SET handled = k.handled + n.handled, modified_at = now()
-    FROM n WHERE k.qid = %(q)s AND k.client_key = n.client
-)
-SELECT id FROM w
-"""
-"""Fenced updates of several requests at once (ids unique): applied only where `lock_client` is the caller's and
-the request is unhandled (the lock may have expired if nobody retook it); a handled one leaves the head."""
-
-_BATCH_ADD = f"""
-WITH t AS MATERIALIZED (SELECT {_NOW} AS now_us),
-d AS (
-    SELECT * FROM unnest(%(ids)s::text[], %(data)s::text[], %(handled)s::boolean[], %(failed)s::boolean[],
-                         %(places)s::integer[]) AS d(id, data, handled, failed, place)
-),
-ins AS (
-    INSERT INTO headlock_requests (qid, id, order_no, data, failed)
-    SELECT %(q)s, d.id,
-        CASE WHEN d.handled THEN NULL
-             WHEN %(forefront)s THEN -(SELECT now_us FROM t) * {TICKS} + d.place
-             ELSE (SELECT now_us FROM t) * {TICKS} + d.place END,
-        d.data::json, d.failed
-    FROM d ORDER BY d.id
-    ON CONFLICT (qid, id) DO NOTHING
-    RETURNING id, order_no IS NULL AS handled
-),
-k AS (
-    UPDATE headlock_clients SET total = total + (SELECT count(*) FROM ins),
-        handled = handled + (SELECT count(*) FROM ins WHERE handled), modified_at = now()
-    WHERE qid = %(q)s AND client_key = %(client)s AND EXISTS (SELECT 1 FROM ins)
-)
-SELECT id, true, handled FROM ins
-UNION ALL
-SELECT r.id, false, r.order_no IS NULL FROM headlock_requests r
-WHERE r.qid = %(q)s AND r.id = ANY(%(ids)s::text[]) AND r.id NOT IN (SELECT id FROM ins)
-"""  # noqa: S608 - fixed parts only
-"""Insert new requests in id order (overlapping batches cannot deadlock), count them on the client's row, and
-report the ones already present (from this statement's snapshot)."""
-
-_LIST_STATES = (
-    f"(order_no IS NOT NULL AND {_LOCKED})",
-    f"({_AVAILABLE})",
-    "failed",
-    "(order_no IS NULL AND NOT failed)",
-)
-"""`list_requests`'s states in its argument order: locked, pending, failed, handled."""
-
-_CONNECTION_LOST = ("57P01", "57P02", "57P03", "08000", "08003", "08006", "08001", "08004")
-"""SQLSTATEs of a server that went away or refuses connections for now (restart, shutdown, crash recovery)."""
-
-
-def redact(text: str, secret_values: Sequence[str] = ()) -> str:
-    """`text` with the given secrets, and anything that looks like a DSN's password, replaced by `***`."""
-    for value in secret_values:
-        if value:
-            for form in {value, quote(value, safe=""), quote_plus(value)}:
-                text = text.replace(form, "***")
-    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
 def _to_datetime(us: int) -> datetime:
@@ -281,40 +87,6 @@ class _Fenced:
     error: QueueError | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """Where the database is, without the password: for messages and reprs."""
-
-    host: str
-    port: str
-    dbname: str
-    secrets: tuple[str, ...] = field(repr=False)
-
-    def __str__(self) -> str:
-        return f"postgres {self.host}:{self.port}/{self.dbname}"
-
-
-def _target(dsn: str) -> _Target:
-    """Parse `dsn` (a libpq conninfo string or a postgresql:// URL).
-
-    Raises:
-        ConfigError: it does not parse (the message shows it without its password).
-    """
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error as exc:
-        raise ConfigError(
-            f"queue.dsn: not a valid PostgreSQL connection string: {redact(str(exc))}"
-        ) from None  # the original message may quote the DSN, password included
-    password = str(params.get("password") or "")
-    return _Target(
-        host=str(params.get("host") or "localhost"),
-        port=str(params.get("port") or "5432"),
-        dbname=str(params.get("dbname") or params.get("user") or ""),
-        secrets=(password,) if password else (),
-    )
-
-
 class PostgresQueue:
     """A `RequestQueue` and `QueueAdmin` stored in PostgreSQL; many processes and machines may share one queue.
 
@@ -327,16 +99,16 @@ class PostgresQueue:
         async def complete(self, request: Request, *, client_key: str, links: Mapping[bool, Sequence[RequestDraft]],
                            items: Sequence[str], dataset: str) -> CompleteResult
 
-    built from this class's pieces: in one transaction on one connection, first the links (`_BATCH_ADD`, sorted by
-    id), then the items (one INSERT into the dataset's table), then the fenced mark (`_FENCED`) last (the other
+    built from this class's pieces: in one transaction on one connection, first the links (`BATCH_ADD`, sorted by
+    id), then the items (one INSERT into the dataset's table), then the fenced mark (`FENCED`) last (the other
     order deadlocked in the prototype), rolling everything back with `LockLostError` when the mark matches no row.
-    Group commit extends to it as to `_FENCED` now: several completes in one transaction, each in a savepoint.
+    Group commit extends to it as to `FENCED` now: several completes in one transaction, each in a savepoint.
     """
 
     def __init__(
         self,
         pool: AsyncConnectionPool[Conn],
-        target: _Target,
+        target: Target,
         *,
         qid: int,
         queue_id: str,
@@ -381,7 +153,7 @@ class PostgresQueue:
             QueueUnavailableError: the database cannot be reached, or holds a newer headlock schema.
         """
         validate_queue_name(name)
-        target = _target(dsn)
+        target = parse_target(dsn)
         timeout = call_timeout
         timeout_ms = int(timeout * 1000)
 
@@ -412,13 +184,13 @@ class PostgresQueue:
         try:
             with anyio.CancelScope(shield=True), anyio.fail_after(timeout + 5):
                 await configure(first)
-                found = await _find_queue(first, name, create=create)
+                found = await find_queue(first, name, create=create)
         except TimeoutError:
             raise QueueUnavailableError(
                 f"{target} did not answer within {timeout + 5:g} s", endpoint="open queue"
             ) from None
         except psycopg.Error as exc:
-            raise _mapped(exc, target, "open queue", write=True) from exc
+            raise mapped(exc, target, "open queue", write=True) from exc
         finally:
             with anyio.CancelScope(shield=True):
                 await first.close()
@@ -492,7 +264,7 @@ class PostgresQueue:
                         maybe_applied=write,
                     ) from None
                 except psycopg.Error as exc:
-                    lost = _connection_lost(exc)
+                    lost = connection_lost(exc)
                     if lost:
                         with anyio.move_on_after(self._timeout):
                             await self._pool.check()  # drop the pool's other dead connections now
@@ -504,7 +276,7 @@ class PostgresQueue:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _map(self, exc: psycopg.Error, endpoint: str, *, write: bool) -> QueueError:
-        return _mapped(exc, self._target, endpoint, write=write)
+        return mapped(exc, self._target, endpoint, write=write)
 
     async def _register(self, client_key: str, endpoint: str) -> None:
         """Give `client_key` its counter row (once per client key and handle)."""
@@ -594,7 +366,7 @@ class PostgresQueue:
             for (request_id, text, _), (_, reason) in zip(bad, reasons, strict=True)
         ]
         args = {"q": self.qid, "ids": [b[0] for b in bad], "data": data, "client": client_key}
-        await self._run("lock_head", lambda conn: conn.execute(_QUARANTINE, args))
+        await self._run("lock_head", lambda conn: conn.execute(QUARANTINE, args))
         return reasons
 
     async def prolong_lock(
@@ -608,9 +380,9 @@ class PostgresQueue:
         _check_client_key(client_key, endpoint)
         _check_lock_secs(lock_secs, endpoint)
         sql = (
-            f"UPDATE headlock_requests SET order_no = %(sign)s * ({_NOW} + %(lock_us)s) * {TICKS}"  # noqa: S608
+            f"UPDATE headlock_requests SET order_no = %(sign)s * ({NOW} + %(lock_us)s) * {TICKS}"  # noqa: S608
             " WHERE qid = %(q)s AND id = %(id)s AND lock_client = %(client)s AND order_no IS NOT NULL"
-            f" RETURNING {_NOW} + %(lock_us)s"
+            f" RETURNING {NOW} + %(lock_us)s"
         )
         args = {"q": self.qid, "id": request_id, "client": client_key, "lock_us": _lock_us(lock_secs)}
         args["sign"] = -1 if forefront else 1
@@ -628,7 +400,7 @@ class PostgresQueue:
         endpoint = f"delete_lock {request_id}"
         _check_client_key(client_key, endpoint)
         sql = (
-            f"UPDATE headlock_requests SET order_no = %(sign)s * {_NOW} * {TICKS}, lock_client = NULL"  # noqa: S608
+            f"UPDATE headlock_requests SET order_no = %(sign)s * {NOW} * {TICKS}, lock_client = NULL"  # noqa: S608
             " WHERE qid = %(q)s AND id = %(id)s AND lock_client = %(client)s AND order_no IS NOT NULL"
         )
         args = {"q": self.qid, "id": request_id, "client": client_key, "sign": -1 if forefront else 1}
@@ -647,16 +419,16 @@ class PostgresQueue:
         sql = f"""
             WITH high AS (
                 SELECT id, order_no FROM headlock_requests
-                WHERE qid = %(q)s AND order_no > {_HIGH} AND lock_client = %(client)s FOR UPDATE
+                WHERE qid = %(q)s AND order_no > {HIGH} AND lock_client = %(client)s FOR UPDATE
             ),
             low AS (
                 SELECT id, order_no FROM headlock_requests
-                WHERE qid = %(q)s AND order_no < {_LOW} AND lock_client = %(client)s FOR UPDATE
+                WHERE qid = %(q)s AND order_no < {LOW} AND lock_client = %(client)s FOR UPDATE
             ),
             l AS (SELECT * FROM high UNION ALL SELECT * FROM low),
             p AS (SELECT id, order_no, least(row_number() OVER (ORDER BY order_no) - 1, {TICKS - 1}) AS place FROM l)
             UPDATE headlock_requests r
-            SET order_no = (CASE WHEN p.order_no < 0 THEN -1 ELSE 1 END) * {_NOW} * {TICKS} + p.place,
+            SET order_no = (CASE WHEN p.order_no < 0 THEN -1 ELSE 1 END) * {NOW} * {TICKS} + p.place,
                 lock_client = NULL
             FROM p WHERE r.qid = %(q)s AND r.id = p.id
         """  # noqa: S608 - fixed parts only
@@ -736,33 +508,45 @@ class PostgresQueue:
                     break
             else:
                 rounds.append([op])
-        for group in rounds:
-            group.sort(key=lambda op: op.request_id)
-            args = {
-                "q": self.qid,
-                "ids": [op.request_id for op in group],
-                "data": [op.data for op in group],
-                "handled": [op.handled for op in group],
-                "failed": [op.failed for op in group],
-                "clients": [op.client_key for op in group],
-            }
-
-            async def write(conn: Conn, group: list[_Fenced] = group, args: dict[str, Any] = args) -> None:
-                applied = {row[0] for row in await (await conn.execute(_FENCED, args)).fetchall()}
-                refused = [op for op in group if op.request_id not in applied]
-                if refused:
-                    states = await self._diagnose(conn, [op.request_id for op in refused])
-                    for op in refused:
-                        op.error = self._refusal(states.get(op.request_id), op.endpoint)
-
+        for done, group in enumerate(rounds):
             try:
-                await self._run("update_request", write)
-            except QueueError as exc:
-                for op in group:
-                    op.error = type(exc)(
-                        str(exc).partition(": ")[2] or str(exc), endpoint=op.endpoint, maybe_applied=exc.maybe_applied
-                    )
-                    op.error.__cause__ = exc
+                await self._write_round(group)
+            except BaseException:
+                # Interrupted between rounds: the later ones were never written, and their callers must know.
+                for later in rounds[done + 1 :]:
+                    for op in later:
+                        op.error = QueueUnavailableError("interrupted before it was written", endpoint=op.endpoint)
+                raise
+
+    async def _write_round(self, group: list[_Fenced]) -> None:
+        """One statement for `group` (distinct requests, written in id order); each op gets its outcome."""
+        group.sort(key=lambda op: op.request_id)
+        args = {
+            "q": self.qid,
+            "ids": [op.request_id for op in group],
+            "data": [op.data for op in group],
+            "handled": [op.handled for op in group],
+            "failed": [op.failed for op in group],
+            "clients": [op.client_key for op in group],
+        }
+
+        async def write(conn: Conn) -> None:
+            applied = {row[0] for row in await (await conn.execute(FENCED, args)).fetchall()}
+            refused = [op for op in group if op.request_id not in applied]
+            if refused:
+                states = await self._diagnose(conn, [op.request_id for op in refused])
+                for op in refused:
+                    op.error = self._refusal(states.get(op.request_id), op.endpoint)
+
+        try:
+            await self._run("update_request", write)
+        except QueueError as exc:
+            message = str(exc).partition(": ")[2] or str(exc)  # without the group's endpoint: each op names its own
+            for op in group:
+                op.error = type(exc)(
+                    message, endpoint=op.endpoint, error_type=exc.error_type, maybe_applied=exc.maybe_applied
+                )
+                op.error.__cause__ = exc
 
     async def _update(
         self,
@@ -776,12 +560,12 @@ class PostgresQueue:
         forefront: bool,
     ) -> RequestRegistration:
         """An unfenced update (or insert) in one transaction, as the embedded store's `_update`."""
-        position = f"{'-' if forefront else ''}{_NOW} * {TICKS}"
+        position = f"{'-' if forefront else ''}{NOW} * {TICKS}"
         args = {"q": self.qid, "id": request_id, "data": data, "failed": failed, "client": client_key}
         for _ in range(3):  # a concurrent insert of the same id makes the insert a no-op: read it again
             async with conn.transaction():
                 cursor = await conn.execute(
-                    f"SELECT order_no, lock_client, order_no IS NOT NULL AND {_LOCKED} FROM headlock_requests"  # noqa: S608
+                    f"SELECT order_no, lock_client, order_no IS NOT NULL AND {LOCKED} FROM headlock_requests"  # noqa: S608
                     " WHERE qid = %(q)s AND id = %(id)s FOR UPDATE",
                     args,
                 )
@@ -862,7 +646,7 @@ class PostgresQueue:
         }
 
         async def add(conn: Conn) -> list[tuple[str, bool, bool]]:
-            return await (await conn.execute(_BATCH_ADD, args)).fetchall()
+            return await (await conn.execute(BATCH_ADD, args)).fetchall()
 
         outcome = {request_id: (new, handled) for request_id, new, handled in await self._run(endpoint, add)}
         processed: list[AddedRequest] = []
@@ -941,7 +725,7 @@ class PostgresQueue:
 
         async def read(conn: Conn) -> list[tuple[str, str, int]]:
             cursor = await conn.execute(
-                f"SELECT id, lock_client, abs(order_no) / {TICKS} FROM {_LOCKED_ROWS} l"  # noqa: S608
+                f"SELECT id, lock_client, abs(order_no) / {TICKS} FROM {LOCKED_ROWS} l"  # noqa: S608
                 " ORDER BY abs(order_no)",
                 {"q": self.qid},
             )
@@ -963,7 +747,7 @@ class PostgresQueue:
             " (SELECT coalesce(sum(handled), 0) FROM headlock_clients WHERE qid = %(q)s),"
             " (SELECT count(*) FROM headlock_requests WHERE qid = %(q)s AND failed),"
             " (SELECT coalesce(json_object_agg(lock_client, n), '{}')::text FROM (SELECT lock_client, count(*) AS n"
-            f" FROM {_LOCKED_ROWS} l GROUP BY lock_client) l)"
+            f" FROM {LOCKED_ROWS} l GROUP BY lock_client) l)"
         )
 
         async def read(conn: Conn) -> tuple[Any, ...] | None:
@@ -1005,7 +789,7 @@ class PostgresQueue:
         conditions = ["qid = %(q)s"]
         if after is not None:
             conditions.append("id > %(after)s")
-        chosen = [sql for sql, asked in zip(_LIST_STATES, (locked, pending, failed, handled), strict=True) if asked]
+        chosen = [sql for sql, asked in zip(LIST_STATES, (locked, pending, failed, handled), strict=True) if asked]
         if chosen:
             conditions.append(f"({' OR '.join(chosen)})")
         sql = (
@@ -1065,7 +849,7 @@ class PostgresQueue:
                     order = sorted(back)
                     places = {request_id: place for place, request_id in enumerate(back)}
                     await conn.execute(
-                        f"UPDATE headlock_requests r SET order_no = {_NOW} * {TICKS} + u.place, lock_client = NULL,"  # noqa: S608
+                        f"UPDATE headlock_requests r SET order_no = {NOW} * {TICKS} + u.place, lock_client = NULL,"  # noqa: S608
                         " failed = false, data = u.data::json FROM unnest(%s::text[], %s::text[], %s::integer[])"
                         " AS u(id, data, place) WHERE r.qid = %s AND r.id = u.id",
                         (order, [back[i] for i in order], [places[i] for i in order], self.qid),
@@ -1104,10 +888,10 @@ class PostgresQueue:
 
 
 def _claim(args: dict[str, Any], wanted: int) -> Callable[[Conn], Awaitable[list[tuple[Any, ...]]]]:
-    """The claim statement (`_CLAIM`) for `wanted` requests, as a call `_run` makes."""
+    """The claim statement (`CLAIM`) for `wanted` requests, as a call `_run` makes."""
 
     async def claim(conn: Conn) -> list[tuple[Any, ...]]:
-        return await (await conn.execute(_CLAIM, {**args, "n": wanted})).fetchall()
+        return await (await conn.execute(CLAIM, {**args, "n": wanted})).fetchall()
 
     return claim
 
@@ -1120,79 +904,3 @@ def _requeued(data: str) -> str | None:
         return _dump(request.requeued(), "requeue") if can_requeue(request) else None
     except (*_UNREADABLE, InvalidInputError):
         return None
-
-
-def _mapped(exc: psycopg.Error, target: _Target, endpoint: str, *, write: bool) -> QueueError:
-    """The headlock error for a psycopg one (its message without the password)."""
-    message = redact(str(exc).strip() or type(exc).__name__, target.secrets)
-    if isinstance(exc, PoolTimeout):
-        return QueueUnavailableError(f"no connection to {target}: {message}", endpoint=endpoint)
-    if isinstance(exc, psycopg.errors.QueryCanceled):
-        return QueueUnavailableError(f"{target}: statement cancelled: {message}", endpoint=endpoint)
-    if isinstance(exc, psycopg.DataError):
-        return InvalidInputError(f"{target} refused the data: {message}", endpoint=endpoint)
-    # Without a SQLSTATE the connection broke under the statement: a commit may have happened unanswered.
-    unanswered = write and exc.sqlstate is None and isinstance(exc, psycopg.OperationalError)
-    return QueueUnavailableError(f"{target}: {message}", endpoint=endpoint, maybe_applied=unanswered)
-
-
-def _connection_lost(exc: psycopg.Error) -> bool:
-    """Whether `exc` says the connection is gone (not a refused statement): the pool's connections may all be."""
-    if isinstance(exc, PoolTimeout):
-        return False
-    if exc.sqlstate is None:
-        return isinstance(exc, psycopg.OperationalError)
-    return exc.sqlstate in _CONNECTION_LOST
-
-
-async def _find_queue(conn: Conn, name: str, *, create: bool) -> tuple[int, str] | None:
-    """Migrate the schema (unless `create` is false and there is none), then find (or create) the queue `name`.
-
-    Raises:
-        QueueUnavailableError: the schema is newer than this version knows, or tables of these names are not
-            headlock's.
-    """
-    if not create:
-        exists = await (await conn.execute("SELECT to_regclass('headlock_queues') IS NOT NULL")).fetchone()
-        if exists is None or not exists[0]:
-            return None
-    await _migrate(conn)
-    if create:
-        alphabet = string.ascii_letters + string.digits
-        queue_id = "".join(secrets.choice(alphabet) for _ in range(17))
-        await conn.execute(
-            "INSERT INTO headlock_queues (id, name) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING", (queue_id, name)
-        )
-    row = await (await conn.execute("SELECT qid, id FROM headlock_queues WHERE name = %s", (name,))).fetchone()
-    return None if row is None else (int(row[0]), str(row[1]))
-
-
-async def _migrate(conn: Conn) -> None:
-    """Bring the schema to `SCHEMA_VERSION` in one transaction, under an advisory lock per schema: workers opening
-    at once wait for the first, then find it done."""
-    async with conn.transaction():
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(%s, hashtext(coalesce(current_schema(), '')))", (_ADVISORY_CLASS,)
-        )
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS headlock_schema"
-            " (one integer PRIMARY KEY CHECK (one = 1), version integer NOT NULL)"
-        )
-        row = await (await conn.execute("SELECT version FROM headlock_schema")).fetchone()
-        version = 0 if row is None else int(row[0])
-        if version > SCHEMA_VERSION:
-            raise QueueUnavailableError(
-                f"the database holds headlock schema version {version}, newer than this headlock's"
-                f" ({SCHEMA_VERSION}): upgrade headlock",
-                endpoint="open queue",
-            )
-        for step in range(version, SCHEMA_VERSION):
-            for statement in _MIGRATIONS[step]:
-                await conn.execute(statement)
-            _log.info("queue.schema_migrated", version=step + 1)
-        if version != SCHEMA_VERSION:
-            await conn.execute(
-                "INSERT INTO headlock_schema (one, version) VALUES (1, %s)"
-                " ON CONFLICT (one) DO UPDATE SET version = excluded.version",
-                (SCHEMA_VERSION,),
-            )

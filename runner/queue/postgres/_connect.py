@@ -1,0 +1,87 @@
+"""Where the database is and what its errors mean: the DSN without its password, psycopg errors as headlock's."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import quote, quote_plus
+
+import psycopg
+import psycopg.errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import PoolTimeout
+
+from runner.errors import ConfigError, InvalidInputError, QueueError, QueueUnavailableError
+
+__all__ = ["CONNECTION_LOST", "Target", "connection_lost", "mapped", "parse_target", "redact"]
+
+CONNECTION_LOST = ("57P01", "57P02", "57P03", "08000", "08003", "08006", "08001", "08004")
+"""SQLSTATEs of a server that went away or refuses connections for now (restart, shutdown, crash recovery)."""
+
+
+def redact(text: str, secret_values: Sequence[str] = ()) -> str:
+    """`text` with the given secrets, and anything that looks like a DSN's password, replaced by `***`."""
+    for value in secret_values:
+        if value:
+            for form in {value, quote(value, safe=""), quote_plus(value)}:
+                text = text.replace(form, "***")
+    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where the database is, without the password: for messages and reprs."""
+
+    host: str
+    port: str
+    dbname: str
+    secrets: tuple[str, ...] = field(repr=False)
+
+    def __str__(self) -> str:
+        return f"postgres {self.host}:{self.port}/{self.dbname}"
+
+
+def parse_target(dsn: str) -> Target:
+    """Parse `dsn` (a libpq conninfo string or a postgresql:// URL).
+
+    Raises:
+        ConfigError: it does not parse (the message shows it without its password).
+    """
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        raise ConfigError(
+            f"queue.dsn: not a valid PostgreSQL connection string: {redact(str(exc))}"
+        ) from None  # the original message may quote the DSN, password included
+    password = str(params.get("password") or "")
+    return Target(
+        host=str(params.get("host") or "localhost"),
+        port=str(params.get("port") or "5432"),
+        dbname=str(params.get("dbname") or params.get("user") or ""),
+        secrets=(password,) if password else (),
+    )
+
+
+def mapped(exc: psycopg.Error, target: Target, endpoint: str, *, write: bool) -> QueueError:
+    """The headlock error for a psycopg one (its message without the password)."""
+    message = redact(str(exc).strip() or type(exc).__name__, target.secrets)
+    if isinstance(exc, PoolTimeout):
+        return QueueUnavailableError(f"no connection to {target}: {message}", endpoint=endpoint)
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return QueueUnavailableError(f"{target}: statement cancelled: {message}", endpoint=endpoint)
+    if isinstance(exc, psycopg.DataError):
+        return InvalidInputError(f"{target} refused the data: {message}", endpoint=endpoint)
+    # Without a SQLSTATE the connection broke under the statement: a commit may have happened unanswered.
+    unanswered = write and exc.sqlstate is None and isinstance(exc, psycopg.OperationalError)
+    return QueueUnavailableError(f"{target}: {message}", endpoint=endpoint, maybe_applied=unanswered)
+
+
+def connection_lost(exc: psycopg.Error) -> bool:
+    """Whether `exc` says the connection is gone (not a refused statement): the pool's connections may all be."""
+    if isinstance(exc, PoolTimeout):
+        return False
+    if exc.sqlstate is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return exc.sqlstate in CONNECTION_LOST
