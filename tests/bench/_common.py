@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,14 +185,23 @@ def child_server(args: Sequence[str]) -> Iterator[Child]:
     child.exit_code = proc.returncode
 
 
-def run_child_json(args: Sequence[str], *, timeout: float = 3600) -> dict[str, Any]:
+def run_child_json(
+    args: Sequence[str], *, timeout: float = 3600, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Run `python ARGS` from the repository root and return the JSON object it prints last."""
-    return run_children_json([args], timeout=timeout)[0]
+    return run_children_json([args], timeout=timeout, env=env)[0]
 
 
-def run_children_json(arg_lists: Sequence[Sequence[str]], *, timeout: float = 3600) -> list[dict[str, Any]]:
-    """Run `python ARGS` for each of `arg_lists` at the same time; return the JSON object each prints last."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+def run_children_json(
+    arg_lists: Sequence[Sequence[str]], *, timeout: float = 3600, env: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Run `python ARGS` for each of `arg_lists` at the same time, with `env` added to the environment; return the
+    JSON object each prints last."""
+    env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     procs = [
         subprocess.Popen(
             [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO, text=True

@@ -1,7 +1,8 @@
 """Benchmark 1: runtime overhead. 20,000 requests, a no-op handler, concurrency 50.
 
-    python -m tests.bench.overhead [--backend both|embedded|serve] [--requests 20000] [--concurrency 50]
+    python -m tests.bench.overhead [--backend both|embedded|serve|postgres] [--requests 20000] [--concurrency 50]
                                    [--rate-limits default|off] [--fill store|http] [--processes 1] [--links 0]
+                                   [--dsn DSN] [--rounds 3] [--synchronous-commit on|off]
 
 `embedded` consumes the SQLite store in this process, or with `--processes N` in N child processes sharing the
 file (handled/s then counts from the first child's start to the last one's end); it reports the largest size the
@@ -17,11 +18,22 @@ handled/s is timed around `run()`, after the queue is filled.
 The queue is filled before the run: by default straight into the store file before the server starts (requests
 added by another process: `ApiQueue` has none of them cached and must GET each one); `--fill http` adds them through
 the runner's own `ApiQueue` instead (its cache then holds them all).
+
+`postgres` compares the PostgreSQL queue with the embedded store in one run, A/B style: for each of `--processes`
+(default `1,3`) it runs the embedded store and Postgres with that many worker processes (each a fresh child;
+`--requests` × processes requests), in `--rounds` rounds whose order rotates, and ends with the medians and ranges of
+the per-round ratios (Postgres / embedded at each process count, Postgres at N processes / at 1). The server is
+`--dsn` (or HEADLOCK_BENCH_DSN), else a throwaway cluster set up as a server (`tests/bench/_pg.py`:
+`--synchronous-commit`, default on). Each configuration gets a fresh schema, filled through `batch_add` from four
+connections and vacuumed before the timed run. Postgres runs report the runner's CPU per request (all worker
+processes) and the server's (every Postgres process, read from /proc: only for a server on this machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +52,16 @@ from tests.bench._common import (
     run_child_json,
     run_children_json,
     watch_size,
+)
+from tests.bench._pg import (
+    DSN_VARIABLE,
+    bench_server,
+    cpu_delta,
+    fresh_schema,
+    postmaster_pid,
+    rounded,
+    server_cpu_seconds,
+    server_settings,
 )
 
 UNLIMITED = RateLimits(batch=1e9, single=1e9, other=1e9)
@@ -136,6 +158,7 @@ async def embedded_processes(requests: int, concurrency: int, processes: int) ->
         "handled_by_process": [r["handled"] for r in results],
         "seconds": round(elapsed, 2),
         "handled_per_s": round(handled / elapsed),
+        "cpu_us_per_request": round(sum(r["cpu_s"] for r in results) / handled * 1e6),
         "peak_rss_mb_by_process": [r["peak_rss_mb"] for r in results],
         "wal_largest_mb": wal.largest_mb,
     }
@@ -146,11 +169,11 @@ async def child_run(storage: Path, concurrency: int) -> dict[str, Any]:
     queue = SqliteQueue.open(storage, "default")
     try:
         started = time.time()
-        handled, _, _ = await timed_run(queue, storage, concurrency)
+        handled, _, cpu = await timed_run(queue, storage, concurrency)
         ended = time.time()
     finally:
         await queue.aclose()
-    return {"handled": handled, "started": started, "ended": ended, "peak_rss_mb": peak_rss_mb()}
+    return {"handled": handled, "started": started, "ended": ended, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb()}
 
 
 async def serve(requests: int, concurrency: int, *, rate_limits: str, fill_via: str) -> dict[str, Any]:
@@ -192,6 +215,133 @@ async def serve(requests: int, concurrency: int, *, rate_limits: str, fill_via: 
     }
 
 
+# -- postgres ---------------------------------------------------------------------------------------------------------
+
+
+async def fill_postgres(dsn: str, name: str, count: int, *, clients: int = 4) -> None:
+    """Fill the Postgres queue `name` with `count` requests through `batch_add`, `clients` connections at once."""
+    from runner.queue.postgres import PostgresQueue  # noqa: PLC0415 - only this backend needs psycopg
+
+    queue = await PostgresQueue.open(dsn, name, pool_size=clients)
+
+    async def add(first: int, stop: int) -> None:
+        for start in range(first, stop, 25):
+            drafts = [
+                RequestDraft(unique_key=f"k{i}", url=f"https://bench.example/{i}")
+                for i in range(start, min(start + 25, stop))
+            ]
+            await queue.batch_add(drafts, client_key="filler")
+
+    try:
+        share = -(-count // clients // 25) * 25
+        async with anyio.create_task_group() as tg:
+            for first in range(0, count, share):
+                tg.start_soon(add, first, min(first + share, count))
+    finally:
+        await queue.aclose()
+
+
+async def child_run_postgres(name: str, concurrency: int) -> dict[str, Any]:
+    """In a child process: consume the Postgres queue `name` (DSN in HEADLOCK_BENCH_DSN) until it is empty."""
+    from runner.queue.postgres import PostgresQueue  # noqa: PLC0415
+
+    queue = await PostgresQueue.open(os.environ[DSN_VARIABLE], name)
+    storage = Path(tempfile.mkdtemp(prefix="headlock-bench-"))
+    try:
+        started = time.time()
+        handled, _, cpu = await timed_run(queue, storage, concurrency)
+        ended = time.time()
+    finally:
+        await queue.aclose()
+    return {"handled": handled, "started": started, "ended": ended, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb()}
+
+
+def vacuum(dsn: str) -> None:
+    """VACUUM ANALYZE the queue's tables, so the fill's dead rows and statistics are not the run's business."""
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE) headlock_requests")
+        conn.execute("VACUUM (ANALYZE) headlock_clients")
+
+
+def postgres_processes(dsn: str, requests: int, concurrency: int, processes: int) -> dict[str, Any]:
+    """`processes` child processes consuming one Postgres queue (a fresh schema) of `requests` requests."""
+    postmaster = postmaster_pid(dsn)
+    with fresh_schema(dsn) as schema_dsn:
+        anyio.run(fill_postgres, schema_dsn, "default", requests)
+        vacuum(schema_dsn)
+        child = ["-m", "tests.bench.overhead", "--child-postgres", "default", "--concurrency", str(concurrency)]
+        server_before = server_cpu_seconds(postmaster)
+        results = run_children_json([child] * processes, env={DSN_VARIABLE: schema_dsn})
+        server_cpu = cpu_delta(server_before, server_cpu_seconds(postmaster))
+    handled = sum(r["handled"] for r in results)
+    elapsed = max(r["ended"] for r in results) - min(r["started"] for r in results)
+    return {
+        "benchmark": "overhead/postgres",
+        "requests": requests,
+        "concurrency": concurrency,
+        "processes": processes,
+        "handled": handled,
+        "handled_by_process": [r["handled"] for r in results],
+        "seconds": round(elapsed, 2),
+        "handled_per_s": round(handled / elapsed),
+        "cpu_us_per_request": round(sum(r["cpu_s"] for r in results) / handled * 1e6),
+        "server_cpu_us_per_request": rounded(None if server_cpu is None else server_cpu / handled * 1e6),
+        "peak_rss_mb_by_process": [r["peak_rss_mb"] for r in results],
+    }
+
+
+def _spread(values: list[float], digits: int = 3) -> dict[str, Any]:
+    return {
+        "median": round(statistics.median(values), digits),
+        "range": [round(min(values), digits), round(max(values), digits)],
+    }
+
+
+def postgres_compare(
+    requests: int, concurrency: int, processes: list[int], *, rounds: int, dsn: str | None, synchronous_commit: str
+) -> None:
+    """The embedded store and Postgres at each process count, `rounds` times in rotating order, then the ratios."""
+    configs = [(kind, n) for n in processes for kind in ("embedded", "postgres")]
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {config: [] for config in configs}
+    with bench_server(dsn, synchronous_commit=synchronous_commit) as server:
+        settings = server_settings(server)
+        for round_no in range(rounds):
+            shift = round_no % len(configs)
+            for kind, n in configs[shift:] + configs[:shift]:
+                count = requests * n
+                if kind == "postgres":
+                    result = postgres_processes(server, count, concurrency, n)
+                    result["server"] = settings
+                else:
+                    args = ["-m", "tests.bench.overhead", "--backend", "embedded", "--requests", str(count)]
+                    args += ["--concurrency", str(concurrency), "--processes", str(n)]
+                    result = run_child_json(args)
+                result["round"] = round_no + 1
+                results[kind, n].append(result)
+                emit(result)
+    rate = {config: [r["handled_per_s"] for r in rows] for config, rows in results.items()}
+    compare: dict[str, Any] = {"benchmark": "overhead/postgres_compare", "rounds": rounds, "server": settings}
+    for n in processes:
+        compare[f"handled_per_s_embedded_{n}p"] = _spread(rate["embedded", n], 0)
+        compare[f"handled_per_s_postgres_{n}p"] = _spread(rate["postgres", n], 0)
+        ratios = [p / e for p, e in zip(rate["postgres", n], rate["embedded", n], strict=True)]
+        compare[f"postgres_vs_embedded_{n}p"] = _spread(ratios)
+        pg_rows = results["postgres", n]
+        compare[f"runner_cpu_us_per_request_postgres_{n}p"] = _spread([r["cpu_us_per_request"] for r in pg_rows], 0)
+        server = [r["server_cpu_us_per_request"] for r in pg_rows if r["server_cpu_us_per_request"] is not None]
+        compare[f"server_cpu_us_per_request_postgres_{n}p"] = _spread(server, 0) if server else None
+        embedded_cpu = [r["cpu_us_per_request"] for r in results["embedded", n]]
+        compare[f"runner_cpu_us_per_request_embedded_{n}p"] = _spread(embedded_cpu, 0)
+    if 1 in processes:
+        for n in processes:
+            if n != 1:
+                scaling = [m / one for m, one in zip(rate["postgres", n], rate["postgres", 1], strict=True)]
+                compare[f"postgres_{n}p_vs_1p"] = _spread(scaling)
+    emit(compare)
+
+
 def both(requests: int, concurrency: int) -> None:
     """Each configuration in a fresh process (so each peak RSS is its own), then the ratios."""
     common = ["-m", "tests.bench.overhead", "--requests", str(requests), "--concurrency", str(concurrency)]
@@ -215,21 +365,43 @@ def both(requests: int, concurrency: int) -> None:
 def main() -> None:
     """Parse the arguments and run the chosen backend(s)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--backend", choices=["both", "embedded", "serve"], default="both")
+    parser.add_argument("--backend", choices=["both", "embedded", "serve", "postgres"], default="both")
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--rate-limits", choices=["default", "off"], default="default", help="ApiQueue's pacing")
     parser.add_argument("--fill", choices=["store", "http"], default="store", help="how the serve queue is filled")
-    parser.add_argument("--processes", type=int, default=1, help="embedded: child processes sharing the store")
+    parser.add_argument(
+        "--processes",
+        default=None,
+        help="embedded: child processes sharing the store (default 1); postgres: the counts to compare (default 1,3)",
+    )
     parser.add_argument("--links", type=int, default=0, help="embedded: links each request's handler enqueues")
+    parser.add_argument("--dsn", default=os.environ.get(DSN_VARIABLE), help="postgres: the server (default: a new one)")
+    parser.add_argument("--rounds", type=int, default=3, help="postgres: rounds of every configuration")
+    parser.add_argument("--synchronous-commit", choices=["on", "off"], default="on", help="postgres: the new server's")
     parser.add_argument("--child-run", type=Path, metavar="STORAGE", help=argparse.SUPPRESS)
+    parser.add_argument("--child-postgres", metavar="QUEUE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     quiet_logs()
     if args.child_run:
         emit(anyio.run(child_run, args.child_run, args.concurrency), where={})
         return
-    if args.backend == "embedded" and args.processes > 1:
-        emit(anyio.run(embedded_processes, args.requests, args.concurrency, args.processes))
+    if args.child_postgres:
+        emit(anyio.run(child_run_postgres, args.child_postgres, args.concurrency), where={})
+        return
+    counts = [int(n) for n in (args.processes or ("1,3" if args.backend == "postgres" else "1")).split(",")]
+    if args.backend == "postgres":
+        postgres_compare(
+            args.requests,
+            args.concurrency,
+            counts,
+            rounds=args.rounds,
+            dsn=args.dsn,
+            synchronous_commit=args.synchronous_commit,
+        )
+        return
+    if args.backend == "embedded" and counts[0] > 1:
+        emit(anyio.run(embedded_processes, args.requests, args.concurrency, counts[0]))
         return
     if args.backend == "both":
         both(args.requests, args.concurrency)
