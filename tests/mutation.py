@@ -206,6 +206,13 @@ MUTANTS = [
         "        if True:\n",
         (f"{ACTOR_E2E}::test_migrating_gives_everything_back_at_once_and_the_resumed_run_continues",),
     ),
+    Mutant(
+        "export-no-device-rename",
+        "runner/cli/export.py",
+        "        if self.target.exists() and not self.target.is_file():\n",
+        "        if False:\n",
+        ("tests/test_export.py::test_a_fifo_or_device_as_output_is_written_to_not_replaced",),
+    ),
 ]
 
 

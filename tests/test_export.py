@@ -129,6 +129,34 @@ def test_output_file_is_written_whole_then_renamed(tmp_path: Path) -> None:
     assert json.loads(to_stdout.stdout) == ITEMS
 
 
+def test_a_fifo_or_device_as_output_is_written_to_not_replaced(tmp_path: Path) -> None:
+    """`-o` naming a FIFO (as `/dev/null` or a terminal would be) writes into it: the rename that makes `-o FILE`
+    atomic would replace the device itself with a regular file (as it once did to /dev/null), and a symlink's file
+    is what a rename replaces, never the link."""
+    import os  # noqa: PLC0415 - only this test makes special files
+    import stat  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    write_dataset(tmp_path / "storage", ITEMS, name="shop")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    result = headlock("export", "--dataset", "shop", "--format", "jsonl", "-o", "pipe", cwd=tmp_path)
+    reader.join(30)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert [json.loads(line) for line in received[0].splitlines()] == ITEMS
+    real = tmp_path / "real.jsonl"
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    result = headlock("export", "--dataset", "shop", "--format", "jsonl", "-o", "link.jsonl", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink()
+    assert [json.loads(line) for line in real.read_text().splitlines()] == ITEMS
+
+
 def test_a_bad_line_fails_part_way_and_leaves_the_output_file_as_it_was(tmp_path: Path) -> None:
     """A line that is not a JSON object: exit 1 naming the file and line; FILE keeps its old content, no temporary
     file is left behind."""

@@ -175,6 +175,15 @@ class _Output:
         if self.target is None:
             self.stream = sys.stdout.buffer
             return
+        # The target as it is on disk: a symlink's file is what gets replaced, never the link.
+        self.target = Path(os.path.realpath(self.target))
+        if self.target.exists() and not self.target.is_file():
+            # /dev/null, a FIFO, a terminal: written to as it is. A rename onto it would replace the device itself.
+            try:
+                self.stream = self.target.open("wb", buffering=_WRITE_BUFFER)
+            except OSError as exc:
+                raise ConfigError(f"export: cannot write {self.target}: {exc.strerror or exc}") from exc
+            return
         self._temporary = self.target.with_name(f".{self.target.name}.{secrets.token_hex(4)}.partial")
         try:
             # 0o666 and the umask, as the renamed file should have (mkstemp would make it 0o600).
