@@ -161,6 +161,7 @@ class Racers:
     dsn: str
     marked: Counter[str] = field(default_factory=Counter)
     refused: int = 0
+    granted: Counter[str] = field(default_factory=Counter)
     grants: list[tuple[str, int, int]] = field(default_factory=list)
     """(request id, the database's time just before and just after the claim, in µs)."""
     rng: random.Random = field(default_factory=lambda: random.Random(15))
@@ -177,10 +178,21 @@ class Racers:
                     continue
                 after = await self.now(clock)
                 self.grants += [(item.id, before, after) for item in head.items]
+                for item in head.items:
+                    self.granted[item.id] += 1
                 if self.rng.random() < 0.15:
-                    await anyio.sleep(0.45)  # stalled past the lock: another client may retake these
+                    await self.stall(head.items)
                 for item in head.items:
                     await self.mark(queue, item, client)
+
+    async def stall(self, items: list[Request]) -> None:
+        """Stall past the 0.3 s lock until another client has retaken one of `items` (at most 5 s): so every stall
+        ends in a stale handled mark, whatever the machine's load does to the others' timing."""
+        first = items[0].id
+        seen = self.granted[first]
+        with anyio.move_on_after(5):
+            while self.granted[first] == seen:  # noqa: ASYNC110 - other tasks' claims: polled with a deadline
+                await anyio.sleep(0.05)
 
     @staticmethod
     async def now(clock: psycopg.AsyncConnection[Any]) -> int:
