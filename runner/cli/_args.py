@@ -101,7 +101,9 @@ def common_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", "-c", type=Path, help="TOML settings file (see config/local.toml)")
     common.add_argument("--storage-dir", type=Path, help="where embedded queues and datasets live (./storage)")
     common.add_argument("--queue", help="queue name (default: default)")
-    common.add_argument("--backend", choices=["embedded", "apify"], help="queue backend (default: embedded)")
+    common.add_argument(
+        "--backend", choices=["embedded", "apify", "postgres"], help="queue backend (default: embedded)"
+    )
     common.add_argument("--queue-id", help="API queue id (apify backend)")
     common.add_argument("--api-base-url", help="API base URL, e.g. http://127.0.0.1:8000 for headlock serve")
     common.add_argument("--log-format", choices=["auto", "console", "json"], help="default: console on a TTY")
