@@ -7,7 +7,7 @@ import selectors
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -34,16 +34,30 @@ def read_listening_url(proc: subprocess.Popen[bytes]) -> str:
 
 
 @contextmanager
-def running_server(storage: Path, *, token: str | None = None, extra_args: Sequence[str] = ()) -> Iterator[str]:
+def running_server(
+    storage: Path,
+    *,
+    token: str | None = None,
+    extra_args: Sequence[str] = (),
+    store: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[str]:
     """Run the API server over `storage` on 127.0.0.1; yield its base URL; stop it with SIGTERM on exit.
 
-    `extra_args` are more `serve` options (e.g. `--default-queue-id`).
+    `extra_args` are more `serve` options (e.g. `--default-queue-id`); `store` is its `--store` (a PostgreSQL DSN:
+    the queues in that database); `env` adds to its environment.
     """
     command = [sys.executable, "-m", "runner.server", "--host", "127.0.0.1", "--port", "0", "--storage", str(storage)]
     if token is not None:
         command += ["--token", token]
+    if store is not None:
+        command += ["--store", store]
     command += extra_args
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
     with subprocess.Popen(command, stdout=subprocess.PIPE, env=env, cwd=REPO) as proc:
         try:
             yield read_listening_url(proc)

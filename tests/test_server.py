@@ -8,7 +8,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -21,6 +21,9 @@ from runner.server._wire import MAX_PAYLOAD_BYTES
 from runner.uniquekey import request_id_for
 from tests._server import running_server, serving_app
 
+if TYPE_CHECKING:
+    from tests._postgres import Postgres
+
 TOKEN = "s3cret-token-for-tests"  # noqa: S105 - a test token
 HEAD_ITEM_KEYS = {"id", "uniqueKey", "url", "method", "retryCount"}
 
@@ -31,10 +34,19 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest) -> str | None:
+    """The queue store of the module's servers: None for the embedded one, else a DSN with a schema of its own."""
+    if request.param == "sqlite":
+        return None
+    postgres: Postgres = request.getfixturevalue("postgres")
+    return postgres.fresh_dsn()
+
+
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One server for the module, over a fresh storage directory."""
-    with running_server(tmp_path_factory.mktemp("storage")) as url:
+def base_url(tmp_path_factory: pytest.TempPathFactory, store: str | None) -> Iterator[str]:
+    """One server for the module, over a fresh storage directory (and the module's database, on postgres)."""
+    with running_server(tmp_path_factory.mktemp("storage"), store=store) as url:
         yield url
 
 
@@ -135,12 +147,12 @@ def test_unknown_queue_is_404(http: httpx.Client) -> None:
         assert message == "Request Queue was not found"
 
 
-def test_queue_files_are_indexed_at_startup(tmp_path: Path) -> None:
-    """A restarted server finds queues by id from the files in the storage directory."""
-    with running_server(tmp_path) as base, httpx.Client(base_url=base) as http:
+def test_queue_files_are_indexed_at_startup(tmp_path: Path, store: str | None) -> None:
+    """A restarted server finds queues by id from the files in the storage directory (or from the database)."""
+    with running_server(tmp_path, store=store) as base, httpx.Client(base_url=base) as http:
         queue_id = http.post("/v2/request-queues", params={"name": "kept"}).json()["data"]["id"]
         add(http, f"/v2/request-queues/{queue_id}", 1)
-    with running_server(tmp_path) as base, httpx.Client(base_url=base) as http:
+    with running_server(tmp_path, store=store) as base, httpx.Client(base_url=base) as http:
         response = http.get(f"/v2/request-queues/{queue_id}")
         assert response.status_code == 200
         assert response.json()["data"]["totalRequestCount"] == 1

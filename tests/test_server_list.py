@@ -14,13 +14,17 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import psycopg
 import pytest
 from apify_client import ApifyClient
 
 from tests._server import running_server
+
+if TYPE_CHECKING:
+    from tests._postgres import Postgres
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +33,19 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("storage")
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest) -> str | None:
+    """The queue store of the module's server: None for the embedded one, else a DSN with a schema of its own."""
+    if request.param == "sqlite":
+        return None
+    postgres: Postgres = request.getfixturevalue("postgres")
+    return postgres.fresh_dsn()
+
+
 @pytest.fixture(scope="module")
-def base_url(storage: Path) -> Iterator[str]:
-    """One server for the module, over a fresh storage directory."""
-    with running_server(storage) as url:
+def base_url(storage: Path, store: str | None) -> Iterator[str]:
+    """One server for the module, over a fresh storage directory (and the module's database, on postgres)."""
+    with running_server(storage, store=store) as url:
         yield url
 
 
@@ -225,6 +238,7 @@ def test_a_failed_request_is_listed_with_its_marker_and_errors(client: ApifyClie
     assert dumped["errorMessages"] == ["e"]
 
 
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)  # a json column holds no damaged text
 def test_an_unreadable_row_lists_what_can_be_read_of_it(client: ApifyClient, http: httpx.Client, storage: Path) -> None:
     """A damaged row (not JSON) lists with its id, the uniqueKey and url read from its text, and the text."""
     queue_id, ids = _queue(client, 1)
@@ -242,14 +256,33 @@ def test_an_unreadable_row_lists_what_can_be_read_of_it(client: ApifyClient, htt
     )
 
 
-def test_delete_queue_removes_it_and_its_files(client: ApifyClient, http: httpx.Client, storage: Path) -> None:
-    """DELETE of a queue: 204, its files are gone, a GET is then a 404, and so is a second DELETE."""
+def _stored(storage: Path, store: str | None, name: str) -> int:
+    """What the store holds of the queue `name`: its files, or its rows (the queue's and its requests')."""
+    if store is None:
+        return len(list((storage / "request_queues").glob(f"{name}.sqlite*")))
+    with psycopg.connect(store) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM headlock_queues WHERE name = %(n)s) + (SELECT count(*) FROM"
+            " headlock_requests WHERE qid IN (SELECT qid FROM headlock_queues WHERE name = %(n)s)),"
+            " (SELECT count(*) FROM headlock_requests r WHERE NOT EXISTS"
+            " (SELECT 1 FROM headlock_queues q WHERE q.qid = r.qid))",
+            {"n": name},
+        ).fetchone()
+    assert row is not None
+    assert row[1] == 0  # no request left behind by a deleted queue
+    return int(row[0])
+
+
+def test_delete_queue_removes_it_and_its_files(
+    client: ApifyClient, http: httpx.Client, storage: Path, store: str | None
+) -> None:
+    """DELETE of a queue: 204, its files (or rows) are gone, a GET is then a 404, and so is a second DELETE."""
     queue_id, _ = _queue(client, 3)
     name = _name(client, queue_id)
-    assert (storage / "request_queues" / f"{name}.sqlite").exists()
+    assert _stored(storage, store, name) > 0
     client.request_queue(queue_id).delete()
     assert client.request_queue(queue_id).get() is None
-    assert not list((storage / "request_queues").glob(f"{name}.sqlite*"))
+    assert _stored(storage, store, name) == 0
     again = http.delete(f"/v2/request-queues/{queue_id}")
     assert again.status_code == 404
     assert again.json()["error"]["type"] == "record-not-found"

@@ -10,9 +10,11 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import brotli
 import httpx
+import psycopg
 import pytest
 from apify_client import ApifyClient
 from apify_client.errors import ApifyApiError
@@ -20,8 +22,12 @@ from apify_client.errors import ApifyApiError
 from runner.results.jsonl import JsonlDataset, read_items
 from runner.server import create_app
 from runner.server._runs import RunDefaults
+from runner.server._store_postgres import PostgresRegistry
 from runner.server._wire import MAX_PAYLOAD_BYTES
 from tests._server import running_server, serving_app
+
+if TYPE_CHECKING:
+    from tests._postgres import Postgres
 
 DEFAULTS = {"queue": "rq-default", "dataset": "ds-default", "kv": "kv-default"}
 
@@ -32,8 +38,21 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("storage")
 
 
+BOTH_STORES = pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
+"""For the tests of request queues: datasets and key-value stores are files under --storage with either store."""
+
+
+@pytest.fixture(scope="module", params=["sqlite"])
+def store(request: pytest.FixtureRequest) -> str | None:
+    """The queue store of the module's server: None for the embedded one, else a DSN with a schema of its own."""
+    if request.param == "sqlite":
+        return None
+    postgres: Postgres = request.getfixturevalue("postgres")
+    return postgres.fresh_dsn()
+
+
 @pytest.fixture(scope="module")
-def base_url(storage: Path) -> Iterator[str]:
+def base_url(storage: Path, store: str | None) -> Iterator[str]:
     """One server for the module, with default storage ids."""
     extra = [
         "--default-queue-id",
@@ -43,7 +62,7 @@ def base_url(storage: Path) -> Iterator[str]:
         "--default-kv-store-id",
         DEFAULTS["kv"],
     ]
-    with running_server(storage, extra_args=extra) as url:
+    with running_server(storage, extra_args=extra, store=store) as url:
         yield url
 
 
@@ -448,12 +467,21 @@ def test_bad_run_updates_are_a_400(http: httpx.Client, body: bytes) -> None:
     _error(response, 400, "invalid-input")
 
 
-def test_default_storages_are_created_on_first_use(client: ApifyClient, storage: Path) -> None:
-    """The default queue, dataset and store ids answer at once and report those ids; the queue is a queue file."""
+def _queue_stored(storage: Path, store: str | None, name: str) -> bool:
+    """Whether the store holds the queue `name`: its file, or its row in the database."""
+    if store is None:
+        return (storage / "request_queues" / f"{name}.sqlite").is_file()
+    with psycopg.connect(store) as conn:
+        return conn.execute("SELECT 1 FROM headlock_queues WHERE name = %s", (name,)).fetchone() is not None
+
+
+@BOTH_STORES
+def test_default_storages_are_created_on_first_use(client: ApifyClient, storage: Path, store: str | None) -> None:
+    """The default queue, dataset and store ids answer at once and report those ids; the queue is in the store."""
     queue = client.request_queue(DEFAULTS["queue"]).get()
     assert queue is not None
     assert queue.id == DEFAULTS["queue"]
-    assert (storage / "request_queues" / f"{DEFAULTS['queue']}.sqlite").is_file()
+    assert _queue_stored(storage, store, DEFAULTS["queue"])
     client.request_queue(DEFAULTS["queue"]).add_request({"url": "http://example.com/", "uniqueKey": "home"})
     assert client.request_queue(DEFAULTS["queue"]).get().total_request_count == 1  # type: ignore[union-attr]
     assert client.dataset(DEFAULTS["dataset"]).get().id == DEFAULTS["dataset"]  # type: ignore[union-attr]
@@ -493,9 +521,11 @@ def test_every_bad_input_is_a_4xx_envelope(http: httpx.Client, client: ApifyClie
 
 
 @pytest.mark.anyio
-async def test_the_endpoints_never_block_the_event_loop(tmp_path: Path) -> None:
+@BOTH_STORES
+async def test_the_endpoints_never_block_the_event_loop(tmp_path: Path, store: str | None) -> None:
     """Every new endpoint, served in this process under the blocking-call detector, does its file I/O off the loop."""
-    app = create_app(tmp_path, defaults=RunDefaults(queue_id="q", dataset_id="d", kv_store_id="k"))
+    app = create_app(tmp_path, defaults=RunDefaults(queue_id="q", dataset_id="d", kv_store_id="k"), queue_dsn=store)
+    assert isinstance(app.state.registry, PostgresRegistry) is (store is not None)
     async with serving_app(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as http:
         store = (await http.post("/v2/key-value-stores", params={"name": "kv"})).json()["data"]["id"]
         record = f"/v2/key-value-stores/{store}/records/INPUT"

@@ -1,4 +1,4 @@
-"""`headlock serve`: the embedded store as the Apify API (the `server` extra)."""
+"""`headlock serve`: the embedded store, or a PostgreSQL database, as the Apify API (the `server` extra)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,14 @@ import sys
 from pathlib import Path
 
 from runner.cli._common import EXIT_USAGE
+
+STORE_HELP = (
+    "where the request queues are: 'embedded' (default: SQLite files under --storage), 'postgres' (the database"
+    " HEADLOCK_QUEUE__DSN or DATABASE_URL names: keeps the password off the command line), or a PostgreSQL DSN"
+    " (postgresql://... or key=value pairs). On PostgreSQL every serve on the database shares its queues (replicas"
+    " behind a load balancer); datasets, key-value stores and runs stay under each server's --storage"
+)
+"""The same text as `runner.server._command.STORE_HELP` (this module must not import the server extra)."""
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -25,13 +33,16 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    """Add `serve` (its own options: it serves a storage directory, not a queue)."""
+    """Add `serve` (its own options: it serves a storage directory or a database, not one queue)."""
     serve = commands.add_parser(
-        "serve", help="serve the embedded store as the Apify API v2 (request queues, datasets, key-value stores, runs)"
+        "serve",
+        help="serve the embedded store (or --store postgres) as the Apify API v2 (request queues, datasets,"
+        " key-value stores, runs)",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
     serve.add_argument("--storage", type=Path, default=Path("storage"), help="storage directory")
+    serve.add_argument("--store", default="embedded", metavar="embedded|postgres|DSN", help=STORE_HELP)
     serve.add_argument("--token", help="require this API token (Authorization: Bearer)")
     serve.add_argument("--log-format", choices=["auto", "console", "json"])
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

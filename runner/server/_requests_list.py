@@ -1,4 +1,4 @@
-"""GET requests (list requests) of one queue: the query parameters and the cursor, over `SqliteQueue.list_requests`
+"""GET requests (list requests) of one queue: the query parameters and the cursor, over the store's `list_requests`
 (the store's own connection and clock)."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import Any
 from starlette.requests import Request
 
 from runner.errors import InvalidInputError
-from runner.queue.admin import MAX_LIST_LIMIT
-from runner.queue.sqlite import SqliteQueue
+from runner.queue.admin import MAX_LIST_LIMIT, QueueAdmin
 from runner.server import _wire as wire
 
 __all__ = ["MAX_LIST_LIMIT", "ListQuery", "list_requests", "parse_query"]
@@ -91,7 +90,7 @@ def parse_query(request: Request) -> tuple[ListQuery, dict[str, Any]]:
     return ListQuery(limit=limit, after=after, locked="locked" in filters, pending="pending" in filters), echo
 
 
-async def list_requests(store: SqliteQueue, query: ListQuery) -> dict[str, Any]:
+async def list_requests(store: QueueAdmin, query: ListQuery) -> dict[str, Any]:
     """The answer's `data` for `query` over `store`: `items`, `limit`, and `nextCursor` when the page is full.
 
     A full page gets a `nextCursor` even when nothing follows (the next page is then empty and has none).

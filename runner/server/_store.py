@@ -1,30 +1,60 @@
-"""The server's queues: one `SqliteQueue` per queue file, opened on first use, and an index of queue ids."""
+"""The server's queues: what the endpoints call (`QueueRegistry`, `ServedStore`), and the embedded registry, one
+`SqliteQueue` per queue file under the storage directory, opened on first use, with an index of queue ids.
+
+The PostgreSQL registry (`serve --store postgresql://...`) is `runner.server._store_postgres.PostgresRegistry`.
+"""
 
 from __future__ import annotations
 
 import secrets
 import sqlite3
 import string
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
 import structlog
 
 from runner.errors import InvalidInputError, NotFoundError
-from runner.queue.sqlite import SqliteQueue, queue_path, validate_queue_name
+from runner.queue.admin import QueueAdmin
+from runner.queue.protocol import RequestQueue
+from runner.queue.sqlite import Head, SqliteQueue, queue_path, validate_queue_name
 
-__all__ = ["KeylessClients", "OpenQueue", "QueueRegistry"]
+__all__ = [
+    "KeylessClients",
+    "OpenQueue",
+    "QueueRegistry",
+    "ServedStore",
+    "SqliteRegistry",
+    "new_queue_name",
+    "not_found",
+]
 
 T = TypeVar("T")
 
 _log = structlog.get_logger("headlock.server")
 
-_HEAD_FIELDS = ("id", "uniqueKey", "url", "method", "retryCount")
+
+class ServedStore(RequestQueue, QueueAdmin, Protocol):
+    """One queue as the endpoints use it: the runtime's Protocol, the queue by hand, and two calls only the API has."""
+
+    async def list_head(self, limit: int) -> Head:
+        """The first `limit` unhandled requests in queue order, locked ones included, without `userData`."""
+        ...
+
+    async def delete_requests(self, request_ids: Sequence[str], *, client_key: str) -> list[str]:
+        """Delete these requests, locked or not; return the ids that existed."""
+        ...
+
+
+def new_queue_name() -> str:
+    """The name a queue created without one gets: `unnamed-` and 16 random letters and digits."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "unnamed-" + "".join(secrets.choice(alphabet) for _ in range(16))
 
 
 class KeylessClients:
@@ -67,8 +97,48 @@ class OpenQueue:
     """One served queue."""
 
     name: str
-    store: SqliteQueue
+    store: ServedStore
     keyless: KeylessClients = field(compare=False)
+
+
+class QueueRegistry(Protocol):
+    """The queues one app serves: found by reference, created by name, deleted; started and closed with the app."""
+
+    async def start(self) -> None:
+        """Make ready to serve (the app's start-up); an error here stops the server before it takes calls."""
+        ...
+
+    async def resolve(self, ref: str) -> OpenQueue:
+        """Find a queue by id, name, `~name` or `username~name`; the default queue is created on first use.
+
+        Raises:
+            NotFoundError: there is no such queue.
+        """
+        ...
+
+    def public_id(self, queue: OpenQueue, store_id: str) -> str:
+        """The id a queue reports: the default queue id for the queue named so, else the store's own."""
+        ...
+
+    async def get_or_create(self, name: str | None) -> tuple[OpenQueue, bool]:
+        """Open the queue `name`, creating it when missing (a new `unnamed-...` one without a name); True when new.
+
+        Raises:
+            InvalidInputError: `name` is not a valid queue name.
+        """
+        ...
+
+    async def delete(self, ref: str) -> None:
+        """Delete a queue (by id, name or `~name`) with every request in it.
+
+        Raises:
+            NotFoundError: there is no such queue.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release every queue. Idempotent."""
+        ...
 
 
 def _read_id(path: Path) -> str | None:
@@ -84,11 +154,12 @@ def _read_id(path: Path) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _not_found() -> NotFoundError:
+def not_found() -> NotFoundError:
+    """The 404 of an unknown queue, as the platform words it."""
     return NotFoundError("Request Queue was not found", error_type="record-not-found")
 
 
-class QueueRegistry:
+class SqliteRegistry:
     """The queues of one storage directory, owned by one app: opened on first use, closed by `aclose`."""
 
     def __init__(self, storage_dir: Path, *, default_id: str | None = None) -> None:
@@ -104,6 +175,10 @@ class QueueRegistry:
         self._lock = anyio.Lock()
         # Per server process: after a restart, a keyless call is again a client the queue has not seen.
         self._keyless_prefix = f"anonymous-{secrets.token_hex(6)}-"
+
+    async def start(self) -> None:
+        """Index the queue files there are."""
+        await self.index()
 
     async def index(self) -> None:
         """Learn the ids of queue files not indexed yet (created before start-up or by other processes)."""
@@ -153,9 +228,9 @@ class QueueRegistry:
         try:
             path = queue_path(self._storage_dir, name)
         except InvalidInputError:
-            raise _not_found() from None
+            raise not_found() from None
         if not await anyio.to_thread.run_sync(path.exists):
-            raise _not_found()
+            raise not_found()
         queue, _ = await self._get(name)
         return queue
 
@@ -168,8 +243,7 @@ class QueueRegistry:
             InvalidInputError: `name` is not a valid queue name.
         """
         if name is None:
-            alphabet = string.ascii_lowercase + string.digits
-            name = "unnamed-" + "".join(secrets.choice(alphabet) for _ in range(16))
+            name = new_queue_name()
         validate_queue_name(name)
         return await self._get(name)
 
@@ -208,7 +282,7 @@ class QueueRegistry:
             try:
                 await queue.store.drop()
             except NotFoundError:
-                raise _not_found() from None
+                raise not_found() from None
         _log.info("server.queue_deleted", name=queue.name)
 
     async def aclose(self) -> None:

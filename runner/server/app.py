@@ -1,4 +1,4 @@
-"""The Apify API v2 request-queue endpoints, served over the embedded SQLite store.
+"""The Apify API v2 request-queue endpoints, served over the embedded SQLite store or a PostgreSQL database.
 
 Contract points the platform leaves open are decided here (see `docs` of each handler): lock ops by another client
 or on a handled request answer 403 `request-handled-or-locked`; `limit` over the maximum, a batch over 25 and a bad
@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runner.errors import InvalidInputError, NotFoundError, QueueError
+from runner.errors import HeadlockError, InvalidInputError, NotFoundError, QueueError
 from runner.models import BatchAddResult, QueueInfo, RequestDraft, utc_now
 from runner.models import Request as QueueRequest
 from runner.queue.protocol import MAX_BATCH, MAX_LOCK_LIMIT
@@ -38,7 +38,7 @@ from runner.server._datasets import Datasets
 from runner.server._kvs import KeyValueStores
 from runner.server._platform import PlatformEndpoints, platform_routes
 from runner.server._runs import RunDefaults, Runs
-from runner.server._store import OpenQueue, QueueRegistry
+from runner.server._store import OpenQueue, QueueRegistry, SqliteRegistry
 from runner.uniquekey import request_id_for
 
 __all__ = ["create_app", "serve"]
@@ -420,22 +420,38 @@ def create_app(
     token: str | None = None,
     middleware: Sequence[Middleware] = (),
     defaults: RunDefaults | None = None,
+    queue_dsn: str | None = None,
 ) -> Starlette:
     """Build the API app over the storages in `storage_dir` (`request_queues/`, `datasets/`, `key_value_stores/`).
 
-    Queue files are indexed at start-up and opened on first use; all are closed at shutdown. `defaults` are the
-    storage ids every run reports (`RunDefaults()` when None). `middleware` is placed outermost (inside the
+    With `queue_dsn` (a PostgreSQL DSN; the `postgres` extra) the request queues are that database's, shared with
+    every other server and worker on it; datasets and key-value stores stay in `storage_dir`. Queue files are
+    indexed (or the database connected and its schema migrated) at start-up; a failure there stops the app, and
+    `app.state.startup_error` holds it. Queues are opened on first use and all closed at shutdown. `defaults` are
+    the storage ids every run reports (`RunDefaults()` when None). `middleware` is placed outermost (inside the
     rate-limit header), for tests that inject faults.
     """
     defaults = defaults or RunDefaults()
-    registry = QueueRegistry(storage_dir, default_id=defaults.queue_id)
+    registry: QueueRegistry
+    if queue_dsn is None:
+        registry = SqliteRegistry(storage_dir, default_id=defaults.queue_id)
+    else:
+        from runner.server._store_postgres import PostgresRegistry  # noqa: PLC0415 - psycopg is an optional extra
+
+        registry = PostgresRegistry(queue_dsn, default_id=defaults.queue_id)
     stores, datasets = KeyValueStores(storage_dir), Datasets(storage_dir)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await registry.index()
-        await stores.index()
-        await datasets.index()
+        try:
+            await registry.start()
+            await stores.index()
+            await datasets.index()
+        except HeadlockError as exc:
+            app.state.startup_error = exc
+            with anyio.CancelScope(shield=True):
+                await registry.aclose()
+            raise
         try:
             yield
         finally:
@@ -454,7 +470,31 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.registry = registry
+    app.state.startup_error = None
     return app
+
+
+class _Started:
+    """Calls `ready` once the app has started (the queues are indexed, the database connected), and keeps a failed
+    start's traceback out of uvicorn's log: `serve` raises the error itself."""
+
+    def __init__(self, app: ASGIApp, *, ready: Callable[[], None]) -> None:
+        self.app = app
+        self._ready = ready
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def sent(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                message = {**message, "message": ""}
+            await send(message)
+            if message["type"] == "lifespan.startup.complete":
+                self._ready()
+
+        await self.app(scope, receive, sent)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -482,23 +522,33 @@ def serve(
     log_level: str = "warning",
     ready: Callable[[str], None] | None = None,
     defaults: RunDefaults | None = None,
+    queue_dsn: str | None = None,
 ) -> None:
-    """Serve the API until SIGINT/SIGTERM (blocking). `port` 0 picks a free port; `ready` gets the base URL.
+    """Serve the API until SIGINT/SIGTERM (blocking). `port` 0 picks a free port; `ready` gets the base URL once
+    the app has started (connections made before wait in the backlog). `queue_dsn`: see `create_app`.
 
     Raises:
         OSError: the address cannot be bound.
+        ConfigError: `queue_dsn` does not parse.
+        QueueError: the app did not start (the queue files cannot be read, the database cannot be reached).
+        RuntimeError: the app did not start for another reason (uvicorn's log says why).
     """
     sock = _bind(host, port)
     with sock:
         bound_port = sock.getsockname()[1]
         url = f"http://[{host}]:{bound_port}" if ":" in host else f"http://{host}:{bound_port}"
+        app = create_app(storage_dir, token=token, defaults=defaults, queue_dsn=queue_dsn)
         config = uvicorn.Config(
-            create_app(storage_dir, token=token, defaults=defaults),
+            _Started(app, ready=lambda: None if ready is None else ready(url)),
             log_level=log_level,
             access_log=False,  # the access log would print `?token=` query strings
             lifespan="on",
             server_header=False,
         )
-        if ready is not None:
-            ready(url)
-        uvicorn.Server(config).run(sockets=[sock])
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
+        if not server.started:
+            error = app.state.startup_error
+            if isinstance(error, HeadlockError):
+                raise error
+            raise RuntimeError("the server did not start")
