@@ -11,7 +11,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from runner.cli import enqueue, export, health, queue, run, serve
+from runner.cli import enqueue, export, health, queue, run, serve, trim
 from runner.cli._args import common_parser, overrides
 from runner.cli._common import EXIT_FATAL, EXIT_USAGE, headlock_error
 from runner.cli.run import failure_summary, write_summary
@@ -21,7 +21,7 @@ from runner.settings import load_settings
 
 log = structlog.get_logger("headlock.cli")
 
-COMMAND_MODULES = (run, enqueue, export, queue, health, serve)
+COMMAND_MODULES = (run, enqueue, export, queue, health, serve, trim)
 """Each adds its commands' parsers (`add_parsers`), naming the function that runs them (`command`)."""
 
 
