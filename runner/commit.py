@@ -17,7 +17,8 @@ from runner.backoff import retry_delay
 from runner.errors import DatasetWriteError, InvalidInputError, LockLostError, QueueError
 from runner.finish import RecentAdds
 from runner.leases import Lease, Leases
-from runner.models import RequestDraft, has_failed_mark, utc_now, with_failed_mark, without_failed_mark
+from runner.models import Request, RequestDraft, has_failed_mark, utc_now, with_failed_mark, without_failed_mark
+from runner.queue.completion import AtomicCompletion
 from runner.queue.protocol import MAX_BATCH, RequestQueue
 from runner.results.protocol import ResultsSink
 from runner.stats import RunStats
@@ -120,12 +121,21 @@ class _Gone(Exception):  # noqa: N818 - internal control flow, never leaves the 
     """The lease can no longer be proved ours: commit nothing more under it."""
 
 
+def _handled(lease: Lease) -> Request:
+    """The leased request as it is stored once handled (a failed marker left by a re-run by hand cleared)."""
+    request = lease.request
+    done: dict[str, Any] = {"handled_at": utc_now()}
+    if has_failed_mark(request.user_data):  # a request re-run by hand without its marker cleared
+        done["user_data"] = without_failed_mark(request.user_data)
+    return request.model_copy(update=done)
+
+
 class Committer:
     """Applies the outcome of attempts to the queue, the dataset and the lease registry.
 
     Every call made under a lease is fenced: it is sent only while the lease is valid (not lost, its lock not run
-    out by our early reckoning), and the embedded store checks the lock owner in the same statement. Whatever
-    happens (an error, a timeout, cancellation), the lease leaves the registry when the commit ends.
+    out by our early reckoning), and the embedded and postgres stores check the lock owner in the same statement.
+    Whatever happens (an error, a timeout, cancellation), the lease leaves the registry when the commit ends.
     """
 
     def __init__(
@@ -156,6 +166,8 @@ class Committer:
         self._add_turn = anyio.Lock(fast_acquire=True)
         self._pending: dict[bool, list[_PendingAdd]] = {False: [], True: []}
         self._expired: OrderedDict[str, str] = OrderedDict()
+        self._completion = queue if isinstance(queue, AtomicCompletion) and queue.completes_into(dataset) else None
+        """The queue, when it commits links, items and the handled mark together into this dataset."""
 
     def note_expired(self, request_id: str, error: str) -> None:
         """Remember an attempt whose lock ran out before it could be recorded: the next holder here records it."""
@@ -231,6 +243,10 @@ class Committer:
     ) -> bool:
         """Add what the attempt enqueued, store its items (dataset lines), mark the request handled.
 
+        On a queue that completes into the dataset (`AtomicCompletion`: the postgres queue and dataset) the three
+        go in one transaction fenced on the lease, so a lost lease or a crash stores none of it; elsewhere they
+        go one after another (a crash between them may store the items again when the request is retried).
+
         False if it could not: a refused add or item is recorded as a failed attempt; a transient queue error
         abandons the attempt (the lock lapses, another attempt follows); a lease lost meanwhile stores nothing more
         (another worker may hold the request by then: its items would be stored twice).
@@ -238,21 +254,10 @@ class Committer:
         request = lease.request
         self.seen.add(request.unique_key)  # it is in the queue (we hold it): pages linking to themselves cost nothing
         try:
-            for forefront, drafts in enqueues.items():
-                await self.add(drafts, forefront=forefront)
-            # Checked after the adds (awaited) and before anything else is written, and again after a push of
-            # items (a sink over the API awaits; the local file does not, but one more check costs nothing).
-            self._fence(lease, "the request's links were being added")
-            if items:
-                stored = await self.dataset.push_lines(items)  # not `+= await`: that reads the count before
-                self.stats.items += stored
-                self._fence(lease, "the request's items were being stored")
-            done: dict[str, Any] = {"handled_at": utc_now()}
-            if has_failed_mark(request.user_data):  # a request re-run by hand without its marker cleared
-                done["user_data"] = without_failed_mark(request.user_data)
-            await self.queue.update_request(
-                request.model_copy(update=done), client_key=self.client_key, lock_required=True
-            )
+            if self._completion is not None:
+                await self._complete(self._completion, lease, enqueues, items)
+            else:
+                await self._commit_in_steps(lease, enqueues, items)
         except _Gone:
             return False
         except (InvalidInputError, DatasetWriteError) as exc:
@@ -270,6 +275,44 @@ class Committer:
             self.leases.remove(lease)
         self.stats.handled += 1
         return True
+
+    async def _commit_in_steps(
+        self, lease: Lease, enqueues: Mapping[bool, Sequence[RequestDraft]], items: Sequence[str]
+    ) -> None:
+        """Links, then items, then the fenced handled mark, each its own call (`succeed`)."""
+        for forefront, drafts in enqueues.items():
+            await self.add(drafts, forefront=forefront)
+        # Checked after the adds (awaited) and before anything else is written, and again after a push of
+        # items (a sink over the API awaits; the local file does not, but one more check costs nothing).
+        self._fence(lease, "the request's links were being added")
+        if items:
+            stored = await self.dataset.push_lines(items)  # not `+= await`: that reads the count before
+            self.stats.items += stored
+            self._fence(lease, "the request's items were being stored")
+        await self.queue.update_request(_handled(lease), client_key=self.client_key, lock_required=True)
+
+    async def _complete(
+        self,
+        completion: AtomicCompletion,
+        lease: Lease,
+        enqueues: Mapping[bool, Sequence[RequestDraft]],
+        items: Sequence[str],
+    ) -> None:
+        """Links, items and the handled mark in one transaction (`succeed`); the bookkeeping once it committed."""
+        # Keys this process added before are in the queue for sure (`seen` learns only committed links).
+        links = {
+            forefront: [d for d in drafts if d.unique_key not in self.seen] for forefront, drafts in enqueues.items()
+        }
+        self._fence(lease, "the request was being completed")
+        done = await completion.complete(
+            _handled(lease), client_key=self.client_key, links=links, items=items, dataset=self.dataset
+        )
+        for unique_key, request_id in done.links.items():
+            self.seen.add(unique_key)
+            if unique_key in done.new:
+                self.recent.add(request_id)
+        self.stats.enqueued += len(done.new)
+        self.stats.items += done.items
 
     async def fail(self, lease: Lease, error: str, *, permanent: bool = False) -> None:
         """Record `error` on the request; give it back for a retry, or mark it handled as failed (`handledAt` and

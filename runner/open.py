@@ -1,5 +1,6 @@
 """Open what the settings name: the queue (the embedded store, PostgreSQL or the HTTP API) and the results sink
-beside it (the local dataset file on the embedded and postgres backends)."""
+beside it (the local dataset file on the embedded backend, the queue's database on postgres, the API's dataset on
+apify; `results_backend` chooses another)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ __all__ = [
     "open_run",
     "open_store",
     "postgres_dsn",
+    "results_in_postgres",
 ]
 
 PLATFORM_HOSTS = ("api.apify.com",)
@@ -110,6 +112,22 @@ async def open_postgres(settings: Settings, *, create: bool = True, metrics: Met
     )
 
 
+def results_in_postgres(settings: Settings) -> bool:
+    """Whether results go to a dataset in the postgres queue's database: `results_backend` "postgres", or "auto"
+    with the postgres queue (a request's links, items and handled mark then commit in one transaction).
+
+    Raises:
+        ConfigError: `results_backend` "postgres" with another queue backend (the dataset lives in the queue's
+            database).
+    """
+    if settings.results_backend == "postgres" and settings.queue.backend != "postgres":
+        raise ConfigError(
+            f"results_backend: 'postgres' needs queue.backend 'postgres' (the dataset lives in the queue's"
+            f" database), got queue.backend {settings.queue.backend!r}"
+        )
+    return settings.queue.backend == "postgres" and settings.results_backend in ("auto", "postgres")
+
+
 @dataclass(slots=True)
 class RunBackends:
     """What `headlock run` works with, opened from the settings: the queue, the results sink, and on the API the
@@ -157,14 +175,24 @@ async def open_run(
     all when the block ends. `api`, if given, is used and left open.
 
     Raises:
-        ConfigError: missing API settings.
+        ConfigError: missing API settings, or results_backend 'postgres' with another queue backend.
         QueueError: a backend cannot be opened (e.g. no such queue or dataset).
     """
+    results_in_postgres(settings)  # a results backend the queue cannot have: said before anything is opened
     async with contextlib.AsyncExitStack() as stack:
         if settings.queue.backend in ("embedded", "postgres") and not settings.results_on_api():
-            queue = await open_queue(settings, metrics=metrics)
-            stack.push_async_callback(queue.aclose)
-            results = await _local_results(settings)
+            results: ResultsSink
+            if results_in_postgres(settings):
+                from runner.results.postgres import PostgresDataset  # noqa: PLC0415 - only this backend needs psycopg
+
+                pg = await open_postgres(settings, metrics=metrics)
+                stack.push_async_callback(pg.aclose)
+                queue: RequestQueue = pg
+                results = await PostgresDataset.open(pg, settings.dataset)
+            else:
+                queue = await open_queue(settings, metrics=metrics)
+                stack.push_async_callback(queue.aclose)
+                results = await _local_results(settings)
             stack.push_async_callback(results.aclose)
             yield RunBackends(queue, results)
             return

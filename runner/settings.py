@@ -156,7 +156,7 @@ class Settings(BaseSettings):
     storage_dir: Path = Path("storage")
     dataset: str = Field("default", min_length=1, description="Results: the file's or the API dataset's name.")
     dataset_id: str | None = Field(None, description="Results on the API backend: this dataset (the run's default).")
-    results_backend: Literal["auto", "jsonl", "apify"] = Field(
+    results_backend: Literal["auto", "jsonl", "apify", "postgres"] = Field(
         "auto", description="Where results go; auto: a local file on the embedded queue, the API's dataset on apify."
     )
     log_format: Literal["auto", "console", "json"] = "auto"

@@ -1,9 +1,11 @@
 """`headlock export`: a dataset's items as JSON lines, a JSON array or CSV, to a file or standard output.
 
-The items come from the local dataset (`<storage>/datasets/<name>.jsonl`) or, when results go to the API (`--backend
-apify`), from the API dataset (`dataset_id`, else `--dataset NAME`), a page at a time. Memory stays bounded whatever
-the size: lines are streamed; CSV needs its columns before its first row, so it reads the items twice (the local
-file twice, API items spooled to a temporary file on the first pass) and holds only the column names.
+The items come from the local dataset (`<storage>/datasets/<name>.jsonl`); when results go to the API (`--backend
+apify`), from the API dataset (`dataset_id`, else `--dataset NAME`), a page at a time; on the postgres backend, from
+the dataset in the queue's database (`runner.results.postgres`), through a server-side cursor. Memory stays bounded
+whatever the size: lines are streamed; CSV needs its columns before its first row, so it reads the items twice (the
+local file twice, the postgres dataset twice in one snapshot, API items spooled to a temporary file on the first
+pass) and holds only the column names.
 
 CSV: a header row with every top-level key, in the order first seen; strings as they are, numbers and booleans
 as JSON (`1.5`, `true`), null as an empty cell, objects and arrays as compact JSON text; RFC 4180 quoting and
@@ -38,7 +40,7 @@ import structlog
 
 from runner.cli._common import EXIT_OK
 from runner.errors import ConfigError, HeadlockError, NotFoundError
-from runner.open import api_client
+from runner.open import api_client, postgres_dsn, results_in_postgres
 from runner.results.apify import ApiDataset
 from runner.results.jsonl import dataset_path, iter_lines, whole_lines_size
 from runner.settings import Settings
@@ -251,6 +253,32 @@ def _export_file(path: Path, fmt: str, output: _Output) -> int:
     return count
 
 
+def _export_postgres(dsn: str, name: str, fmt: str, output: _Output) -> tuple[int, str]:
+    """Export the postgres dataset `name` as it is now (one snapshot for both of CSV's passes); return how many
+    items and where they came from.
+
+    Raises:
+        ConfigError: no such dataset, or the output cannot be opened.
+        HeadlockError: the database cannot be reached, or reading or writing failed part-way.
+    """
+    from runner.results.postgres import PostgresSnapshot  # noqa: PLC0415 - only this backend needs psycopg
+
+    with PostgresSnapshot.open(dsn, name) as snapshot:
+
+        def items() -> Iterator[tuple[bytes, dict[str, Any]]]:
+            return _parsed(snapshot.lines(), snapshot.location)
+
+        columns = _columns(items()) if fmt == "csv" else []
+        output.open()
+        writer = _writer(fmt, output.stream, columns)
+        count = 0
+        for line, item in items():
+            writer.add(line, item)
+            count += 1
+        writer.finish()
+        return count, snapshot.location
+
+
 async def _export_api(dataset: ApiDataset, fmt: str, output: _Output) -> int:
     """Export the API dataset a page at a time; CSV through a spool file (columns first). Return how many items.
 
@@ -315,7 +343,10 @@ async def export_command(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError(f"export --dataset: {name!r} is a dataset name, not a path")
     output = _Output(None if args.output in (None, "-") else Path(args.output))
     try:
-        if settings.results_on_api():
+        if results_in_postgres(settings):
+            dsn = postgres_dsn(settings)
+            count, source = await anyio.to_thread.run_sync(_export_postgres, dsn, name, args.format, output)
+        elif settings.results_on_api():
             count, source = await _from_api(settings, args, name, output)
         else:
             path = dataset_path(settings.storage_dir, name)
@@ -359,9 +390,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser], c
         "export",
         parents=[common],
         help="write a dataset's items as JSONL, JSON or CSV",
-        description="Write the items of a dataset (the local file, or the API dataset with --backend apify) to a "
-        "file or standard output, streaming. CSV: a header of every top-level key in the order first seen, nested "
-        "values as JSON.",
+        description="Write the items of a dataset (the local file, the API dataset with --backend apify, or the "
+        "dataset in the queue's database on the postgres backend) to a file or standard output, streaming. CSV: a "
+        "header of every top-level key in the order first seen, nested values as JSON.",
         epilog="exit codes: 0 exported; 1 failed part-way (FILE left as it was); 2 no such dataset, or the output "
         "cannot be written",
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -39,6 +39,8 @@ from runner.queue._rows import (
     validate_queue_name,
 )
 from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequestPage, RequeueResult, can_requeue
+from runner.queue.completion import Completion
+from runner.queue.postgres._complete import Completions
 from runner.queue.postgres._connect import Target, connection_lost, mapped, parse_target, redact
 from runner.queue.postgres._schema import find_queue
 from runner.queue.postgres._sql import (
@@ -55,6 +57,7 @@ from runner.queue.postgres._sql import (
     TICKS,
 )
 from runner.queue.protocol import MAX_BATCH, MAX_LOCK_LIMIT
+from runner.results.protocol import ResultsSink
 from runner.uniquekey import request_id_for
 
 __all__ = ["PostgresQueue"]
@@ -92,17 +95,10 @@ class PostgresQueue:
 
     Open it with `PostgresQueue.open`.
 
-    Seam for the results sink (part 2 of issue 15): a request's new links, its items and its handled mark should
-    commit in one transaction, fenced on the lease, through one method the committer calls instead of
-    `batch_add` + `push_lines` + `update_request`:
-
-        async def complete(self, request: Request, *, client_key: str, links: Mapping[bool, Sequence[RequestDraft]],
-                           items: Sequence[str], dataset: str) -> CompleteResult
-
-    built from this class's pieces: in one transaction on one connection, first the links (`BATCH_ADD`, sorted by
-    id), then the items (one INSERT into the dataset's table), then the fenced mark (`FENCED`) last (the other
-    order deadlocked in the prototype), rolling everything back with `LockLostError` when the mark matches no row.
-    Group commit extends to it as to `FENCED` now: several completes in one transaction, each in a savepoint.
+    With a `runner.results.postgres.PostgresDataset` opened over it, it is also an
+    `runner.queue.completion.AtomicCompletion`: `complete` writes a request's new links, its items and its handled
+    mark in one transaction fenced on the lease (`runner.queue.postgres._complete`), and the committer calls it
+    instead of `batch_add` + `push_lines` + `update_request`.
     """
 
     def __init__(
@@ -127,6 +123,7 @@ class PostgresQueue:
         self._clients: set[str] = set()
         self._fenced: list[_Fenced] = []
         self._fenced_turn = anyio.Lock(fast_acquire=True)
+        self._completions = Completions(self)
         self._closed = False
 
     @classmethod
@@ -733,6 +730,30 @@ class PostgresQueue:
 
         rows = await self._run("locks", read, write=False)
         return [(request_id, holder, _to_datetime(int(us))) for request_id, holder, us in rows]
+
+    # -- results in the same transaction (`runner.queue.completion.AtomicCompletion`) ------------------------
+
+    def completes_into(self, sink: ResultsSink) -> bool:
+        """Whether `complete` can write into `sink`: a `PostgresDataset` opened over this queue."""
+        return self._completions.completes_into(sink)
+
+    async def complete(
+        self,
+        request: Request,
+        *,
+        client_key: str,
+        links: Mapping[bool, Sequence[RequestDraft]],
+        items: Sequence[str],
+        dataset: ResultsSink,
+    ) -> Completion:
+        """Add `links`, append `items` to `dataset` and store `request` as handled in one transaction, fenced on
+        the lease: all of it, or (`LockLostError`) none of it. Completes arriving together share a transaction.
+
+        Raises: see `runner.queue.completion.AtomicCompletion.complete`.
+        """
+        return await self._completions.complete(
+            request, client_key=client_key, links=links, items=items, dataset=dataset
+        )
 
     # -- the queue by hand (`runner.queue.admin.QueueAdmin`) ------------------------------------------------
 

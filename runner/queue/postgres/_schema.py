@@ -19,7 +19,7 @@ _log = structlog.get_logger("headlock.queue.postgres")
 
 ADVISORY_CLASS = 0x6865_6164  # "head": the first key of the migration's advisory lock; the second is the schema's
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE headlock_queues (
@@ -50,6 +50,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
                 autovacuum_vacuum_cost_delay = 0)""",
         "CREATE INDEX headlock_requests_head ON headlock_requests (qid, order_no) WHERE order_no IS NOT NULL",
         "CREATE INDEX headlock_requests_failed ON headlock_requests (qid, id) WHERE failed",
+    ),
+    (
+        # Results beside the queue (`runner.results.postgres`): one items table keyed by dataset, ordered by an
+        # identity sequence (push order). `json`, not `jsonb`: an item keeps its text, key order included, as the
+        # other datasets keep it (export's CSV columns come in the order first seen), and every item encode_item
+        # accepts is storable (jsonb refuses \u0000). No foreign key, as for the requests.
+        """CREATE TABLE headlock_datasets (
+            did integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            name text NOT NULL UNIQUE,
+            created_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        """CREATE TABLE headlock_items (
+            did integer NOT NULL,
+            seq bigint GENERATED ALWAYS AS IDENTITY,
+            item json NOT NULL,
+            PRIMARY KEY (did, seq)
+        )""",
     ),
 )
 """Migration n takes the schema from version n to n + 1; append, never edit."""
@@ -99,8 +116,8 @@ async def migrate(conn: Conn) -> None:
         for step in range(version, SCHEMA_VERSION):
             for statement in MIGRATIONS[step]:
                 await conn.execute(statement)
-            _log.info("queue.schema_migrated", version=step + 1)
         if version != SCHEMA_VERSION:
+            _log.info("queue.schema_migrated", version=SCHEMA_VERSION, previous=version)
             await conn.execute(
                 "INSERT INTO headlock_schema (one, version) VALUES (1, %s)"
                 " ON CONFLICT (one) DO UPDATE SET version = excluded.version",
