@@ -211,7 +211,8 @@ async def test_completes_at_once_share_transactions_and_a_refused_one_leaves_not
     queue: PostgresQueue, dataset: PostgresDataset, postgres_dsn: str
 ) -> None:
     """Ten completes at once, one of them for a lease another client took: nine land with their links and items in
-    two transactions (the first alone, the rest grouped), the refused one leaves nothing."""
+    two transactions (the first alone, the rest grouped), the refused one leaves nothing; a link two of them sent
+    is new for one."""
     await queue.batch_add(drafts(*range(10)), client_key="filler")
     head = await queue.lock_head(limit=10, lock_secs=LONG, client_key=A)
     assert len(head.items) == 10
@@ -219,16 +220,18 @@ async def test_completes_at_once_share_transactions_and_a_refused_one_leaves_not
     async with await raw(postgres_dsn) as conn:
         await conn.execute("UPDATE headlock_requests SET lock_client = %s WHERE id = %s", (B, lost.id))
     refused: list[str] = []
+    new: Counter[str] = Counter()
 
     async def commit(n: int, request: Request) -> None:
         try:
-            await queue.complete(
+            result = await queue.complete(
                 done(request),
                 client_key=A,
-                links={False: drafts(f"link-{n}", "shared")},
+                links={False: drafts(f"link-{n}", "shared", *(["late"] if n else []))},
                 items=[item(n)],
                 dataset=dataset,
             )
+            new.update(result.new)
         except LockLostError:
             refused.append(request.id)
 
@@ -237,6 +240,10 @@ async def test_completes_at_once_share_transactions_and_a_refused_one_leaves_not
             for n, request in enumerate(head.items):
                 tg.start_soon(commit, n, request)
     assert refused == [lost.id]
+    # A link several completes sent is new for one of them (in the first transaction, or within the group).
+    assert new == Counter({f"http://example.com/link-{n}": 1 for n in range(10) if n != 4}) + Counter(
+        {"http://example.com/shared": 1, "http://example.com/late": 1}
+    )
     assert sorted(i["n"] for i in await stored_items(postgres_dsn)) == [n for n in range(10) if n != 4]
     keys = {key for (key,) in await rows(postgres_dsn, "SELECT data->>'uniqueKey' FROM headlock_requests")}
     assert "http://example.com/link-4" not in keys
@@ -244,7 +251,7 @@ async def test_completes_at_once_share_transactions_and_a_refused_one_leaves_not
     transactions = await rows(postgres_dsn, "SELECT DISTINCT xmin::text FROM headlock_items")
     assert len(transactions) == 2
     info = await queue.get_info()
-    assert (info.total_request_count, info.handled_request_count) == (20, 9)
+    assert (info.total_request_count, info.handled_request_count) == (21, 9)
 
 
 @pytest.mark.anyio
@@ -272,6 +279,35 @@ async def test_a_complete_without_handled_at_or_into_another_handles_dataset_is_
         await other.aclose()
     assert (await queue.get_info()).handled_request_count == 0
     assert await stored_items(postgres_dsn) == []
+
+
+@pytest.mark.anyio
+async def test_completes_with_nothing_but_the_mark_go_as_one_statement_and_a_refused_one_alone_fails(
+    queue: PostgresQueue, dataset: PostgresDataset, postgres_dsn: str
+) -> None:
+    """No-op pages (no link, no item) at once, one of them retaken by another client: that one LockLostError, the
+    rest handled by one statement (after the first, alone)."""
+    await queue.batch_add(drafts(*range(6)), client_key="filler")
+    head = await queue.lock_head(limit=6, lock_secs=LONG, client_key=A)
+    async with await raw(postgres_dsn) as conn:
+        await conn.execute("UPDATE headlock_requests SET lock_client = %s WHERE id = %s", (B, head.items[3].id))
+    outcomes: dict[int, bool] = {}
+
+    async def commit(n: int, request: Request) -> None:
+        try:
+            result = await queue.complete(done(request), client_key=A, links={}, items=[], dataset=dataset)
+            outcomes[n] = result.items == 0 and not result.links
+        except LockLostError:
+            outcomes[n] = False
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            for n, request in enumerate(head.items):
+                tg.start_soon(commit, n, request)
+    assert outcomes == {n: n != 3 for n in range(6)}
+    marked = await rows(postgres_dsn, "SELECT DISTINCT xmin::text FROM headlock_requests WHERE order_no IS NULL")
+    assert len(marked) == 2
+    assert (await queue.get_info()).handled_request_count == 5
 
 
 @pytest.mark.anyio

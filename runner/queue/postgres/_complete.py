@@ -11,7 +11,8 @@ Completes arriving together are group-committed: while one transaction is being 
 next goes with all of them (up to `MAX_GROUP`) in one transaction, the same three statements for the group. When a
 mark of the group is refused, that complete gets `LockLostError` and the transaction is rolled back and written
 again without it: the others still commit together, and the refused one leaves nothing behind. (Savepoints would
-need the mark of each complete before the links of the next, the order that deadlocks.)
+need the mark of each complete before the links of the next, the order that deadlocks.) A group with neither links
+nor items is its marks alone: one statement in autocommit, as `update_request`'s group commit writes them.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ MAX_GROUP = 64
 ADD_LINKS_AND_ITEMS = f"""
 WITH t AS MATERIALIZED (SELECT {NOW} AS now_us),
 d AS (
-    SELECT * FROM unnest(%(ids)s::text[], %(data)s::text[], %(handled)s::boolean[], %(failed)s::boolean[],
-                         %(forefront)s::boolean[], %(places)s::integer[])
+    SELECT * FROM unnest(%(ids)b::text[], %(data)b::text[], %(handled)b::boolean[], %(failed)b::boolean[],
+                         %(forefront)b::boolean[], %(places)b::integer[])
         AS d(id, data, handled, failed, forefront, place)
 ),
 ins AS (
@@ -68,13 +69,14 @@ k AS (
 ),
 it AS (
     INSERT INTO headlock_items (did, item)
-    SELECT u.did, u.item::json FROM unnest(%(dids)s::integer[], %(items)s::text[]) WITH ORDINALITY AS u(did, item, n)
+    SELECT u.did, u.item::json FROM unnest(%(dids)b::integer[], %(items)b::text[]) WITH ORDINALITY AS u(did, item, n)
     ORDER BY u.n
 )
 SELECT id FROM ins
 """  # noqa: S608 - fixed parts only
 """Insert the new links in id order (counted on the client's row) and append the items in the order given; return
-the ids that were new."""
+the ids that were new. The arrays go in binary (`%b`): psycopg's text form escapes every quote of every JSON text
+with a regex, about 40 µs per request's JSON, against 0.4 µs."""
 
 _Link = tuple[str, str, bool, bool, str, bool]
 """A prepared link: (id, uniqueKey, handled, failed, JSON, forefront)."""
@@ -214,7 +216,6 @@ class Completions:
         ops = [op for op in ops if op.error is None]  # a first try may have found refusals before its connection broke
         if not ops:
             return
-        queue = self.queue
         links: dict[str, _Link] = {}
         for op in ops:
             for link in op.links:
@@ -222,41 +223,54 @@ class Completions:
         dids = [op.did for op in ops for _ in op.items]
         items = [item for op in ops for item in op.items]
         marks = sorted(ops, key=lambda op: op.request_id)
-        refused: list[_Completing] = []
+        if not links and not items:
+            await self._marks_only(conn, ops, marks)
+            return
+        rows = list(links.values())
+        args = {
+            "q": self.queue.qid,
+            "client": ops[0].client_key,
+            "ids": [r[0] for r in rows],
+            "data": [r[4] for r in rows],
+            "handled": [r[2] for r in rows],
+            "failed": [r[3] for r in rows],
+            "forefront": [r[5] for r in rows],
+            "places": list(range(len(rows))),
+            "dids": dids,
+            "items": items,
+        }
         async with conn.transaction() as tx:
-            new: set[str] = set()
-            if links or items:
-                rows = list(links.values())
-                args = {
-                    "q": queue.qid,
-                    "client": ops[0].client_key,
-                    "ids": [r[0] for r in rows],
-                    "data": [r[4] for r in rows],
-                    "handled": [r[2] for r in rows],
-                    "failed": [r[3] for r in rows],
-                    "forefront": [r[5] for r in rows],
-                    "places": list(range(len(rows))),
-                    "dids": dids,
-                    "items": items,
-                }
-                new = {row[0] for row in await (await conn.execute(ADD_LINKS_AND_ITEMS, args)).fetchall()}
-            fenced = {
-                "q": queue.qid,
-                "ids": [op.request_id for op in marks],
-                "data": [op.data for op in marks],
-                "handled": [True] * len(marks),
-                "failed": [op.failed for op in marks],
-                "clients": [op.client_key for op in marks],
-            }
-            applied = {row[0] for row in await (await conn.execute(FENCED, fenced)).fetchall()}
-            refused = [op for op in ops if op.request_id not in applied]
+            new = {row[0] for row in await (await conn.execute(ADD_LINKS_AND_ITEMS, args)).fetchall()}
+            refused = await self._mark(conn, ops, marks)
             if refused:
-                states = await queue._diagnose(conn, [op.request_id for op in refused])
-                for op in refused:
-                    op.error = queue._refusal(states.get(op.request_id), op.endpoint)
                 raise psycopg.Rollback(tx)  # nothing of the group stays; `_write` tries again without them
-        if not refused:
+        if not refused:  # the block ends without an error after a rollback too
             _results(ops, new)
+
+    async def _marks_only(self, conn: Conn, ops: list[_Completing], marks: list[_Completing]) -> None:
+        """Completes with neither links nor items: the marks alone, one statement in autocommit. A refused one wrote
+        nothing (there was nothing else of it), so the others stand."""
+        refused = await self._mark(conn, ops, marks)
+        _results([op for op in ops if op not in refused], set())
+
+    async def _mark(self, conn: Conn, ops: list[_Completing], marks: list[_Completing]) -> list[_Completing]:
+        """The fenced handled marks of `marks` (in id order); give each refused op its error and return them."""
+        queue = self.queue
+        fenced = {
+            "q": queue.qid,
+            "ids": [op.request_id for op in marks],
+            "data": [op.data for op in marks],
+            "handled": [True] * len(marks),
+            "failed": [op.failed for op in marks],
+            "clients": [op.client_key for op in marks],
+        }
+        applied = {row[0] for row in await (await conn.execute(FENCED, fenced)).fetchall()}
+        refused = [op for op in ops if op.request_id not in applied]
+        if refused:
+            states = await queue._diagnose(conn, [op.request_id for op in refused])
+            for op in refused:
+                op.error = queue._refusal(states.get(op.request_id), op.endpoint)
+        return refused
 
 
 def _results(ops: list[_Completing], new: set[str]) -> None:
