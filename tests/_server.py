@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import socket
@@ -41,11 +42,12 @@ def running_server(
     extra_args: Sequence[str] = (),
     store: str | None = None,
     env: Mapping[str, str] | None = None,
+    stderr: Path | None = None,
 ) -> Iterator[str]:
     """Run the API server over `storage` on 127.0.0.1; yield its base URL; stop it with SIGTERM on exit.
 
     `extra_args` are more `serve` options (e.g. `--default-queue-id`); `store` is its `--store` (a PostgreSQL DSN:
-    the queues in that database); `env` adds to its environment.
+    the queues in that database); `env` adds to its environment; `stderr` is a file for its log (else inherited).
     """
     command = [sys.executable, "-m", "runner.server", "--host", "127.0.0.1", "--port", "0", "--storage", str(storage)]
     if token is not None:
@@ -53,12 +55,15 @@ def running_server(
     if store is not None:
         command += ["--store", store]
     command += extra_args
-    env = {
+    child_env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         **(env or {}),
     }
-    with subprocess.Popen(command, stdout=subprocess.PIPE, env=env, cwd=REPO) as proc:
+    with (
+        open(stderr, "wb") if stderr is not None else contextlib.nullcontext(None) as err,
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, env=child_env, cwd=REPO) as proc,
+    ):
         try:
             yield read_listening_url(proc)
         finally:

@@ -546,7 +546,12 @@ def serve(
             server_header=False,
         )
         server = uvicorn.Server(config)
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except SystemExit:
+            if server.started:
+                raise
+            # uvicorn exits (3) when the app does not start: the reason is ours to tell, below.
         if not server.started:
             error = app.state.startup_error
             if isinstance(error, HeadlockError):
