@@ -158,8 +158,7 @@ def test_two_replicas_one_queue_each_page_handled_once(tmp_path: Path, postgres_
 
 
 def test_a_wrong_password_stops_serve_before_it_listens(tmp_path: Path, postgres: Postgres) -> None:
-    """serve with a refused login exits 1 with one line naming the database, announcing no address, showing no
-    password."""
+    """A refused login: exit 1, one line naming the database, no address announced, no password shown."""
     wrong = "wr0ng-Pw%21@x"
     dsn = as_url(make_conninfo(postgres.fresh_dsn(), user=LOGIN_ROLE), password=wrong)
     result = headlock("serve", "--port", "0", "--storage", str(tmp_path), "--store", dsn, cwd=tmp_path)
@@ -201,8 +200,7 @@ def test_the_password_never_shows_in_logs_or_answers(tmp_path: Path, postgres: P
 
 @pytest.mark.anyio
 async def test_reprs_events_and_errors_show_no_password(tmp_path: Path, postgres: Postgres) -> None:
-    """The registry, its queues and database, the start-up event and a refused login name the database, not the
-    password."""
+    """The registry, a queue, the log events and a refused login's error name the database, never the password."""
     dsn = secret_dsn(postgres)
     app = create_app(tmp_path, queue_dsn=dsn)
     registry = app.state.registry

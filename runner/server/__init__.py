@@ -1,6 +1,8 @@
-"""The local request-queue API server (`headlock serve`): Apify API v2 endpoints over the embedded store.
+"""The local request-queue API server (`headlock serve`): Apify API v2 endpoints over the embedded store, or over
+a PostgreSQL database shared by several servers (`--store postgresql://...`).
 
-Needs the `server` extra (starlette, uvicorn); import this package only when serving.
+Needs the `server` extra (starlette, uvicorn), and the `postgres` extra for a database; import this package only
+when serving.
 """
 
 from runner.server.app import create_app, serve
