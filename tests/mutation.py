@@ -209,7 +209,7 @@ MUTANTS = [
     Mutant(
         "export-no-device-rename",
         "runner/cli/export.py",
-        "        if self.target.exists() and not self.target.is_file():\n",
+        "        if self._destination.exists() and not self._destination.is_file():\n",
         "        if False:\n",
         ("tests/test_export.py::test_a_fifo_or_device_as_output_is_written_to_not_replaced",),
     ),

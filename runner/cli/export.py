@@ -166,6 +166,7 @@ class _Output:
     def __init__(self, target: Path | None) -> None:
         self.target = target
         self._temporary: Path | None = None
+        self._destination: Path | None = None
         self.stream: IO[bytes]
 
     @property
@@ -178,15 +179,15 @@ class _Output:
             self.stream = sys.stdout.buffer
             return
         # The target as it is on disk: a symlink's file is what gets replaced, never the link.
-        self.target = Path(os.path.realpath(self.target))
-        if self.target.exists() and not self.target.is_file():
+        self._destination = Path(os.path.realpath(self.target))
+        if self._destination.exists() and not self._destination.is_file():
             # /dev/null, a FIFO, a terminal: written to as it is. A rename onto it would replace the device itself.
             try:
-                self.stream = self.target.open("wb", buffering=_WRITE_BUFFER)
+                self.stream = self._destination.open("wb", buffering=_WRITE_BUFFER)
             except OSError as exc:
                 raise ConfigError(f"export: cannot write {self.target}: {exc.strerror or exc}") from exc
             return
-        self._temporary = self.target.with_name(f".{self.target.name}.{secrets.token_hex(4)}.partial")
+        self._temporary = self._destination.with_name(f".{self.target.name}.{secrets.token_hex(4)}.partial")
         try:
             # 0o666 and the umask, as the renamed file should have (mkstemp would make it 0o600).
             fd = os.open(self._temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -198,10 +199,10 @@ class _Output:
     def commit(self) -> None:
         """Flush; for a file, sync it and rename it onto the target."""
         self.stream.flush()
-        if self._temporary is not None and self.target is not None:
+        if self._temporary is not None and self._destination is not None:
             os.fsync(self.stream.fileno())
             self.stream.close()
-            os.replace(self._temporary, self.target)
+            os.replace(self._temporary, self._destination)
             self._temporary = None
 
     def discard(self) -> None:
