@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import psycopg
 
-from runner.errors import InvalidInputError, QueueError
+from runner.errors import InvalidInputError, QueueError, QueueUnavailableError
 from runner.models import Request, RequestDraft
 from runner.queue._rows import _check_client_key, _dump, _prepare
 from runner.queue.completion import Completion
@@ -157,7 +157,13 @@ class Completions:
             async with self._turn:
                 if not op.taken:
                     group = self._take(op)
-                    await self._write(group)
+                    try:
+                        await self._write(group)
+                    except BaseException:
+                        # Cut short (cancelled between two of its transactions): the unwritten must know.
+                        unwritten = [other for other in group if other.error is None and other.result is None]
+                        self._fail(unwritten, QueueUnavailableError("interrupted before it was written", endpoint=""))
+                        raise
         except BaseException:
             if not op.taken:
                 self._waiting.remove(op)  # cancelled before it was taken: nothing of it happens
@@ -188,7 +194,7 @@ class Completions:
             if not live:
                 return
             try:
-                await self.queue._run("complete", partial(self._transaction, ops=live))
+                await self._attempt(live)
             except InvalidInputError as exc:
                 if len(live) == 1:
                     self._fail(live, exc)
@@ -201,6 +207,19 @@ class Completions:
                 self._fail(live, exc)
                 return
         raise AssertionError("unreachable: every round refuses one complete at least, or returns")  # pragma: no cover
+
+    async def _attempt(self, ops: list[_Completing]) -> None:
+        """One transaction for `ops` on a pooled connection (`_transaction`).
+
+        Raises:
+            InvalidInputError: the database refused the data, or a text cannot be sent as UTF-8 (a lone surrogate:
+                psycopg refuses it before sending anything).
+            QueueError: as any call (`PostgresQueue._run`).
+        """
+        try:
+            await self.queue._run("complete", partial(self._transaction, ops=ops))
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(f"the data cannot be sent as UTF-8: {exc}", endpoint="complete") from exc
 
     def _fail(self, ops: list[_Completing], exc: QueueError) -> None:
         message = str(exc).partition(": ")[2] or str(exc)  # without the group's endpoint: each op names its own
