@@ -488,7 +488,7 @@ async def test_push_lines_appends_in_order_and_datasets_are_apart(
     queue: PostgresQueue, dataset: PostgresDataset, postgres_dsn: str
 ) -> None:
     """push_lines (the path outside complete) appends in order; two names are two datasets; opening one again
-    finds it; the location names the database and the dataset, never the password."""
+    finds it; count and drop; the location names the database and the dataset."""
     other = await PostgresDataset.open(queue, "other")
     assert await dataset.push_lines([item(1), item(2)]) == 2
     assert await other.push_lines([item(3)]) == 1
@@ -498,6 +498,10 @@ async def test_push_lines_appends_in_order_and_datasets_are_apart(
     assert [i["n"] for i in await stored_items(postgres_dsn, "other")] == [3]
     again = await PostgresDataset.open(queue, "items")
     assert again.did == dataset.did
+    assert (await dataset.count(), await other.count()) == (3, 1)
+    await other.drop()
+    assert await stored_items(postgres_dsn, "other") == []
+    assert await rows(postgres_dsn, "SELECT name FROM headlock_datasets") == [("items",)]
     assert dataset.location == f"{queue.database}, dataset 'items'"
     with pytest.raises(InvalidInputError, match="dataset name"):
         await PostgresDataset.open(queue, "")

@@ -116,6 +116,30 @@ class PostgresDataset:
             raise DatasetWriteError(f"cannot store {len(lines)} items in {self.location}{maybe}: {exc}") from exc
         return len(lines)
 
+    async def count(self) -> int:
+        """How many items the dataset holds (an index scan: it grows with the dataset)."""
+
+        async def read(conn: Conn) -> int:
+            cursor = await conn.execute("SELECT count(*) FROM headlock_items WHERE did = %s", (self.did,))
+            row = await cursor.fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self.queue._run("count items", read, write=False)
+
+    async def drop(self) -> None:
+        """Delete the dataset with every item in it (one transaction). Cannot be undone; the handle is unusable after.
+
+        Raises:
+            QueueError: the database failed (nothing was deleted then).
+        """
+
+        async def drop(conn: Conn) -> None:
+            async with conn.transaction():
+                await conn.execute("DELETE FROM headlock_datasets WHERE did = %s", (self.did,))
+                await conn.execute("DELETE FROM headlock_items WHERE did = %s", (self.did,))
+
+        await self.queue._run("drop dataset", drop)
+
     async def aclose(self) -> None:
         """Nothing to release: the pool is the queue's. Idempotent."""
 
@@ -131,10 +155,11 @@ class PostgresSnapshot:
     queue's dead rows meanwhile: export a very large dataset outside a busy crawl, or from a replica.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any], did: int, location: str) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], did: int, location: str, secrets: Sequence[str] = ()) -> None:
         self._conn = conn
         self._did = did
         self.location = location
+        self._secrets = tuple(secrets)
 
     @classmethod
     def open(cls, dsn: str, name: str, *, timeout: float = 30.0) -> PostgresSnapshot:
@@ -165,7 +190,7 @@ class PostgresSnapshot:
         if row is None:
             conn.close()
             raise ConfigError(f"export: no dataset {name!r} in {target}")
-        return cls(conn, int(row[0]), f"{target}, dataset {name!r}")
+        return cls(conn, int(row[0]), f"{target}, dataset {name!r}", target.secrets)
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
         """`(position, JSON text)` of each item in push order (positions from 1), streamed through a server-side
@@ -183,7 +208,7 @@ class PostgresSnapshot:
         except psycopg.Error as exc:
             from runner.queue.postgres._connect import redact  # noqa: PLC0415
 
-            raise HeadlockError(f"export: cannot read {self.location}: {redact(str(exc))}") from None
+            raise HeadlockError(f"export: cannot read {self.location}: {redact(str(exc), self._secrets)}") from None
 
     def close(self) -> None:
         """End the snapshot and the connection. Idempotent."""
