@@ -219,10 +219,14 @@ async def serve(requests: int, concurrency: int, *, rate_limits: str, fill_via: 
 
 
 async def fill_postgres(dsn: str, name: str, count: int, *, clients: int = 4) -> None:
-    """Fill the Postgres queue `name` with `count` requests through `batch_add`, `clients` connections at once."""
-    from runner.queue.postgres import PostgresQueue  # noqa: PLC0415 - only this backend needs psycopg
+    """Fill the Postgres queue `name` with `count` requests through `batch_add`, `clients` connections at once
+    (without waiting for each commit's flush: the fill is not what is measured)."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: PLC0415 - only this backend needs psycopg
 
-    queue = await PostgresQueue.open(dsn, name, pool_size=clients)
+    from runner.queue.postgres import PostgresQueue  # noqa: PLC0415
+
+    options = f"{conninfo_to_dict(dsn).get('options') or ''} -csynchronous_commit=off".strip()
+    queue = await PostgresQueue.open(make_conninfo(dsn, options=options), name, pool_size=clients)
 
     async def add(first: int, stop: int) -> None:
         for start in range(first, stop, 25):
