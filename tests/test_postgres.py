@@ -506,6 +506,8 @@ def test_enqueue_then_two_runs_crawl_each_page_once_and_the_queue_commands_work(
     """`headlock enqueue` a start page, two `headlock run` processes on one Postgres queue crawl the site, each page
     handled once across both; status, requests, requeue and purge work on the queue."""
     env = {"HEADLOCK_QUEUE__BACKEND": "postgres", "HEADLOCK_QUEUE__DSN": postgres_dsn, "HEADLOCK_QUEUE__NAME": "crawl"}
+    # Each run's items in a file of its own, to see that both took part (the postgres dataset is tested elsewhere).
+    env["HEADLOCK_RESULTS_BACKEND"] = "jsonl"
     missing = headlock("status", cwd=tmp_path, **env)
     assert missing.returncode == 1
     assert "no queue 'crawl'" in missing.stderr
