@@ -221,6 +221,7 @@ async def test_a_wrong_queue_id_stops_the_run_instead_of_retrying_forever(storag
         pytest.param({"x": {1, 2}}, id="set"),
         pytest.param("a string", id="string"),
         pytest.param(["not a dict"], id="list-of-strings"),
+        pytest.param({"x": "\ud800"}, id="lone-surrogate"),
     ],
 )
 async def test_an_item_json_cannot_represent_is_the_handlers_error(

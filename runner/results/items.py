@@ -31,6 +31,8 @@ def encode_item(item: object) -> str:
     if not isinstance(item, Mapping):
         raise InvalidItemError(f"a dataset item must be a dict, got {type(item).__name__}")
     try:
-        return _ENCODER.encode(item)
-    except (TypeError, ValueError, RecursionError) as exc:
+        line = _ENCODER.encode(item)
+        line.encode()  # a lone surrogate (e.g. "\ud800") has no UTF-8 form: refused here, not by the sink's write
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         raise InvalidItemError(f"dataset item cannot be stored as JSON: {exc}") from exc
+    return line
