@@ -128,6 +128,16 @@ def demo_site(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def listening(port: int) -> bool:
+    """Whether a TCP socket listens on `port` (IPv4 or IPv6), from /proc/net/tcp{,6} (state 0A is LISTEN)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                return True
+    return False
+
+
 def stop_pid(pid: int) -> None:
     """Stop a background demo site and wait (bounded) until its port is free."""
     try:
@@ -175,12 +185,12 @@ def test_the_demo_site_started_twice_says_it_runs_already(tmp_path: Path, backgr
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(b"GET /page/0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    assert listening(port)
     stop_pid(pid)
-    # Stopped as it said: nobody listens on the port. Checked by binding it, not by a refused connect: a connect
-    # to a free port in the ephemeral range can pick that very port as its source and connect to itself.
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(("127.0.0.1", port))
+    # Stopped as it said: no socket listens on the port any more. Read from the kernel's table: a connect to a free
+    # port of the ephemeral range can connect to itself, and a bind can be refused by the closed connection's
+    # leftovers (FIN_WAIT), so neither tells a listener apart.
+    wait_for(lambda: not listening(port), 10, f"port {port} to stop listening")
 
 
 def test_the_demo_site_refuses_a_port_held_by_something_else(tmp_path: Path) -> None:
