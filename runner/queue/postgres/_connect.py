@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, quote_plus
 
 import psycopg
@@ -85,3 +86,23 @@ def connection_lost(exc: psycopg.Error) -> bool:
     if exc.sqlstate is None:
         return isinstance(exc, psycopg.OperationalError)
     return exc.sqlstate in CONNECTION_LOST
+
+
+def session_setup(call_timeout: float, application: str) -> tuple[Callable[[Any], Awaitable[None]], dict[str, Any]]:
+    """The `configure` callback and the connection arguments of every connection: statements and lock waits bounded
+    on the server (cancelled and rolled back there), and no connection left idle in a transaction holding row locks."""
+    timeout_ms = int(call_timeout * 1000)
+
+    async def configure(conn: Any) -> None:
+        await conn.execute(
+            "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false),"
+            " set_config('idle_in_transaction_session_timeout', %s, false)",
+            (str(timeout_ms), str(timeout_ms), str(max(timeout_ms * 2, 1000))),
+        )
+
+    kwargs: dict[str, Any] = {
+        "autocommit": True,
+        "connect_timeout": max(int(call_timeout), 2),
+        "application_name": application,
+    }
+    return configure, kwargs

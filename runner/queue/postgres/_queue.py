@@ -41,7 +41,7 @@ from runner.queue._rows import (
 from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequestPage, RequeueResult, can_requeue
 from runner.queue.completion import Completion
 from runner.queue.postgres._complete import Completions
-from runner.queue.postgres._connect import Target, connection_lost, mapped, parse_target, redact
+from runner.queue.postgres._connect import Target, connection_lost, mapped, parse_target, redact, session_setup
 from runner.queue.postgres._schema import find_queue
 from runner.queue.postgres._sql import (
     BATCH_ADD,
@@ -152,22 +152,7 @@ class PostgresQueue:
         validate_queue_name(name)
         target = parse_target(dsn)
         timeout = call_timeout
-        timeout_ms = int(timeout * 1000)
-
-        async def configure(conn: Conn) -> None:
-            # Bounded on the server: a statement past the timeout is cancelled there (and rolled back), a lock
-            # wait too, and a connection left in a transaction is closed rather than holding row locks.
-            await conn.execute(
-                "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false),"
-                " set_config('idle_in_transaction_session_timeout', %s, false)",
-                (str(timeout_ms), str(timeout_ms), str(max(timeout_ms * 2, 1000))),
-            )
-
-        kwargs: dict[str, Any] = {
-            "autocommit": True,
-            "connect_timeout": max(int(timeout), 2),
-            "application_name": "headlock",
-        }
+        configure, kwargs = session_setup(timeout, "headlock")
         # One connection of its own first, for the schema and the queue: a wrong password or a missing database
         # fails here at once, with the server's reason (a pool would try again until its timeout).
         try:

@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from runner.errors import NotFoundError, QueueUnavailableError
 from runner.metrics import Metrics
 from runner.queue._rows import _check_client_key, _salvage, _to_datetime, validate_queue_name
-from runner.queue.postgres._connect import Target, connection_lost, mapped, parse_target, redact
+from runner.queue.postgres._connect import Target, connection_lost, mapped, parse_target, redact, session_setup
 from runner.queue.postgres._queue import PostgresQueue
 from runner.queue.postgres._schema import migrate
 from runner.queue.sqlite import _HEAD_FIELDS, Head
@@ -154,22 +154,7 @@ class QueueDatabase:
                 newer headlock schema.
         """
         target = parse_target(dsn)
-        timeout_ms = int(call_timeout * 1000)
-
-        async def configure(conn: Conn) -> None:
-            # As PostgresQueue.open: statements and lock waits bounded on the server, no connection left idle in a
-            # transaction holding row locks.
-            await conn.execute(
-                "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false),"
-                " set_config('idle_in_transaction_session_timeout', %s, false)",
-                (str(timeout_ms), str(timeout_ms), str(max(timeout_ms * 2, 1000))),
-            )
-
-        kwargs: dict[str, Any] = {
-            "autocommit": True,
-            "connect_timeout": max(int(call_timeout), 2),
-            "application_name": "headlock serve",
-        }
+        configure, kwargs = session_setup(call_timeout, "headlock serve")
         # One connection of its own first: a wrong password or a missing database fails here at once, with the
         # server's reason (the pool would try again until its timeout).
         try:
