@@ -5,6 +5,7 @@ A handler is `async def handle(ctx: Context) -> None`; `run()` consumes a `Reque
 
 from runner.context import Context
 from runner.errors import (
+    AlreadyHandledError,
     ConfigError,
     DatasetWriteError,
     HandlerImportError,
@@ -34,6 +35,7 @@ from runner.signals import stop_on_signals
 from runner.uniquekey import KeyConvention, normalize_url, request_id_for, unique_key_function
 
 __all__ = [
+    "AlreadyHandledError",
     "BatchAddResult",
     "ConfigError",
     "Context",

@@ -6,15 +6,24 @@ import contextlib
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import anyio
 import structlog
 
-from runner.backoff import retry_delay
-from runner.errors import DatasetWriteError, InvalidInputError, LockLostError, QueueError
+from runner.backoff import Backoff, retry_delay
+from runner.errors import (
+    AlreadyHandledError,
+    DatasetWriteError,
+    InvalidInputError,
+    LockLostError,
+    QueueError,
+    QueueUnavailableError,
+    RateLimitedError,
+)
 from runner.finish import RecentAdds
 from runner.leases import Lease, Leases
 from runner.models import Request, RequestDraft, has_failed_mark, utc_now, with_failed_mark, without_failed_mark
@@ -26,6 +35,8 @@ from runner.stats import RunStats
 __all__ = ["Committer", "RetryPolicy", "SeenKeys", "add_requests"]
 
 log = structlog.get_logger("headlock.commit")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +130,10 @@ _MAX_ERROR = 2_000
 
 class _Gone(Exception):  # noqa: N818 - internal control flow, never leaves the committer
     """The lease can no longer be proved ours: commit nothing more under it."""
+
+
+class _Applied(Exception):  # noqa: N818 - internal control flow, never leaves the committer
+    """A write that got no answer was applied: its retry found the request handled while the lease held."""
 
 
 def _handled(lease: Lease) -> Request:
@@ -258,6 +273,8 @@ class Committer:
                 await self._complete(self._completion, lease, enqueues, items)
             else:
                 await self._commit_in_steps(lease, enqueues, items)
+        except _Applied:
+            pass  # handled by our own earlier, unanswered attempt
         except _Gone:
             return False
         except (InvalidInputError, DatasetWriteError) as exc:
@@ -281,7 +298,7 @@ class Committer:
     ) -> None:
         """Links, then items, then the fenced handled mark, each its own call (`succeed`)."""
         for forefront, drafts in enqueues.items():
-            await self.add(drafts, forefront=forefront)
+            await self._patiently(lease, "adding its links", partial(self.add, drafts, forefront=forefront))
         # Checked after the adds (awaited) and before anything else is written, and again after a push of
         # items (a sink over the API awaits; the local file does not, but one more check costs nothing).
         self._fence(lease, "the request's links were being added")
@@ -289,7 +306,8 @@ class Committer:
             stored = await self.dataset.push_lines(items)  # not `+= await`: that reads the count before
             self.stats.items += stored
             self._fence(lease, "the request's items were being stored")
-        await self.queue.update_request(_handled(lease), client_key=self.client_key, lock_required=True)
+        mark = partial(self.queue.update_request, _handled(lease), client_key=self.client_key, lock_required=True)
+        await self._patiently(lease, "marking it handled", mark)
 
     async def _complete(
         self,
@@ -304,9 +322,15 @@ class Committer:
             forefront: [d for d in drafts if d.unique_key not in self.seen] for forefront, drafts in enqueues.items()
         }
         self._fence(lease, "the request was being completed")
-        done = await completion.complete(
-            _handled(lease), client_key=self.client_key, links=links, items=items, dataset=self.dataset
-        )
+        complete = partial(
+            completion.complete, _handled(lease), client_key=self.client_key, links=links, items=items,
+            dataset=self.dataset,
+        )  # fmt: skip
+        try:
+            done = await self._patiently(lease, "completing it", complete)
+        except _Applied:
+            self.stats.items += len(items)  # in the applied transaction, with the mark
+            raise
         for unique_key, request_id in done.links.items():
             self.seen.add(unique_key)
             if unique_key in done.new:
@@ -329,13 +353,17 @@ class Committer:
         if gives_up:
             update["handled_at"] = utc_now()
             update["user_data"] = with_failed_mark(request.user_data)
+        record = partial(
+            self.queue.update_request, request.model_copy(update=update), client_key=self.client_key,
+            lock_required=True,
+        )  # fmt: skip
         try:
             self._fence(lease, "its failure was being recorded")
-            await self.queue.update_request(
-                request.model_copy(update=update), client_key=self.client_key, lock_required=True
-            )
+            await self._patiently(lease, "recording its failure", record)
             if not gives_up:
                 await self._give_back(lease, retry_count)
+        except _Applied:
+            pass  # marked failed by our own earlier, unanswered attempt
         except _Gone:
             return
         except LockLostError as exc:
@@ -352,6 +380,37 @@ class Committer:
         else:
             self.stats.retried += 1
             log.info("request.retry", retry_count=retry_count, error=error)
+
+    async def _patiently(self, lease: Lease, doing: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, tried again while the queue is unavailable (a database restart, an outage, 429s) and the lease
+        holds: giving the request back instead would run it twice once the queue is back.
+
+        Raises:
+            _Applied: an earlier attempt got no answer and a later one found the request handled: ours was applied
+                (nobody else could mark it while our lease held).
+            _Gone: the lease was lost while waiting.
+            QueueError: a refusal, or still unavailable when the lease would run out before the next try.
+        """
+        backoff = Backoff(initial=0.25, maximum=5.0)
+        unanswered = False
+        while True:
+            try:
+                return await call()
+            except AlreadyHandledError:
+                if unanswered:
+                    raise _Applied from None
+                raise
+            except (QueueUnavailableError, RateLimitedError) as exc:
+                unanswered = unanswered or exc.maybe_applied
+                delay = backoff.next()
+                if not lease.valid(anyio.current_time() + delay):
+                    raise
+                log.warning(
+                    "request.commit_waiting", request_id=lease.request.id, doing=doing, error=str(exc),
+                    retry_in_s=round(delay, 2),
+                )  # fmt: skip
+            await anyio.sleep(delay)
+            self._fence(lease, doing)
 
     def _fence(self, lease: Lease, doing: str) -> None:
         """Raise `_Gone` (after dropping the lease) unless the lease is still provably ours."""

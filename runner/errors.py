@@ -8,6 +8,7 @@
     ├── DatasetWriteError           the dataset could not be written (full disk, I/O error): that attempt fails
     ├── QueueError                  a queue or other API call failed; `.endpoint` names the operation
     │   ├── LockLostError           the lock is not (or no longer) ours: expired and retaken, handled, released
+    │   │   └── AlreadyHandledError the request is handled already (by whom, the store does not say)
     │   ├── NotFoundError           unknown queue or request
     │   ├── InvalidInputError       the queue refused the arguments (limit > 25, bad client key, body too large)
     │   ├── UnauthorizedError       missing or wrong API token
@@ -22,6 +23,7 @@ API token.
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyHandledError",
     "ConfigError",
     "DatasetWriteError",
     "HandlerImportError",
@@ -91,6 +93,10 @@ class QueueError(HeadlockError):
 
 class LockLostError(QueueError):
     """The lock is not held by this client (expired and retaken, released, or the request is handled)."""
+
+
+class AlreadyHandledError(LockLostError):
+    """A fenced write found the request handled: after an unanswered attempt of our own, that attempt was applied."""
 
 
 class NotFoundError(QueueError):

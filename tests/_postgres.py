@@ -96,6 +96,14 @@ class Postgres:
         """Restart the server (fast shutdown: its connections are cut), waiting until it accepts connections."""
         self.pg_ctl("restart", "-m", "fast", "-w", "-t", str(_WAIT), "-l", str(self._log()))
 
+    def halt(self) -> None:
+        """Stop the server (fast shutdown: its connections are cut) until `resume` (our own cluster only)."""
+        self.pg_ctl("stop", "-m", "fast", "-w", "-t", str(_WAIT))
+
+    def resume(self) -> None:
+        """Start the server `halt` stopped, waiting until it accepts connections."""
+        self.pg_ctl("start", "-w", "-t", str(_WAIT), "-l", str(self._log()))
+
     def stop(self) -> None:
         """Stop the server at once and remove its directory (our own cluster only; idempotent)."""
         if self.datadir is None or self.root is None:

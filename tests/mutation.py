@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = "tests/test_faults.py"
 ACTOR_E2E = "tests/test_actor_e2e.py"
+PG_RELIABILITY = "tests/test_reliability_postgres.py"
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,20 @@ class Mutant:
 
 
 MUTANTS = [
+    Mutant(
+        "commit-waits-out-outage",
+        "runner/commit.py",
+        "                if not lease.valid(anyio.current_time() + delay):\n",
+        "                if True:\n",
+        (f"{PG_RELIABILITY}::test_commits_wait_out_an_outage_under_their_locks_and_nothing_runs_twice",),
+    ),
+    Mutant(
+        "commit-unanswered-applied",
+        "runner/commit.py",
+        "                if unanswered:\n                    raise _Applied from None\n",
+        "",
+        (f"{PG_RELIABILITY}::test_a_complete_whose_answer_is_lost_counts_as_handled_once",),
+    ),
     Mutant(
         "worker-expired",
         "runner/worker.py",

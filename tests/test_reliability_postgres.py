@@ -1,20 +1,31 @@
 """test_reliability.py's scenarios on the PostgreSQL queue, through the real CLI: a worker killed with SIGKILL, a
 graceful stop with work in flight, a restart under the same client key, slow handlers with short locks, and the
-database restarting mid-run."""
+database restarting mid-run; in process, commits meeting an outage of the database and a commit's lost answer."""
 
 from __future__ import annotations
 
 import json
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 import pytest
+from psycopg.conninfo import make_conninfo
+from structlog.testing import capture_logs
 
+from runner.context import Context
+from runner.models import RequestDraft
 from runner.queue.postgres import PostgresQueue
+from runner.results.jsonl import JsonlDataset
+from runner.results.postgres import PostgresDataset
+from runner.results.protocol import ResultsSink
+from runner.runtime import run
+from runner.settings import WorkerSettings
+from tests._pgproxy import pg_proxy
 from tests._postgres import ClusterError, Postgres, start_cluster
 from tests.conftest import headlock, reaped, run_config, start_headlock, wait_for
 from tests.test_cli import attempts, logged, progressed, write_urls
@@ -212,7 +223,105 @@ def test_a_database_restart_mid_run_is_survived_and_the_run_finishes(tmp_path: P
             proc.communicate(timeout=90)
             assert proc.returncode == 0, err.read_text()[-3000:]
     assert at_restart < count - 40  # the restart came mid-run, with most of the work still to do
+    for err in events:  # psycopg's pool warned meanwhile: in our format, so the JSON log stays JSON
+        assert all(json.loads(line)["event"] for line in err.read_text().splitlines())
     seen = attempts(log)
     assert len(seen) == count
     assert max(seen.values()) == 1
     assert pg_state(dsn) == (count, count, [])
+
+
+def outage_urls(count: int) -> list[RequestDraft]:
+    return [RequestDraft(unique_key=f"http://example.com/{n}", url=f"http://example.com/{n}") for n in range(count)]
+
+
+async def counting(attempts: Counter[str], ctx: Context) -> None:
+    """Count the attempt, push an item, link to one page more (a link to a known page past the first ten)."""
+    attempts[ctx.url] += 1
+    await ctx.push_data({"url": ctx.url})
+    await ctx.enqueue([f"http://example.com/{int(ctx.url.rsplit('/', 1)[1]) % 10}"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("results", ["postgres", "jsonl"])
+async def test_commits_wait_out_an_outage_under_their_locks_and_nothing_runs_twice(
+    tmp_path: Path, own_cluster: Postgres, results: str
+) -> None:
+    """The database goes down for 3 s (three times a call's own timeout) while requests finish: their commits
+    (one transaction with the dataset in the database; links, items and mark one after another with a JSONL file)
+    wait for it under their locks instead of giving the requests back, so nothing runs twice and none is lost."""
+    dsn = own_cluster.fresh_dsn()
+    count = 25
+    queue = await PostgresQueue.open(dsn, "default", call_timeout=1)
+    seen: Counter[str] = Counter()
+    down, back = anyio.Event(), anyio.Event()
+
+    async def handler(ctx: Context) -> None:
+        await counting(seen, ctx)
+        if ctx.url.endswith("/5"):
+            down.set()  # the database goes down now: this attempt's commit (and the others') meet the outage
+
+    async def outage() -> None:
+        await down.wait()
+        await anyio.to_thread.run_sync(own_cluster.halt)
+        await anyio.sleep(3)  # the fault itself: an outage of this length
+        await anyio.to_thread.run_sync(own_cluster.resume)
+        back.set()
+
+    try:
+        dataset: ResultsSink = (
+            await PostgresDataset.open(queue, "items")
+            if results == "postgres"
+            else await anyio.to_thread.run_sync(JsonlDataset, tmp_path / "d.jsonl")
+        )
+        await queue.batch_add(outage_urls(count), client_key="enqueuer")
+        workers = WorkerSettings(concurrency=4, lock_secs=20, prefetch=2)
+        with anyio.fail_after(90), capture_logs() as events:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(outage)
+                summary = await run(queue, handler, dataset, workers=workers)
+        assert back.is_set()
+        assert seen == Counter({f"http://example.com/{n}": 1 for n in range(count)})
+        assert summary.stats["handled"] == count
+        assert summary.stats["failed"] == summary.stats["retried"] == summary.stats["lost"] == 0
+        names = Counter(e["event"] for e in events)
+        assert names["request.commit_waiting"] > 0  # the outage did meet commits
+        assert names["request.commit_failed"] == 0
+        info = await queue.get_info()
+        assert (info.handled_request_count, await queue.locks()) == (count, [])
+    finally:
+        await queue.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_complete_whose_answer_is_lost_counts_as_handled_once(tmp_path: Path, own_cluster: Postgres) -> None:
+    """The connection breaks after the server got a complete's COMMIT (applied, never acknowledged): the retry
+    finds the request handled under our lease, so the attempt counts as handled, not lost or run again."""
+    assert own_cluster.root is not None
+    schema_dsn = own_cluster.fresh_dsn()
+    count = 12
+    async with pg_proxy(str(own_cluster.root)) as proxy:
+        dsn = make_conninfo(schema_dsn, host=proxy.host, port=proxy.port)
+        queue = await PostgresQueue.open(dsn, "default")
+        seen: Counter[str] = Counter()
+
+        async def handler(ctx: Context) -> None:
+            await counting(seen, ctx)
+            if ctx.url.endswith("/3"):
+                proxy.lose_next_commit_answer()
+
+        try:
+            dataset = await PostgresDataset.open(queue, "items")
+            await queue.batch_add(outage_urls(count), client_key="enqueuer")
+            with anyio.fail_after(60), capture_logs() as events:
+                summary = await run(queue, handler, dataset, workers=WorkerSettings(concurrency=1, lock_secs=20))
+            assert proxy.drops == 1
+            assert seen == Counter({f"http://example.com/{n}": 1 for n in range(count)})
+            assert (summary.stats["handled"], summary.stats["lost"], summary.stats["items"]) == (count, 0, count)
+            assert [e["event"] for e in events if e["event"].startswith(("request.commit", "lease."))] == [
+                "request.commit_waiting"
+            ]
+            info = await queue.get_info()
+            assert (info.handled_request_count, await queue.locks()) == (count, [])
+        finally:
+            await queue.aclose()

@@ -37,7 +37,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
+from runner.errors import AlreadyHandledError, InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
 from runner.metrics import Metrics
 from runner.models import (
     AddedRequest,
@@ -187,7 +187,9 @@ def _check_holder(row: tuple[int | None, str | None, int | None] | None, client_
         raise NotFoundError("Request was not found", endpoint=endpoint, error_type="record-not-found")
     order_no, holder, expires = row
     if order_no is None:
-        raise LockLostError("request is already handled", endpoint=endpoint, error_type="request-handled-or-locked")
+        raise AlreadyHandledError(
+            "request is already handled", endpoint=endpoint, error_type="request-handled-or-locked"
+        )
     if expires is None or holder != client_key:
         raise LockLostError(
             "request is not locked by this client", endpoint=endpoint, error_type="request-handled-or-locked"

@@ -13,7 +13,14 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
-from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueError, QueueUnavailableError
+from runner.errors import (
+    AlreadyHandledError,
+    InvalidInputError,
+    LockLostError,
+    NotFoundError,
+    QueueError,
+    QueueUnavailableError,
+)
 from runner.metrics import Metrics
 from runner.models import (
     AddedRequest,
@@ -285,7 +292,7 @@ class PostgresQueue:
         if state is None:
             return NotFoundError("Request was not found", endpoint=endpoint, error_type="record-not-found")
         if state[0]:
-            return LockLostError(
+            return AlreadyHandledError(
                 "request is already handled", endpoint=endpoint, error_type="request-handled-or-locked"
             )
         return LockLostError(
