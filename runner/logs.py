@@ -67,6 +67,31 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
+    _route_stdlib_logging(out, [structlog.stdlib.add_logger_name, *processors], renderer, _LEVELS[level])
+
+
+class _StdlibHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler `configure_logging` puts on the root logger (one at a time: configuring again replaces it)."""
+
+
+def _route_stdlib_logging(
+    out: TextIO, chain: list[structlog.types.Processor], renderer: structlog.types.Processor, level: int
+) -> None:
+    """Render the records of libraries that log with `logging` (psycopg's pool, httpx) like our own events, in
+    the same format and stream, secrets scrubbed: a JSON log stays one JSON object a line. Their warnings and
+    errors only (their info is per-connection chatter), or fewer when `level` asks."""
+    handler = _StdlibHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=chain,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(level, logging.WARNING))
 
 
 class ConsoleLines:
