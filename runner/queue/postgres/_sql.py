@@ -62,7 +62,7 @@ SELECT NULL, NULL, NULL,
 in a trailing row (the probe reads the snapshot before this statement's own locks: the caller adds them)."""
 
 QUARANTINE = """
-WITH u AS (SELECT * FROM unnest(%(ids)s::text[], %(data)s::text[]) AS u(id, data)),
+WITH u AS (SELECT * FROM unnest(%(ids)b::text[], %(data)b::text[]) AS u(id, data)),
 w AS (
     UPDATE headlock_requests r SET order_no = NULL, lock_client = NULL, failed = true, data = u.data::json
     FROM u WHERE r.qid = %(q)s AND r.id = u.id AND r.lock_client = %(client)s AND r.order_no IS NOT NULL
@@ -74,8 +74,8 @@ WHERE qid = %(q)s AND client_key = %(client)s
 
 FENCED = """
 WITH u AS (
-    SELECT * FROM unnest(%(ids)s::text[], %(data)s::text[], %(handled)s::boolean[], %(failed)s::boolean[],
-                         %(clients)s::text[]) AS u(id, data, handled, failed, client)
+    SELECT * FROM unnest(%(ids)b::text[], %(data)b::text[], %(handled)b::boolean[], %(failed)b::boolean[],
+                         %(clients)b::text[]) AS u(id, data, handled, failed, client)
 ),
 w AS (
     UPDATE headlock_requests r
@@ -98,8 +98,8 @@ the request is unhandled (the lock may have expired if nobody retook it); a hand
 BATCH_ADD = f"""
 WITH t AS MATERIALIZED (SELECT {NOW} AS now_us),
 d AS (
-    SELECT * FROM unnest(%(ids)s::text[], %(data)s::text[], %(handled)s::boolean[], %(failed)s::boolean[],
-                         %(places)s::integer[]) AS d(id, data, handled, failed, place)
+    SELECT * FROM unnest(%(ids)b::text[], %(data)b::text[], %(handled)b::boolean[], %(failed)b::boolean[],
+                         %(places)b::integer[]) AS d(id, data, handled, failed, place)
 ),
 ins AS (
     INSERT INTO headlock_requests (qid, id, order_no, data, failed)
@@ -120,7 +120,7 @@ k AS (
 SELECT id, true, handled FROM ins
 UNION ALL
 SELECT r.id, false, r.order_no IS NULL FROM headlock_requests r
-WHERE r.qid = %(q)s AND r.id = ANY(%(ids)s::text[]) AND r.id NOT IN (SELECT id FROM ins)
+WHERE r.qid = %(q)s AND r.id = ANY(%(ids)b::text[]) AND r.id NOT IN (SELECT id FROM ins)
 """  # noqa: S608 - fixed parts only
 """Insert new requests in id order (overlapping batches cannot deadlock), count them on the client's row, and
 report the ones already present (from this statement's snapshot)."""
