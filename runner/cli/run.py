@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 from collections.abc import AsyncIterator
 from functools import partial
@@ -47,6 +48,11 @@ MIGRATION_WAIT = 120.0
 
 async def run_command(settings: Settings, args: argparse.Namespace) -> int:
     """`headlock run`; with `--summary`, the summary file is written on every way out (a `reason` always)."""
+    processes = getattr(args, "processes", 1)  # a Namespace made by hand may lack it
+    if processes > 1:
+        from runner.cli._group import run_group  # noqa: PLC0415 - the group module uses this one's summary writer
+
+        return await run_group(settings, args, processes)
     try:
         summary, code = await _crawl(settings, args)
     except BaseException as exc:
@@ -290,6 +296,23 @@ async def _watch_signals(stopper: Stopper, received: list[int], signalled: anyio
                 signalled.set()
 
 
+def processes_option(text: str) -> int:
+    """`--processes`: a positive integer, or `auto` (the CPUs this process may run on).
+
+    Raises:
+        argparse.ArgumentTypeError: anything else (argparse names the option).
+    """
+    if text == "auto":
+        return len(os.sched_getaffinity(0))
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return count
+
+
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     """Add `run`."""
     run_cmd = commands.add_parser("run", parents=[common], help="consume the queue with a handler (the main job)")
@@ -303,6 +326,13 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser], c
     run_cmd.add_argument("--max-requests", type=int, help="stop after this many finished requests")
     run_cmd.add_argument("--keep-alive", action="store_const", const=True, help="keep polling when the queue is empty")
     run_cmd.add_argument("--start-url", action="append", help="enqueue this URL first (repeatable)")
+    run_cmd.add_argument(
+        "--processes",
+        type=processes_option,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the queue, each its own client key; auto: one per CPU (default 1)",
+    )
     run_cmd.add_argument("--summary", type=Path, help="write the run summary as JSON to this file, however it ends")
     run_cmd.add_argument(
         "-O",
