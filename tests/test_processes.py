@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import time
 import urllib.request
@@ -24,11 +25,11 @@ def _enqueue(tmp_path: Path, count: int) -> None:
 
 def test_child_argv_drops_the_options_the_parent_owns_in_any_spelling() -> None:
     """--processes, --summary, --health-file, --metrics-port and --client-key go, as `--x v`, `--x=v` or a prefix."""
-    argv = (
+    argv = shlex.split(
         "run -c c.toml --processes 2 --summary=s.json --health h --metrics-port 9000 --client-key k "
         "--start-url https://a.example/ -O x=1 --concurrency 3"
-    ).split()
-    assert child_argv(argv) == "run -c c.toml --start-url https://a.example/ -O x=1 --concurrency 3".split()
+    )
+    assert child_argv(argv) == shlex.split("run -c c.toml --start-url https://a.example/ -O x=1 --concurrency 3")
 
 
 def test_child_client_keys_are_distinct_and_within_the_limit() -> None:
