@@ -6,15 +6,17 @@ import json
 import os
 import shlex
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from runner.cli._group import child_argv, child_client_key, combine_summaries, group_exit_code
+from runner.cli._group import _touch_if_fresh, child_argv, child_client_key, combine_summaries, group_exit_code
 from runner.queue.protocol import MAX_CLIENT_KEY
-from tests.conftest import free_port, headlock, reaped, run_config, start_headlock, wait_for
+from tests.conftest import cli_env, free_port, headlock, reaped, run_config, start_headlock, wait_for
 from tests.test_cli import attempting_pids, attempts, logged, queue_state, write_urls
 
 
@@ -77,6 +79,19 @@ def test_combined_summary_adds_up_and_merges_the_top_errors() -> None:
     assert (summary["reason"], summary["pending"], summary["results"]) == ("died", 0, "r.jsonl")
     assert [c["exit_code"] for c in summary["children"]] == [0, 137, 0]
     assert summary["pages_per_min"] == 210.0
+
+
+def test_the_group_health_file_is_touched_only_while_every_running_child_is_fresh(tmp_path: Path) -> None:
+    """The parent's health file is touched when all children's files are fresh, not when one is stale or missing."""
+    group, fresh, stale = tmp_path / "group.health", tmp_path / "a.health", tmp_path / "b.health"
+    fresh.touch()
+    stale.touch()
+    os.utime(stale, (time.time() - 60, time.time() - 60))
+    _touch_if_fresh(group, [fresh, stale])
+    _touch_if_fresh(group, [fresh, tmp_path / "missing.health"])
+    assert not group.exists()
+    _touch_if_fresh(group, [fresh])
+    assert group.exists()
 
 
 @pytest.mark.slow
@@ -151,6 +166,33 @@ def test_sigterm_to_the_parent_drains_every_child_and_leaves_no_lock(tmp_path: P
     assert [c["exit_code"] for c in result["children"]] == [143, 143]
     assert sum(attempts(log).values()) == 6  # nothing started after the signal
     assert queue_state(tmp_path / "storage") == (100, 6, [])
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_terminal_reaches_each_child_once(tmp_path: Path) -> None:
+    """SIGINT to the whole process group (a terminal's Ctrl-C) stops the children gracefully, not as a second
+    signal: their in-flight handlers finish and the group exits 130."""
+    _enqueue(tmp_path, 20)
+    log, gate = tmp_path / "attempts.log", tmp_path / "gate"
+    config = run_config(tmp_path / "c.toml", "gated", log, concurrency=2, prefetch=0, options={"gate": str(gate)})
+    summary = tmp_path / "summary.json"
+    with (tmp_path / "events.jsonl").open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runner", "run", "--config", str(config), "--processes", "2", "--summary",
+             str(summary), "--log-format", "json"],
+            cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=err, text=True, start_new_session=True,
+        )  # fmt: skip
+    events = tmp_path / "events.jsonl"
+    with reaped(proc):
+        wait_for(lambda: sum(attempts(log).values()) == 4, 30, "2 handlers each")
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_for(lambda: len(logged(events, "shutdown.draining")) == 2, 10, "both children to start draining")
+        gate.touch()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 130, events.read_text()[-3000:]
+    assert not logged(events, "shutdown.forced")
+    assert json.loads(summary.read_text())["handled"] == 4
+    assert queue_state(tmp_path / "storage") == (20, 4, [])
 
 
 @pytest.mark.slow
