@@ -259,7 +259,9 @@ class Completions:
             "items": items,
         }
         async with conn.transaction() as tx:
-            new = {row[0] for row in await (await conn.execute(ADD_LINKS_AND_ITEMS, args)).fetchall()}
+            # Not prepared, as `PostgresQueue.batch_add`: a generic plan from when the table was small stays bad.
+            added = await conn.execute(ADD_LINKS_AND_ITEMS, args, prepare=False)
+            new = {row[0] for row in await added.fetchall()}
             refused = await self._mark(conn, ops, marks)
             if refused:
                 raise psycopg.Rollback(tx)  # nothing of the group stays; `_write` tries again without them
