@@ -248,20 +248,21 @@ def _stop_deadline(stopper: Stopper, grace: float) -> float | None:
 def default_http_client(cfg: WorkerSettings) -> httpx.AsyncClient:
     """The client handlers share when the caller gives none: redirects followed, pool sized to the workers.
 
-    With `http_transport = "aiohttp"` the requests go through aiohttp's engine (httpx-aiohttp); handlers see the same
-    `httpx.AsyncClient` and `httpx.Response`.
+    With `http_transport = "aiohttp"` (the default) the requests go through aiohttp's engine (httpx-aiohttp);
+    handlers see the same `httpx.AsyncClient` and `httpx.Response` either way.
 
     Raises:
-        ConfigError: the aiohttp transport is asked for but the `aiohttp` extra is not installed.
+        ConfigError: the aiohttp transport is asked for but httpx-aiohttp cannot be imported (a broken install).
     """
     limits = httpx.Limits(max_connections=cfg.concurrency * 2, max_keepalive_connections=cfg.concurrency * 2)
     transport: httpx.AsyncBaseTransport | None = None
     if cfg.http_transport == "aiohttp":
         try:
-            from httpx_aiohttp import AiohttpTransport  # noqa: PLC0415 - an optional extra, imported when chosen
+            from httpx_aiohttp import AiohttpTransport  # noqa: PLC0415 - imported when chosen (aiohttp is large)
         except ImportError as exc:
             raise ConfigError(
-                f"workers.http_transport: 'aiohttp' needs the aiohttp extra: pip install 'headlock[aiohttp]' ({exc})"
+                f"workers.http_transport: 'aiohttp' needs httpx-aiohttp, a dependency of headlock: reinstall it"
+                f" (pip install httpx-aiohttp aiohttp), or set workers.http_transport = 'httpx' ({exc})"
             ) from exc
         transport = AiohttpTransport(limits=limits)
     return httpx.AsyncClient(

@@ -99,9 +99,9 @@ class WorkerSettings(_Section):
     max_requests: int | None = Field(None, ge=1, description="Stop after this many finished requests.")
     client_key: str | None = Field(None, description="Stable worker identity; random when unset.")
     http_transport: Literal["httpx", "aiohttp"] = Field(
-        "httpx",
-        description="The handlers' HTTP engine under the same httpx API: httpx's own, or aiohttp's through "
-        "httpx-aiohttp (the `aiohttp` extra), about twice the crawl speed.",
+        "aiohttp",
+        description="The handlers' HTTP engine under the same httpx API: aiohttp's through httpx-aiohttp (the "
+        "default, about twice the crawl speed), or httpx's own.",
     )
 
     @field_validator("client_key")

@@ -45,7 +45,7 @@ _ON_THE_LOOP_BY_DESIGN: list[_Allowance] = [
     # The exclusive flock around that write: held for the microseconds of one write by whoever holds it (another
     # process appending to the same dataset), so waiting for it costs no more than the write itself.
     (["fcntl.flock"], "runner/results/jsonl.py", ["write_lines"]),
-    # The first run on the aiohttp engine imports its optional extra (the import reads package metadata): once per
+    # The first run on the aiohttp engine imports httpx-aiohttp (the import reads package metadata): once per
     # process, like any import.
     (
         ["os.listdir", "os.stat", "io.TextIOWrapper.read", "io.BufferedReader.read"],

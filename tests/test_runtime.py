@@ -470,10 +470,11 @@ async def test_waiting_on_leases_with_a_condition_wakes_at_the_first_removal_tha
 async def test_aiohttp_transport_without_its_extra_is_a_config_error_before_anything_is_locked(
     queue: SqliteQueue, dataset: JsonlDataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`http_transport = "aiohttp"` without httpx-aiohttp installed names the setting and the extra to install."""
+    """`http_transport = "aiohttp"` with httpx-aiohttp missing (a broken install) names the setting, what to install
+    and the other engine."""
     await seed(queue, ["https://a.example/1"])
     monkeypatch.setitem(sys.modules, "httpx_aiohttp", None)  # what a missing package looks like to `import`
-    with pytest.raises(ConfigError, match=r"workers\.http_transport.*headlock\[aiohttp\]"):
+    with pytest.raises(ConfigError, match=r"workers\.http_transport.*pip install httpx-aiohttp.*'httpx'"):
         await run(queue, crawl.handle, dataset, workers=fast(http_transport="aiohttp"))
     assert await queue.locks() == []
     assert (await queue.get_info()).pending_request_count == 1

@@ -11,8 +11,8 @@ alternating order (ABBA), each from a fresh start:
 - baseline: 50 worker tasks on one memory stream, a set of normalized URLs for dedup, selectolax for title and links.
 
 Both use the client `runner.runtime.default_http_client` builds for that concurrency (the output names its
-transport), with httpx's own transport unless `--transport aiohttp` (`workers.http_transport`, the `aiohttp` extra)
-says otherwise; the baseline uses the same one unless `--baseline-transport` names another. pages/s is timed
+transport), with aiohttp's engine (the default `workers.http_transport`) unless `--transport httpx` says otherwise;
+the baseline uses the same one unless `--baseline-transport` names another. pages/s is timed
 around the crawl loop; the target is headlock/baseline >= 0.8 on the medians, with the same transport on both
 sides (the ratio within each round is printed too: it is less sensitive to load that changes between rounds). Each
 run also records this process's CPU time per page (all threads, SQLite's included): with both crawlers bound by
@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5, help="runs of each crawler")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the site and this process to cores")
-    parser.add_argument("--transport", choices=["httpx", "aiohttp"], default="httpx", help="headlock's HTTP engine")
+    parser.add_argument("--transport", choices=["httpx", "aiohttp"], default="aiohttp", help="headlock's HTTP engine")
     parser.add_argument("--baseline-transport", choices=["httpx", "aiohttp"], help="default: the same as headlock's")
     args = parser.parse_args()
     quiet_logs()
