@@ -35,7 +35,8 @@ Output (JSON lines, `tests.bench._common.emit`): one `peers/<crawler>` line each
 per page, peak RSS), then `peers/compare`: per round, each crawler's pages/s divided by crawlee-memory's in that
 round (ratios within one round cancel the drift of a shared machine's load), their medians, headlock / bare the same
 way, and the README's targets with `target_met`: headlock / crawlee-memory >= 1.2, headlock / bare >= 0.8 (medians
-of the per-round ratios).
+of the per-round ratios). `cpu_vs_crawlee_memory_median` is crawlee-memory's CPU per page over each crawler's, per
+round, median (above 1: less CPU a page than crawlee): CPU varies less than wall time with others' load.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ DEFAULT_VENV = Path("~/.cache/headlock/peers-venv").expanduser()
 CRAWLERS = ("headlock", "headlock-httpx", "crawlee-memory", "crawlee-fs", "scrapy", "bare")
 HEADLOCK_SIDE = frozenset({"headlock", "headlock-httpx", "bare"})  # run by _peer_headlock.py in headlock's venv
 BASELINE = "crawlee-memory"
+BASELINE_KEY = BASELINE.replace("-", "_")
 TARGETS = {"headlock_vs_crawlee_memory": ("headlock", BASELINE, 1.2), "headlock_vs_bare": ("headlock", "bare", 0.8)}
 PEER_PACKAGES = ("crawlee", "impit", "scrapy", "twisted")
 HEADLOCK_PACKAGES = ("httpx", "httpcore", "aiohttp", "httpx-aiohttp", "anyio")
@@ -340,7 +342,8 @@ def report(
                 "round": index + 1,
                 "order": list(order),
                 "pages_per_s": {crawler: round(done[index].pages_per_s, 1) for crawler, done in runs.items()},
-                f"vs_{BASELINE}": None
+                "cpu_ms_per_page": {crawler: round(done[index].cpu_ms_per_page, 3) for crawler, done in runs.items()},
+                f"vs_{BASELINE_KEY}": None
                 if base is None
                 else {crawler: round(done[index].pages_per_s / base.pages_per_s, 3) for crawler, done in runs.items()},
             }
@@ -373,10 +376,10 @@ def report(
             "pages": pages,
             "concurrency": concurrency,
             "rounds": per_round,
-            f"vs_{BASELINE}_median": {
+            f"vs_{BASELINE_KEY}_median": {
                 crawler: None if ratios is None else round(median(ratios), 3) for crawler, ratios in vs_base.items()
             },
-            f"{BASELINE}_cpu_per_page_over_each_median": cpu_vs_base,
+            f"cpu_vs_{BASELINE_KEY}_median": cpu_vs_base,
             "targets": targets,
             **extra,
             "load_avg_1_5_15_end": [round(x, 2) for x in os.getloadavg()],
