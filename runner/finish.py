@@ -4,7 +4,8 @@ The platform's head can miss a request added a moment ago, while a read by id se
 locks anywhere is not enough: the requests this process added in the last `CONSISTENCY_WINDOW` seconds are read
 back by id first, and the run goes on while any of them is not handled. Requests other clients added are theirs to
 confirm (each worker runs this check before it exits, so the last one alive cannot miss its own links). It costs
-nothing until the head looks empty, and then one read per recent request.
+nothing until the head looks empty, and then one read per recent request. A queue whose head is consistent (the
+embedded and postgres stores: `runner.queue.protocol.ConsistentHead`) skips it: there, an empty head is the truth.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from runner.leases import Lease, Leases
 from runner.loopwatch import LoopMonitor
 from runner.metrics import Metrics
 from runner.progress import report_progress
-from runner.queue.protocol import RequestQueue
+from runner.queue.protocol import ConsistentHead, RequestQueue
 from runner.results.protocol import ResultsSink
 from runner.router import Handler
 from runner.settings import StartRequest, WorkerSettings, random_client_key
@@ -309,6 +309,7 @@ async def _fetch_until_stopped(
             max_requests=cfg.max_requests,
             backoff_until=lambda: committer.backoff_until,
             next_backoff_end=committer.next_backoff_end,
-            recent=committer.recent,
+            # A consistent head needs no read-back of recent adds before the run may call the queue finished.
+            recent=None if isinstance(queue, ConsistentHead) else committer.recent,
         )
     send.close()  # cancelled or done: no more work either way

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from runner.models import BatchAddResult, LockedHead, QueueInfo, Request, RequestDraft, RequestRegistration
 
-__all__ = ["MAX_BATCH", "MAX_CLIENT_KEY", "MAX_LOCK_LIMIT", "RequestQueue"]
+__all__ = ["MAX_BATCH", "MAX_CLIENT_KEY", "MAX_LOCK_LIMIT", "ConsistentHead", "RequestQueue"]
 
 MAX_LOCK_LIMIT = 25
 """Most requests one "get head and lock" call may lock."""
@@ -16,6 +16,14 @@ MAX_BATCH = 25
 """Most requests one batch add may carry."""
 MAX_CLIENT_KEY = 32
 """Longest client key the API accepts (the shortest is 1)."""
+
+
+@runtime_checkable
+class ConsistentHead(Protocol):
+    """A queue whose head shows every committed add at once (the embedded and postgres stores, one database each):
+    an empty head with no locks means finished, with no recent add to read back (`runner.finish`)."""
+
+    head_is_consistent: ClassVar[Literal[True]]
 
 
 @runtime_checkable

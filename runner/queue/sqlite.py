@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -239,6 +239,9 @@ class _Write(Generic[T]):
 
 class SqliteQueue:
     """A `RequestQueue` stored in one SQLite file (WAL mode)."""
+
+    head_is_consistent: ClassVar[Literal[True]] = True
+    """Every committed add is in the head at once (`runner.queue.protocol.ConsistentHead`)."""
 
     def __init__(
         self,

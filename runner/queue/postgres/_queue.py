@@ -6,7 +6,7 @@ import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import anyio
 import psycopg
@@ -107,6 +107,9 @@ class PostgresQueue:
     mark in one transaction fenced on the lease (`runner.queue.postgres._complete`), and the committer calls it
     instead of `batch_add` + `push_lines` + `update_request`.
     """
+
+    head_is_consistent: ClassVar[Literal[True]] = True
+    """Every committed add is in the head at once (`runner.queue.protocol.ConsistentHead`)."""
 
     def __init__(
         self,
