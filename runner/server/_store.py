@@ -262,6 +262,10 @@ class SqliteRegistry:
             queue = OpenQueue(name=name, store=store, keyless=KeylessClients(self._keyless_prefix))
             self._open[name] = queue
             self._ids[info.id] = name
+            if name == self._default_id:
+                # It reports the default id as its own (`public_id`), and clients call it by that: without this
+                # alias each of their calls would miss the index and re-read the directory (two thread hand-offs).
+                self._ids.setdefault(name, name)
             return queue, created
 
     async def delete(self, ref: str) -> None:

@@ -49,7 +49,9 @@ if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {allowed[int(cpu) % len(allowed)]})
 sys.argv = ["runner.server", *args]
 if profile:
-    import cProfile
+    import cProfile, signal
+    # uvicorn re-raises the SIGTERM it stopped on once it is done: exit then, so that the stats get written.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     profiler = cProfile.Profile()
     profiler.enable()
 try:
@@ -89,7 +91,8 @@ def proc_cpu_seconds(pid: int) -> float:
 def server(tree: Path, storage: Path, *, profile: str = "") -> Iterator[tuple[str, int]]:
     """Run `python -m runner.server` from `tree` over `storage`, pinned to SERVER_CPU; yield (URL, pid)."""
     args = ["--host", "127.0.0.1", "--port", "0", "--storage", str(storage)]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    # The caller's PYTHONPATH stays after the tree's (e.g. a directory with optional packages to try).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(SERVER_CPU), profile, *args], stdout=subprocess.PIPE, env=env, cwd=tree
     )
@@ -254,7 +257,7 @@ def main() -> None:
                 }
                 rows[name].append(row)
                 emit(row, where)
-    emit(_summary(rows) | ({"base": args.base} if args.base else {}), where)
+    emit(_summary(rows) | ({"base_rev": args.base} if args.base else {}), where)
 
 
 @contextmanager
