@@ -26,7 +26,7 @@ from runner.results.protocol import ResultsSink
 from runner.settings import Settings
 
 if TYPE_CHECKING:
-    from runner.api.client import ApiClient
+    from runner.api.client import ApiClient, RateLimits
     from runner.api.resources import ActorRun, KeyValueStore
     from runner.queue.postgres import PostgresQueue
 
@@ -39,6 +39,7 @@ __all__ = [
     "open_queue",
     "open_run",
     "open_store",
+    "pacing",
     "postgres_dsn",
     "results_in_postgres",
 ]
@@ -77,7 +78,17 @@ async def open_queue(settings: Settings, *, metrics: Metrics | None = None) -> R
         timeout=api.timeout,
         max_retries=api.max_retries,
         metrics=metrics or Metrics(),
+        rate_limits=pacing(settings),
     )
+
+
+def pacing(settings: Settings) -> RateLimits | None:
+    """The client-side pacing `api.pacing` asks for (`auto`: the platform's limits on the platform's API only)."""
+    from runner.api.client import RateLimits, platform_limits  # noqa: PLC0415 - only the API backend needs it
+
+    if settings.api.pacing == "auto":
+        return platform_limits(settings.api.base_url)
+    return RateLimits() if settings.api.pacing == "on" else None
 
 
 def postgres_dsn(settings: Settings) -> str:
@@ -156,6 +167,7 @@ def api_client(settings: Settings, *, metrics: Metrics | None = None) -> ApiClie
         timeout=api.timeout,
         max_retries=api.max_retries,
         metrics=metrics or Metrics(),
+        rate_limits=pacing(settings),
     )
 
 

@@ -258,13 +258,13 @@ def default_http_client(cfg: WorkerSettings) -> httpx.AsyncClient:
     transport: httpx.AsyncBaseTransport | None = None
     if cfg.http_transport == "aiohttp":
         try:
-            from httpx_aiohttp import AiohttpTransport  # noqa: PLC0415 - imported when chosen (aiohttp is large)
+            from runner.http import AiohttpEngine  # noqa: PLC0415 - imports aiohttp (large) only when chosen
         except ImportError as exc:
             raise ConfigError(
                 f"workers.http_transport: 'aiohttp' needs httpx-aiohttp, a dependency of headlock: reinstall it"
                 f" (pip install httpx-aiohttp aiohttp), or set workers.http_transport = 'httpx' ({exc})"
             ) from exc
-        transport = AiohttpTransport(limits=limits)
+        transport = AiohttpEngine(limits)
     return httpx.AsyncClient(
         follow_redirects=True, timeout=httpx.Timeout(cfg.handler_timeout), limits=limits, transport=transport
     )

@@ -82,6 +82,11 @@ class ApiSettings(_Section):
     token: SecretStr | None = None
     timeout: float = Field(30.0, gt=0)
     max_retries: int = Field(6, ge=0)
+    pacing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Client-side pacing to the platform's per-queue limits: auto (on for the platform's API, a host "
+        "under apify.com; off for headlock serve and other servers), on, off.",
+    )
 
 
 class WorkerSettings(_Section):

@@ -40,6 +40,20 @@ class Mutant:
 
 MUTANTS = [
     Mutant(
+        "aiohttp-disconnect-maybe-applied",
+        "runner/http.py",
+        "and not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):",
+        ":",
+        ("tests/test_http.py::test_a_connection_closed_after_the_request_is_a_read_error_not_connect",),
+    ),
+    Mutant(
+        "api-no-silent-resend",
+        "runner/api/client.py",
+        "limits, resend_on_stale=False),",
+        "limits, resend_on_stale=True),",
+        ("tests/test_api_faults.py::test_delete_lock_whose_answer_was_lost_is_done",),
+    ),
+    Mutant(
         "commit-waits-out-outage",
         "runner/commit.py",
         "                if not lease.valid(anyio.current_time() + delay):\n",

@@ -29,10 +29,12 @@ from runner.errors import (
     UnauthorizedError,
 )
 from runner.models import QueueCounts, Request, RequestDraft, is_failed
+from runner.open import pacing as open_pacing
 from runner.queue.admin import QueueAdmin
 from runner.queue.api import ApiQueue, ApiRetryPolicy, RateLimits, _RateLimiter
 from runner.queue.protocol import RequestQueue
 from runner.server import create_app
+from runner.settings import Settings
 from runner.uniquekey import request_id_for
 from tests._server import running_server, serving_app
 
@@ -693,3 +695,21 @@ async def test_requeue_leaves_a_request_it_cannot_read() -> None:
     async with mock_queue(answer) as api:
         result = await api.requeue(["R"], client_key="a")
     assert (result.unreadable, result.requeued, puts) == (["R"], [], [])
+
+
+@pytest.mark.parametrize(
+    ("base_url", "pacing", "paced"),
+    [
+        ("https://api.apify.com", "auto", True),
+        ("https://API.Apify.com/v2", "auto", True),
+        ("http://127.0.0.1:8000", "auto", False),
+        ("https://apify.com.example.org", "auto", False),
+        ("http://127.0.0.1:8000", "on", True),
+        ("https://api.apify.com", "off", False),
+    ],
+)
+def test_pacing_follows_the_platform_unless_set(base_url: str, pacing: str, paced: bool) -> None:
+    """`api.pacing = "auto"` paces calls to the platform's limits on the platform's API only (a server such as
+    `headlock serve` is not slowed to them); `on` and `off` say so for any server."""
+    settings = Settings.model_validate({"api": {"base_url": base_url, "pacing": pacing}})
+    assert (open_pacing(settings) == RateLimits()) if paced else (open_pacing(settings) is None)

@@ -474,6 +474,7 @@ async def test_aiohttp_transport_without_its_extra_is_a_config_error_before_anyt
     and the other engine."""
     await seed(queue, ["https://a.example/1"])
     monkeypatch.setitem(sys.modules, "httpx_aiohttp", None)  # what a missing package looks like to `import`
+    monkeypatch.delitem(sys.modules, "runner.http", raising=False)  # imported afresh, so it meets the missing one
     with pytest.raises(ConfigError, match=r"workers\.http_transport.*pip install httpx-aiohttp.*'httpx'"):
         await run(queue, crawl.handle, dataset, workers=fast(http_transport="aiohttp"))
     assert await queue.locks() == []

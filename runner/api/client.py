@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal, NamedTuple, NoReturn, Self, TypedDict, TypeVar, Unpack
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import anyio
 import httpx
@@ -46,6 +46,7 @@ from runner.errors import (
     RateLimitedError,
     UnauthorizedError,
 )
+from runner.http import Engine, transport_for
 from runner.metrics import Metrics
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "RateLimiter",
     "RateLimits",
     "Resource",
+    "platform_limits",
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -174,6 +176,12 @@ class RateLimits:
     """everything else."""
 
 
+def platform_limits(base_url: str) -> RateLimits | None:
+    """The platform's limits for its own API (a host under `apify.com`), None for any other server."""
+    host = (urlsplit(base_url).hostname or "").lower()
+    return RateLimits() if host == "apify.com" or host.endswith(".apify.com") else None
+
+
 class ApiClientOptions(TypedDict, total=False):
     """Optional settings of `ApiClient`."""
 
@@ -183,7 +191,11 @@ class ApiClientOptions(TypedDict, total=False):
     timeouts: CallTimeouts
     timeout: float
     """Shortcut: `CallTimeouts.uniform(timeout)` when `timeouts` is not given."""
-    rate_limits: RateLimits
+    rate_limits: RateLimits | None
+    """Client-side pacing; None: none. Unset: the platform's limits on the platform's API (`*.apify.com`), none
+    elsewhere (`headlock serve` and other servers pace nobody)."""
+    http_transport: Engine
+    """The engine of the client `ApiClient` makes (not of one it is given): aiohttp's (the default) or httpx's."""
     metrics: Metrics
     """Where each HTTP attempt is reported (endpoint, status, duration); disabled by default."""
 
@@ -386,9 +398,12 @@ class ApiClient:
         self._owns_client = client is None
         # Keep-alive as large as the pool: connections beyond the keep-alive bound are closed after each call and
         # reopened on the next one, which costs more than the calls themselves on a busy worker.
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
         self._client = client or httpx.AsyncClient(
             headers={"Accept": "application/json"},
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
+            limits=limits,
+            # Every attempt is ours to count: a lost answer must be known as one (`Answer.ambiguous`).
+            transport=transport_for(options.get("http_transport", "aiohttp"), limits, resend_on_stale=False),
         )
         self._closed = False
         retry = options.get("retry") or ApiRetryPolicy()
@@ -398,8 +413,10 @@ class ApiClient:
         """The retry policy (resource clients read `unprocessed_retries` and `delay` from it)."""
         timeout = options.get("timeout")
         self._timeouts = options.get("timeouts") or (CallTimeouts.uniform(timeout) if timeout else CallTimeouts())
-        limits = options.get("rate_limits") or RateLimits()
-        self._rates: dict[RateClass, float] = {"batch": limits.batch, "single": limits.single, "other": limits.other}
+        rates = options["rate_limits"] if "rate_limits" in options else platform_limits(base)
+        self._rates: dict[RateClass, float] | None = (
+            None if rates is None else {"batch": rates.batch, "single": rates.single, "other": rates.other}
+        )
         self._limiters: dict[tuple[Resource, RateClass], RateLimiter] = {}
         self.calls: Counter[str] = Counter()
         self._metrics = options.get("metrics") or Metrics()
@@ -440,7 +457,9 @@ class ApiClient:
         """Remove the token from text that came from elsewhere (an error body could echo it)."""
         return text.replace(self._token.value, "***") if self._token else text
 
-    def _limiter(self, endpoint: Endpoint) -> RateLimiter:
+    def _limiter(self, endpoint: Endpoint) -> RateLimiter | None:
+        if self._rates is None:
+            return None
         key = (endpoint.resource, endpoint.rate)
         limiter = self._limiters.get(key)
         if limiter is None:
@@ -487,7 +506,8 @@ class ApiClient:
         limiter = self._limiter(endpoint)
         ambiguous = False
         for attempt in range(attempts):
-            await limiter.acquire()
+            if limiter is not None:
+                await limiter.acquire()
             started = anyio.current_time()
             try:
                 response = await self._client.request(
