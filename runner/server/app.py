@@ -37,6 +37,7 @@ from runner.server import _wire as wire
 from runner.server._datasets import Datasets
 from runner.server._kvs import KeyValueStores
 from runner.server._platform import PlatformEndpoints, platform_routes
+from runner.server._protocol import http_protocol
 from runner.server._runs import RunDefaults, Runs
 from runner.server._store import OpenQueue, QueueRegistry, SqliteRegistry
 from runner.uniquekey import request_id_for
@@ -544,6 +545,7 @@ def serve(
             access_log=False,  # the access log would print `?token=` query strings
             lifespan="on",
             server_header=False,
+            http=http_protocol(),
         )
         server = uvicorn.Server(config)
         try:
