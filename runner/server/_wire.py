@@ -32,6 +32,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_LOCK_SECS",
     "MAX_PAYLOAD_BYTES",
+    "RATE_LIMITS",
     "client_key",
     "data_response",
     "error_body",
@@ -219,6 +220,10 @@ def storage_name(name: str, what: str) -> str:
             f"Invalid input: {what} name {name!r} must be 1-63 letters, digits or '-', not starting or ending with '-'"
         )
     return name
+
+
+RATE_LIMITS = (40, 60, 400)
+"""Every value `rate_limit_for` answers."""
 
 
 def rate_limit_for(method: str, path: str) -> int:

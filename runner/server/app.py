@@ -20,7 +20,6 @@ import anyio
 import structlog
 import uvicorn
 from starlette.applications import Starlette
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
@@ -313,15 +312,12 @@ class _Endpoints:
 def _routes(endpoints: _Endpoints) -> list[Route]:
     q = "/v2/request-queues/{queue_id}"
     r = q + "/requests/{request_id}"
-    # Fixed segments (batch, unlock) come before `{request_id}`, which would match them too.
+    # Fixed segments (batch, unlock) come before `{request_id}`, which would match them too. Routes are tried in
+    # order, so a worker's calls (head/lock, then GET and PUT of each request) come first; no other two of these
+    # patterns match one path, so the order of those that do (the first full match wins, else the first partial
+    # one answers 405 with its `Allow`) is as it was.
     return [
-        Route("/v2/request-queues", endpoints.create_queue, methods=["POST"]),
-        Route(q, endpoints.get_queue, methods=["GET"]),
-        Route(q, endpoints.delete_queue, methods=["DELETE"]),
-        Route(q + "/head", endpoints.get_head, methods=["GET"]),
         Route(q + "/head/lock", endpoints.lock_head, methods=["POST"]),
-        Route(q + "/requests", endpoints.add_request, methods=["POST"]),
-        Route(q + "/requests", endpoints.list_requests, methods=["GET"]),
         Route(q + "/requests/batch", endpoints.batch_add, methods=["POST"]),
         Route(q + "/requests/batch", endpoints.batch_delete, methods=["DELETE"]),
         Route(q + "/requests/unlock", endpoints.unlock, methods=["POST"]),
@@ -330,6 +326,12 @@ def _routes(endpoints: _Endpoints) -> list[Route]:
         Route(r, endpoints.delete_request, methods=["DELETE"]),
         Route(r + "/lock", endpoints.prolong_lock, methods=["PUT"]),
         Route(r + "/lock", endpoints.delete_lock, methods=["DELETE"]),
+        Route("/v2/request-queues", endpoints.create_queue, methods=["POST"]),
+        Route(q, endpoints.get_queue, methods=["GET"]),
+        Route(q, endpoints.delete_queue, methods=["DELETE"]),
+        Route(q + "/head", endpoints.get_head, methods=["GET"]),
+        Route(q + "/requests", endpoints.add_request, methods=["POST"]),
+        Route(q + "/requests", endpoints.list_requests, methods=["GET"]),
     ]
 
 
@@ -340,6 +342,9 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
 
 async def _no_receive() -> Message:  # pragma: no cover - a JSONResponse never reads
     return {"type": "http.disconnect"}
+
+
+_LIMIT_HEADERS = {n: (b"x-ratelimit-limit", str(n).encode()) for n in wire.RATE_LIMITS}
 
 
 class _RateLimitHeader:
@@ -355,14 +360,17 @@ class _RateLimitHeader:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = str(wire.rate_limit_for(scope["method"], scope["path"]))
+        rate = wire.rate_limit_for(scope["method"], scope["path"])
+        limit = _LIMIT_HEADERS.get(rate) or (b"x-ratelimit-limit", str(rate).encode())
         started = False
 
         async def send_with_header(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                MutableHeaders(scope=message)["X-RateLimit-Limit"] = limit
+                # Appended as it is (what `MutableHeaders` would do, without its per-call wrapper): no answer of
+                # this app sets the header itself.
+                message["headers"] = [*message.get("headers", ()), limit]
             await send(message)
 
         try:

@@ -81,10 +81,11 @@ def fill(storage: Path, count: int) -> None:
     asyncio.run(add())
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, every thread) process `pid` has used so far, from `/proc/<pid>/stat`."""
+def proc_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time (user, system; every thread) process `pid` has used so far, from `/proc/<pid>/stat`."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 @contextmanager
@@ -172,9 +173,11 @@ def measure(tree: Path, requests: int, connections: int, *, profile: str = "") -
         storage = Path(tmp)
         fill(storage, requests)
         with server(tree, storage, profile=profile) as (url, pid):
-            server_before, client_before = proc_cpu_seconds(pid), cpu_seconds()
+            (user_before, system_before), client_before = proc_cpu_seconds(pid), cpu_seconds()
             load, elapsed = asyncio.run(drive(url, connections, requests))
-            server_cpu, client_cpu = proc_cpu_seconds(pid) - server_before, cpu_seconds() - client_before
+            (user_after, system_after), client_cpu = proc_cpu_seconds(pid), cpu_seconds() - client_before
+    server_user, server_system = user_after - user_before, system_after - system_before
+    server_cpu = server_user + server_system
     calls = max(load.calls, 1)
     return {
         "requests": requests,
@@ -186,6 +189,7 @@ def measure(tree: Path, requests: int, connections: int, *, profile: str = "") -
         "calls_per_s": round(load.calls / elapsed),
         "handled_per_s": round(load.handled / elapsed),
         "server_cpu_us_per_call": round(server_cpu / calls * 1e6),
+        "server_cpu_system_share": round(server_system / server_cpu, 3) if server_cpu else None,
         "server_cpu_share": round(server_cpu / elapsed, 3),
         "client_cpu_us_per_call": round(client_cpu / calls * 1e6),
         "server_calls_per_cpu_s": round(load.calls / server_cpu) if server_cpu else None,
