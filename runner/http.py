@@ -80,7 +80,7 @@ class AiohttpEngine(httpx.AsyncBaseTransport):
     def __init__(self, limits: httpx.Limits, *, resend_on_stale: bool = True) -> None:
         def session() -> aiohttp.ClientSession:
             connector = aiohttp.TCPConnector(
-                ssl=httpx.create_ssl_context(),
+                ssl=self._inner.ssl_context,  # made once, by the transport (about 25 ms each)
                 limit=limits.max_connections or 0,  # 0: no limit
                 keepalive_timeout=limits.keepalive_expiry,  # None: no expiry, as for httpx
             )
