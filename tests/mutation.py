@@ -40,6 +40,13 @@ class Mutant:
 
 MUTANTS = [
     Mutant(
+        "serve-flush-before-close",
+        "runner/server/_protocol.py",
+        "    def close(self) -> None:\n        self._flush()\n",
+        "    def close(self) -> None:\n",
+        ("tests/test_server.py::test_a_response_before_a_close_is_sent_whole",),
+    ),
+    Mutant(
         "aiohttp-disconnect-maybe-applied",
         "runner/http.py",
         "and not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -513,3 +514,37 @@ async def test_unexpected_errors_are_500_envelopes(tmp_path: Path) -> None:
     assert error(response, 500, "internal-error") == "Internal server error"
     assert response.headers["x-ratelimit-limit"] == "60"
     assert [e["event"] for e in logs] == ["server.internal_error"]
+
+
+def _raw_exchange(base_url: str, request: bytes) -> bytes:
+    """Send `request` on a new connection and read until the server closes it (bounded by a 10 s timeout)."""
+    host, _, port = base_url.removeprefix("http://").partition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        for _ in range(1000):
+            chunk = conn.recv(65536)
+            if not chunk:
+                return answer
+            answer += chunk
+    raise AssertionError(f"the server did not close the connection: {answer[:200]!r}")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /v2/request-queues HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"405"),
+        (b"GET /v2/request-queues HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n", b"400"),
+    ],
+)
+def test_a_response_before_a_close_is_sent_whole(base_url: str, request_bytes: bytes, status: bytes) -> None:
+    """`serve` joins a response's writes into one send: a response followed by a close (`Connection: close`, a
+    malformed request) still goes out whole before the connection closes."""
+    answer = _raw_exchange(base_url, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == status, answer[:300]
+    lengths = [
+        line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    ]
+    if lengths:
+        assert len(body) == int(lengths[0])
