@@ -67,15 +67,20 @@ def queue_name() -> str:
 
 @pytest.fixture
 async def queue(base_url: str, queue_name: str) -> AsyncIterator[ApiQueue]:
-    """An ApiQueue on a new named queue."""
-    async with await ApiQueue.open(base_url=base_url, token=TOKEN, name=queue_name, retry=FAST) as api:
+    """An ApiQueue on a new named queue, asking for head items as the platform gives them (no `userData`), so the
+    cache and the GET per request are what is tested."""
+    async with await ApiQueue.open(
+        base_url=base_url, token=TOKEN, name=queue_name, retry=FAST, full_head_items=False
+    ) as api:
         yield api
 
 
 @pytest.fixture
 async def other(base_url: str, queue: ApiQueue) -> AsyncIterator[ApiQueue]:
     """A second ApiQueue instance on the same queue (an empty cache), opened by id."""
-    async with await ApiQueue.open(base_url=base_url, token=TOKEN, queue_id=queue.queue_id, retry=FAST) as api:
+    async with await ApiQueue.open(
+        base_url=base_url, token=TOKEN, queue_id=queue.queue_id, retry=FAST, full_head_items=False
+    ) as api:
         yield api
 
 
@@ -713,3 +718,14 @@ def test_pacing_follows_the_platform_unless_set(base_url: str, pacing: str, pace
     `headlock serve` is not slowed to them); `on` and `off` say so for any server."""
     settings = Settings.model_validate({"api": {"base_url": base_url, "pacing": pacing}})
     assert (open_pacing(settings) == RateLimits()) if paced else (open_pacing(settings) is None)
+
+
+async def test_against_serve_locked_items_come_whole_without_a_get(base_url: str, queue_name: str) -> None:
+    """Not on the platform, head/lock asks for whole items (`headlockItems=full`, which serve honours): requests
+    another instance added come back complete (userData, headers) with no GET at all."""
+    async with await ApiQueue.open(base_url=base_url, token=TOKEN, name=queue_name, retry=FAST) as adder:
+        await adder.batch_add([draft(n) for n in range(1, 4)], client_key="b")
+        async with await ApiQueue.open(base_url=base_url, token=TOKEN, queue_id=adder.queue_id, retry=FAST) as fresh:
+            head = await fresh.lock_head(limit=5, lock_secs=60, client_key="a")
+            assert [(r.user_data, r.headers) for r in head.items] == [({"n": n}, {"X-N": str(n)}) for n in (1, 2, 3)]
+            assert get_calls(fresh) == 0

@@ -427,6 +427,11 @@ class ApiClient:
         return self._base
 
     @property
+    def on_platform(self) -> bool:
+        """Whether this is the platform's own API (a host under `apify.com`)."""
+        return platform_limits(self._base) is not None
+
+    @property
     def has_token(self) -> bool:
         """Whether calls carry a token (never the token itself)."""
         return self._token is not None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 import structlog
+from anyio.abc import TaskStatus
 
 from runner.actor.input import describe_input, input_settings
 from runner.actor.platform import ActorPlatform, read_input
@@ -78,7 +79,9 @@ async def _crawl(settings: Settings, args: argparse.Namespace) -> tuple[RunSumma
     async with _serving_metrics(metrics, settings), anyio.create_task_group() as tg:
         # Signals are watched from before the queue is opened: a stop while the API is still being reached
         # (a container stopped at start) ends the run at once instead of killing the process.
-        tg.start_soon(_watch_signals, stopper, received, signalled)
+        # Started, not just scheduled: the first connection may be made before this task would first run (aiohttp
+        # sends its SYN within the opening call's step), and a SIGTERM then would kill the process outright.
+        await tg.start(_watch_signals, stopper, received, signalled)
         async with contextlib.AsyncExitStack() as stack:
             opened = await _open_unless_stopped(settings, args, stopper, metrics, stack)
             migrated = False
@@ -286,9 +289,16 @@ def write_summary(path: Path, data: dict[str, Any]) -> None:
         log.error("summary.write_failed", path=str(path), error=str(exc))
 
 
-async def _watch_signals(stopper: Stopper, received: list[int], signalled: anyio.Event | None = None) -> None:
-    """SIGINT/SIGTERM start the graceful stop; a second one forces it."""
+async def _watch_signals(
+    stopper: Stopper,
+    received: list[int],
+    signalled: anyio.Event | None = None,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """SIGINT/SIGTERM start the graceful stop; a second one forces it. Reports started once the handlers are in."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             received.append(signum)
             stopper.stop(signal.Signals(signum).name)

@@ -13,7 +13,7 @@ after one is done.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar, Unpack, cast
@@ -80,6 +80,9 @@ class ApiQueueOptions(ApiClientOptions, total=False):
     """How many complete requests (added or updated by this instance) to keep for `lock_head`; default 50 000."""
     fetch_concurrency: int
     """How many GETs `lock_head` runs at once for requests not in the cache; default 16."""
+    full_head_items: bool
+    """Ask head/lock for complete items (`headlockItems=full`, which `headlock serve` honours: no GET per request).
+    Unset: asked of any server but the platform's, whose items lack `userData` (each is then fetched)."""
 
 
 # -- endpoints and wire shapes ------------------------------------------------------------------------------
@@ -141,6 +144,22 @@ class _UnlockResult(_Wire):
 
 def _bool(value: bool) -> str:
     return "true" if value else "false"
+
+
+def _complete_items(response: httpx.Response) -> dict[str, dict[str, Any]]:
+    """The head/lock answer's items that came complete (with `userData`, as `headlock serve` sends them when asked),
+    by id, without the lock's own field; {} when the answer is not that shape (the model parse reports it)."""
+    try:
+        items = response.json()["data"]["items"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(items, list):
+        return {}
+    complete: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if isinstance(item, dict) and "userData" in item and isinstance(item.get("id"), str):
+            complete[item["id"]] = {k: v for k, v in item.items() if k != "lockExpiresAt"}
+    return complete
 
 
 def _number(value: float) -> str:
@@ -231,15 +250,32 @@ class ApiQueue:
         fetch_concurrency = options.get("fetch_concurrency", _DEFAULT_FETCH_CONCURRENCY)
         transport = cast("ApiClientOptions", {k: v for k, v in options.items() if k in _CLIENT_OPTIONS})
         api = ApiClient(client, base_url=base_url, token=token, **transport)
-        self._setup(api, owns_api=True, queue_id=queue_id, cache_size=cache_size, fetch_concurrency=fetch_concurrency)
+        self._setup(
+            api,
+            owns_api=True,
+            queue_id=queue_id,
+            cache_size=cache_size,
+            fetch_concurrency=fetch_concurrency,
+            full_head_items=options.get("full_head_items"),
+        )
 
-    def _setup(self, api: ApiClient, *, owns_api: bool, queue_id: str, cache_size: int, fetch_concurrency: int) -> None:
+    def _setup(
+        self,
+        api: ApiClient,
+        *,
+        owns_api: bool,
+        queue_id: str,
+        cache_size: int,
+        fetch_concurrency: int,
+        full_head_items: bool | None,
+    ) -> None:
         self._api = api
         self._owns_api = owns_api
         self._queue_id = queue_id
         self._cache: OrderedDict[str, Request] = OrderedDict()
         self._cache_size = cache_size
         self._fetch_concurrency = fetch_concurrency
+        self._full_head = not api.on_platform if full_head_items is None else full_head_items
 
     @classmethod
     def over(
@@ -249,13 +285,21 @@ class ApiQueue:
         queue_id: str,
         cache_size: int = _DEFAULT_CACHE_SIZE,
         fetch_concurrency: int = _DEFAULT_FETCH_CONCURRENCY,
+        full_head_items: bool | None = None,
     ) -> ApiQueue:
         """Use `queue_id` (an id or `~name`) through a shared `api`, which `aclose` leaves open.
 
         The transport settings (retries, timeouts, rate limits, metrics) are `api`'s.
         """
         queue = cls.__new__(cls)
-        queue._setup(api, owns_api=False, queue_id=queue_id, cache_size=cache_size, fetch_concurrency=fetch_concurrency)
+        queue._setup(
+            api,
+            owns_api=False,
+            queue_id=queue_id,
+            cache_size=cache_size,
+            fetch_concurrency=fetch_concurrency,
+            full_head_items=full_head_items,
+        )
         return queue
 
     @classmethod
@@ -445,9 +489,11 @@ class ApiQueue:
             except ValidationError:
                 continue
 
-    async def _complete(self, items: Sequence[_HeadItem], *, client_key: str) -> _Fetched:
-        """Full requests for the head items this call locked: from the cache, else fetched concurrently (one GET
-        each).
+    async def _complete(
+        self, items: Sequence[_HeadItem], *, client_key: str, given: Mapping[str, dict[str, Any]]
+    ) -> _Fetched:
+        """Full requests for the head items this call locked: as the answer gave them complete (`given`, by id),
+        else from the cache, else fetched concurrently (one GET each).
 
         A cached copy whose `retryCount` differs from the head's is stale (another client has retried the request,
         and may have recorded errors since): it is fetched instead. A request whose GET answer cannot be read as a
@@ -458,17 +504,9 @@ class ApiQueue:
             QueueError: the first failed GET, when no request is left to return (the locks released first;
                 `maybe_applied` when some could not be).
         """
-        found: dict[str, Request | None] = {}
-        missing: list[str] = []
-        for item in items:
-            cached = self._cache.get(item.id)
-            if cached is not None and cached.retry_count == item.retry_count:
-                self._cache.move_to_end(item.id)
-                found[item.id] = cached.model_copy(deep=True)
-            else:
-                self._cache.pop(item.id, None)
-                missing.append(item.id)
-        unreadable, failures = await self._get_all(missing, found)
+        found, missing, unreadable = self._known(items, given)
+        fetched_unreadable, failures = await self._get_all(missing, found)
+        unreadable.update(fetched_unreadable)
         stranded = False
         quarantined = 0
         for request_id, (raw, reason) in unreadable.items():
@@ -492,6 +530,30 @@ class ApiQueue:
                 first.maybe_applied = stranded  # this call's locks may still be held
                 raise first
         return _Fetched(complete, quarantined, stranded)
+
+    def _known(
+        self, items: Sequence[_HeadItem], given: Mapping[str, dict[str, Any]]
+    ) -> tuple[dict[str, Request | None], list[str], dict[str, tuple[dict[str, Any], str]]]:
+        """The head items known without a GET (given complete, or a fresh cached copy), the ids to fetch, and the
+        given ones that cannot be read (`(raw object, reason)` by id)."""
+        found: dict[str, Request | None] = {}
+        missing: list[str] = []
+        unreadable: dict[str, tuple[dict[str, Any], str]] = {}
+        for item in items:
+            if (raw := given.get(item.id)) is not None:
+                try:
+                    found[item.id] = Request.model_validate(raw)
+                except ValidationError as exc:
+                    unreadable[item.id] = (raw, validation_reason(exc))
+                continue
+            cached = self._cache.get(item.id)
+            if cached is not None and cached.retry_count == item.retry_count:
+                self._cache.move_to_end(item.id)
+                found[item.id] = cached.model_copy(deep=True)
+            else:
+                self._cache.pop(item.id, None)
+                missing.append(item.id)
+        return found, missing, unreadable
 
     async def _get_all(
         self, request_ids: Sequence[str], found: dict[str, Request | None]
@@ -594,10 +656,13 @@ class ApiQueue:
             QueueError: the call failed (`maybe_applied` after an ambiguous attempt), or no request could be fetched.
         """
         params: dict[str, str | int] = {"lockSecs": _number(lock_secs), "limit": limit, "clientKey": client_key}
+        if self._full_head:
+            params["headlockItems"] = "full"
         answer = await self._call(_LOCK_HEAD, params=params)
         self._check(_LOCK_HEAD, answer.response, None, maybe_applied=answer.ambiguous)
         head = self._parse(_LOCK_HEAD, answer.response, _LockedHeadData)
-        fetched = await self._complete(head.items, client_key=client_key)
+        given = _complete_items(answer.response) if self._full_head else {}
+        fetched = await self._complete(head.items, client_key=client_key, given=given)
         return LockedHead(
             items=fetched.items,
             lock_secs=head.lock_secs,

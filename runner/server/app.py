@@ -162,10 +162,12 @@ class _Endpoints:
         )
 
     async def lock_head(self, request: Request) -> Response:
-        """POST head/lock: 201; items carry `lockExpiresAt` and no `userData`."""
+        """POST head/lock: 201; items carry `lockExpiresAt` and, as on the platform, no `userData`, unless
+        `headlockItems=full` asks for each whole request (headlock's client does: no GET per request)."""
         key = wire.client_key(request)
         limit = wire.limit(request, default=MAX_LOCK_LIMIT, maximum=MAX_LOCK_LIMIT)
         lock_secs = wire.lock_secs(request)
+        full = request.query_params.get("headlockItems") == "full"
         queue = await self._queue(request)
         # The store does not return the expiry it set; the time before the call gives one no later than it.
         expires = wire.format_datetime(utc_now() + timedelta(seconds=lock_secs))
@@ -179,7 +181,9 @@ class _Endpoints:
             "hadMultipleClients": head.had_multiple_clients,
             "queueHasLockedRequests": head.queue_has_locked_requests,
             "items": [
-                {
+                {**item.to_api(), "lockExpiresAt": expires}
+                if full
+                else {
                     "id": item.id,
                     "uniqueKey": item.unique_key,
                     "url": item.url,
