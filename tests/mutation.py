@@ -40,6 +40,13 @@ class Mutant:
 
 MUTANTS = [
     Mutant(
+        "platform-head-items-fetched",
+        "runner/queue/api.py",
+        "self._full_head = not api.on_platform if full_head_items is None else full_head_items",
+        "self._full_head = True if full_head_items is None else full_head_items",
+        ("tests/test_api_backend.py::test_whole_head_items_are_asked_of_any_server_but_the_platform",),
+    ),
+    Mutant(
         "serve-flush-before-close",
         "runner/server/_protocol.py",
         "    def close(self) -> None:\n        self._flush()\n",

@@ -729,3 +729,20 @@ async def test_against_serve_locked_items_come_whole_without_a_get(base_url: str
             head = await fresh.lock_head(limit=5, lock_secs=60, client_key="a")
             assert [(r.user_data, r.headers) for r in head.items] == [({"n": n}, {"X-N": str(n)}) for n in (1, 2, 3)]
             assert get_calls(fresh) == 0
+
+
+@pytest.mark.parametrize(("base", "asked"), [("https://api.apify.com", False), ("http://127.0.0.1:8080", True)])
+async def test_whole_head_items_are_asked_of_any_server_but_the_platform(base: str, asked: bool) -> None:
+    """The platform's head items lack userData (each is fetched); any other server is asked for whole ones."""
+    seen: list[httpx.URL] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url)
+        return httpx.Response(201, json={"data": {"items": [], "lockSecs": 60, "queueHasLockedRequests": False}})
+
+    async with (
+        httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client,
+        ApiQueue(client, base_url=base, queue_id="Q", token=TOKEN, retry=FAST) as api,
+    ):
+        await api.lock_head(limit=5, lock_secs=60, client_key="a")
+    assert [("headlockItems" in url.params) for url in seen] == [asked]
