@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
@@ -60,6 +60,28 @@ def _checked_url(url: str) -> tuple[str, SplitResult]:
     return url, parts
 
 
+class SharedHttp:
+    """The handlers' shared client, built on first use: a run whose handlers make no request never builds it (nor
+    imports its engine, aiohttp's: about 0.15 s and 10 MB). `aclose` closes it if it was built."""
+
+    __slots__ = ("_build", "_client")
+
+    def __init__(self, build: Callable[[], httpx.AsyncClient]) -> None:
+        self._build = build
+        self._client: httpx.AsyncClient | None = None
+
+    def get(self) -> httpx.AsyncClient:
+        """The client, built now if this is its first use."""
+        if self._client is None:
+            self._client = self._build()
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the client, if it was built."""
+        if self._client is not None:
+            await self._client.aclose()
+
+
 class Context:
     """One attempt at one request.
 
@@ -67,13 +89,13 @@ class Context:
     leaves no results and no new requests behind.
     """
 
-    __slots__ = ("_enqueued", "_items", "_known", "_unique_key", "http", "log", "options", "request")
+    __slots__ = ("_enqueued", "_http", "_items", "_known", "_unique_key", "log", "options", "request")
 
     def __init__(
         self,
         request: Request,
         *,
-        http: httpx.AsyncClient,
+        http: httpx.AsyncClient | SharedHttp,
         log: structlog.typing.FilteringBoundLogger,
         options: Mapping[str, Any],
         known: Container[str] = frozenset(),
@@ -84,7 +106,7 @@ class Context:
         `unique_key`: the default `uniqueKey` of an enqueued URL, the run's convention (headlock's by default).
         """
         self.request = request
-        self.http = http
+        self._http = http
         self.log = log
         self.options = options
         self._known = known
@@ -92,6 +114,12 @@ class Context:
         # None marks a request already in the queue: counted by `enqueue`, but with nothing to send.
         self._enqueued: dict[bool, dict[str, RequestDraft | None]] = {False: {}, True: {}}
         self._items: list[str] = []
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The run's shared `httpx.AsyncClient` (redirects followed, the configured engine; built on first use)."""
+        http = self._http
+        return http if isinstance(http, httpx.AsyncClient) else http.get()
 
     @property
     def url(self) -> str:

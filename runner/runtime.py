@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.commit import Committer, RetryPolicy
+from runner.context import SharedHttp
 from runner.errors import ConfigError, QueueError
 from runner.fetcher import fetch
 from runner.heartbeat import keep_alive
@@ -100,7 +103,7 @@ async def run(
     client_key = cfg.client_key or random_client_key()
     metrics = metrics or Metrics()
     own_http = http is None
-    client = http or default_http_client(cfg)  # first: a missing extra fails before anything needs closing
+    client = http or shared_http(cfg)  # first: a broken install fails before anything needs closing
     leases, stats, errors = Leases(), stats or RunStats(), ErrorTally()
     metrics.track(stats, leases)
     committer = Committer(
@@ -243,6 +246,27 @@ def _sole_error(group: BaseExceptionGroup[Any]) -> Exception | None:
 def _stop_deadline(stopper: Stopper, grace: float) -> float | None:
     """When a requested stop must be over (the documented stop timeout is grace + 10 s); None without a stop."""
     return None if stopper.requested_at is None else stopper.requested_at + grace + STOP_MARGIN
+
+
+def shared_http(cfg: WorkerSettings) -> SharedHttp:
+    """The handlers' client as `default_http_client` builds it, on first use; an engine that is not installed is
+    refused now, without importing it.
+
+    Raises:
+        ConfigError: the aiohttp engine is asked for and httpx-aiohttp cannot be found (a broken install).
+    """
+    if cfg.http_transport != "aiohttp":
+        return SharedHttp(partial(default_http_client, cfg))
+    try:
+        found = sys.modules["httpx_aiohttp"] if "httpx_aiohttp" in sys.modules else find_spec("httpx_aiohttp")
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise ConfigError(
+            "workers.http_transport: 'aiohttp' needs httpx-aiohttp, a dependency of headlock: reinstall it"
+            " (pip install httpx-aiohttp aiohttp), or set workers.http_transport = 'httpx'"
+        )
+    return SharedHttp(partial(default_http_client, cfg))
 
 
 def default_http_client(cfg: WorkerSettings) -> httpx.AsyncClient:

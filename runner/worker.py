@@ -15,7 +15,7 @@ import structlog
 from anyio.abc import ObjectReceiveStream
 
 from runner.commit import Committer
-from runner.context import Context
+from runner.context import Context, SharedHttp
 from runner.errors import NoRetry, QueueError
 from runner.leases import Lease
 from runner.loopwatch import LoopMonitor
@@ -50,7 +50,7 @@ class Worker:
 
     handler: Handler
     committer: Committer
-    http: httpx.AsyncClient
+    http: httpx.AsyncClient | SharedHttp
     options: Mapping[str, Any]
     handler_timeout: float
     lock_secs: float = 60.0
