@@ -5,17 +5,20 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, quote_plus
 
+import anyio
 import psycopg
 import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import PoolTimeout
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from runner.errors import ConfigError, InvalidInputError, QueueError, QueueUnavailableError
 
-__all__ = ["CONNECTION_LOST", "Target", "connection_lost", "mapped", "parse_target", "redact"]
+__all__ = ["CONNECTION_LOST", "Target", "connection_lost", "mapped", "open_database", "parse_target", "redact"]
+
+T = TypeVar("T")
 
 CONNECTION_LOST = ("57P01", "57P02", "57P03", "08000", "08003", "08006", "08001", "08004")
 """SQLSTATEs of a server that went away or refuses connections for now (restart, shutdown, crash recovery)."""
@@ -106,3 +109,57 @@ def session_setup(call_timeout: float, application: str) -> tuple[Callable[[Any]
         "application_name": application,
     }
     return configure, kwargs
+
+
+async def open_database(
+    dsn: str,
+    *,
+    call_timeout: float,
+    application: str,
+    pool_size: int,
+    endpoint: str,
+    first: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
+) -> tuple[Target, T, AsyncConnectionPool[psycopg.AsyncConnection[Any]]]:
+    """Run `first` on one connection of its own (the schema, the queue), then make the pool, opening in the
+    background; return the target, what `first` returned and the pool. A wrong password or a missing database
+    fails at once with the server's reason (a pool would try again until its timeout).
+
+    Raises:
+        ConfigError: a DSN that does not parse.
+        QueueUnavailableError: no connection, or no answer within `call_timeout` (+5 s), named by `endpoint`.
+        QueueError: what `first` raised, psycopg's errors mapped.
+    """
+    target = parse_target(dsn)
+    configure, kwargs = session_setup(call_timeout, application)
+    try:
+        with anyio.CancelScope(shield=True), anyio.fail_after(call_timeout + 5):
+            conn = await psycopg.AsyncConnection.connect(dsn, **kwargs)
+    except (psycopg.Error, TimeoutError) as exc:
+        reason = "no connection within the timeout" if isinstance(exc, TimeoutError) else str(exc)
+        raise QueueUnavailableError(
+            f"cannot connect to {target}: {redact(reason, target.secrets)}", endpoint=endpoint
+        ) from None  # the cause's message may carry connection details
+    try:
+        with anyio.CancelScope(shield=True), anyio.fail_after(call_timeout + 5):
+            await configure(conn)
+            result = await first(conn)
+    except TimeoutError:
+        raise QueueUnavailableError(
+            f"{target} did not answer within {call_timeout + 5:g} s", endpoint=endpoint
+        ) from None
+    except psycopg.Error as exc:
+        raise mapped(exc, target, endpoint, write=True) from exc
+    finally:
+        with anyio.CancelScope(shield=True):
+            await conn.close()
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+        dsn,
+        min_size=1,
+        max_size=max(pool_size, 1),
+        kwargs=kwargs,
+        configure=configure,
+        open=False,
+        timeout=call_timeout,
+        name=application.replace(" ", "-"),
+    )
+    return target, result, pool

@@ -6,6 +6,7 @@ import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, ClassVar, Literal, TypeVar
 
 import anyio
@@ -48,7 +49,7 @@ from runner.queue._rows import (
 from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequestPage, RequeueResult, can_requeue
 from runner.queue.completion import Completion
 from runner.queue.postgres._complete import Completions
-from runner.queue.postgres._connect import Target, connection_lost, mapped, parse_target, redact, session_setup
+from runner.queue.postgres._connect import Target, connection_lost, mapped, open_database
 from runner.queue.postgres._schema import find_queue
 from runner.queue.postgres._sql import (
     BATCH_ADD,
@@ -160,47 +161,19 @@ class PostgresQueue:
             QueueUnavailableError: the database cannot be reached, or holds a newer headlock schema.
         """
         validate_queue_name(name)
-        target = parse_target(dsn)
-        timeout = call_timeout
-        configure, kwargs = session_setup(timeout, "headlock")
-        # One connection of its own first, for the schema and the queue: a wrong password or a missing database
-        # fails here at once, with the server's reason (a pool would try again until its timeout).
-        try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(timeout + 5):
-                first = await psycopg.AsyncConnection.connect(dsn, **kwargs)
-        except (psycopg.Error, TimeoutError) as exc:
-            reason = "no connection within the timeout" if isinstance(exc, TimeoutError) else str(exc)
-            raise QueueUnavailableError(
-                f"cannot connect to {target}: {redact(reason, target.secrets)}", endpoint="open queue"
-            ) from None  # the cause's message may carry connection details
-        try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(timeout + 5):
-                await configure(first)
-                found = await find_queue(first, name, create=create)
-        except TimeoutError:
-            raise QueueUnavailableError(
-                f"{target} did not answer within {timeout + 5:g} s", endpoint="open queue"
-            ) from None
-        except psycopg.Error as exc:
-            raise mapped(exc, target, "open queue", write=True) from exc
-        finally:
-            with anyio.CancelScope(shield=True):
-                await first.close()
+        target, found, pool = await open_database(
+            dsn,
+            call_timeout=call_timeout,
+            application="headlock",
+            pool_size=pool_size,
+            endpoint="open queue",
+            first=partial(find_queue, name=name, create=create),
+        )
         if found is None:
             raise NotFoundError(f"no queue {name!r} in {target}", endpoint="open queue", error_type="record-not-found")
-        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
-            dsn,
-            min_size=1,
-            max_size=max(pool_size, 1),
-            kwargs=kwargs,
-            configure=configure,
-            open=False,
-            timeout=timeout,
-            name="headlock",
-        )
         await pool.open(wait=False)  # connects in the background; the first call waits for it (bounded)
         return cls(
-            pool, target, qid=found[0], queue_id=found[1], name=name, timeout=timeout, metrics=metrics or Metrics()
+            pool, target, qid=found[0], queue_id=found[1], name=name, timeout=call_timeout, metrics=metrics or Metrics()
         )
 
     def __repr__(self) -> str:

@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from runner.errors import NotFoundError, QueueUnavailableError
 from runner.metrics import Metrics
 from runner.queue._rows import _check_client_key, _salvage, _to_datetime, validate_queue_name
-from runner.queue.postgres._connect import Target, connection_lost, mapped, parse_target, redact, session_setup
+from runner.queue.postgres._connect import Target, connection_lost, mapped, open_database
 from runner.queue.postgres._queue import PostgresQueue
 from runner.queue.postgres._schema import migrate
 from runner.queue.sqlite import _HEAD_FIELDS, Head
@@ -153,40 +153,13 @@ class QueueDatabase:
             QueueUnavailableError: the database cannot be reached (a wrong password, no such database), or holds a
                 newer headlock schema.
         """
-        target = parse_target(dsn)
-        configure, kwargs = session_setup(call_timeout, "headlock serve")
-        # One connection of its own first: a wrong password or a missing database fails here at once, with the
-        # server's reason (the pool would try again until its timeout).
-        try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(call_timeout + 5):
-                first = await psycopg.AsyncConnection.connect(dsn, **kwargs)
-        except (psycopg.Error, TimeoutError) as exc:
-            reason = "no connection within the timeout" if isinstance(exc, TimeoutError) else str(exc)
-            raise QueueUnavailableError(
-                f"cannot connect to {target}: {redact(reason, target.secrets)}", endpoint="open database"
-            ) from None  # the cause's message may carry connection details
-        try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(call_timeout + 5):
-                await configure(first)
-                await migrate(first)
-        except TimeoutError:
-            raise QueueUnavailableError(
-                f"{target} did not answer within {call_timeout + 5:g} s", endpoint="open database"
-            ) from None
-        except psycopg.Error as exc:
-            raise mapped(exc, target, "open database", write=True) from exc
-        finally:
-            with anyio.CancelScope(shield=True):
-                await first.close()
-        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+        target, _, pool = await open_database(
             dsn,
-            min_size=1,
-            max_size=max(pool_size, 1),
-            kwargs=kwargs,
-            configure=configure,
-            open=False,
-            timeout=call_timeout,
-            name="headlock-serve",
+            call_timeout=call_timeout,
+            application="headlock serve",
+            pool_size=pool_size,
+            endpoint="open database",
+            first=migrate,
         )
         await pool.open(wait=False)
         return cls(pool, target, timeout=call_timeout, metrics=metrics or Metrics())
