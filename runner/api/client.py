@@ -618,14 +618,16 @@ class ApiClient:
             )
         return data
 
-    def parse(self, endpoint: Endpoint, response: httpx.Response, model: type[M]) -> M:
-        """The `data` of a 2xx answer as `model`.
+    def parse(
+        self, endpoint: Endpoint, response: httpx.Response, model: type[M], data: dict[str, Any] | None = None
+    ) -> M:
+        """The `data` of a 2xx answer as `model` (`data`: that object, when the caller has read it already).
 
         Raises:
             QueueUnavailableError: the answer is not JSON or not the documented shape (`maybe_applied` as `data`).
         """
         try:
-            return model.model_validate(self.data(endpoint, response))
+            return model.model_validate(self.data(endpoint, response) if data is None else data)
         except ValidationError as exc:
             raise QueueUnavailableError(
                 f"unexpected answer shape: {validation_reason(exc)}",

@@ -146,15 +146,9 @@ def _bool(value: bool) -> str:
     return "true" if value else "false"
 
 
-def _complete_items(response: httpx.Response) -> dict[str, dict[str, Any]]:
+def _complete_items(items: list[Any]) -> dict[str, dict[str, Any]]:
     """The head/lock answer's items that came complete (with `userData`, as `headlock serve` sends them when asked),
-    by id, without the lock's own field; {} when the answer is not that shape (the model parse reports it)."""
-    try:
-        items = response.json()["data"]["items"]
-    except (ValueError, KeyError, TypeError):
-        return {}
-    if not isinstance(items, list):
-        return {}
+    by id, without the lock's own field (`items` as validated by `_LockedHeadData`: a list)."""
     complete: dict[str, dict[str, Any]] = {}
     for item in items:
         if isinstance(item, dict) and "userData" in item and isinstance(item.get("id"), str):
@@ -660,8 +654,9 @@ class ApiQueue:
             params["headlockItems"] = "full"
         answer = await self._call(_LOCK_HEAD, params=params)
         self._check(_LOCK_HEAD, answer.response, None, maybe_applied=answer.ambiguous)
-        head = self._parse(_LOCK_HEAD, answer.response, _LockedHeadData)
-        given = _complete_items(answer.response) if self._full_head else {}
+        data = self._api.data(_LOCK_HEAD, answer.response)
+        head = self._api.parse(_LOCK_HEAD, answer.response, _LockedHeadData, data)
+        given = _complete_items(data["items"]) if self._full_head else {}
         fetched = await self._complete(head.items, client_key=client_key, given=given)
         return LockedHead(
             items=fetched.items,
