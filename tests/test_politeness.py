@@ -141,6 +141,7 @@ async def test_a_429_with_retry_after_blocks_its_host_only(storage: Path) -> Non
     assert len(fast) >= 30  # the other host's 39 linked pages, not held up by the throttled one
     assert summary.stats["retried"] == 1
     assert summary.stats["failed"] == 0
+    assert max(report["hosts_throttled"] for report in progress) == 1  # the progress line shows it
 
 
 async def test_a_hard_throttled_host_does_not_starve_the_others(storage: Path) -> None:

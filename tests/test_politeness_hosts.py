@@ -6,10 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import anyio
+import anyio.to_thread
 import httpx
 import pytest
+from prometheus_client import generate_latest
 
 from runner import ConfigError, load_settings
+from runner.metrics import PrometheusMetrics
 from runner.politeness import HostKey, Hosts, PoliteTransport, host_key
 from runner.politeness.hosts import retry_after_secs
 from runner.settings import PolitenessSettings
@@ -47,6 +50,28 @@ async def test_backoff_grows_on_repeats_and_recovers_step_by_step() -> None:
     assert (host.level, host.limit) == (0, 8)
 
 
+async def test_adaptive_delay_follows_latency_within_its_bounds() -> None:
+    """Adaptive mode moves a host's delay halfway to latency / adaptive_target at each answer, never below
+    per_host_delay nor above max_delay, and an error answer never lowers it."""
+    hosts = Hosts(PolitenessSettings(adaptive=True, adaptive_target=2.0, per_host_delay=0.05, max_delay=1.0))
+    host = hosts.get(KEY)
+    for _ in range(20):
+        hosts.observe(host, 200, epoch=host.epoch, latency=0.4)
+    assert host.delay == pytest.approx(0.2, rel=0.01)
+    hosts.observe(host, 500, epoch=host.epoch, latency=0.0)
+    assert host.delay == pytest.approx(0.2, rel=0.01)  # a fast error says nothing about the host's capacity
+    for _ in range(20):
+        hosts.observe(host, 200, epoch=host.epoch, latency=0.0)
+    assert host.delay == pytest.approx(0.05)  # the configured delay is the floor
+    for _ in range(20):
+        hosts.observe(host, 200, epoch=host.epoch, latency=30.0)
+    assert host.delay == 1.0  # max_delay is the ceiling
+    fixed = Hosts(PolitenessSettings(per_host_delay=0.05))
+    steady = fixed.get(KEY)
+    fixed.observe(steady, 200, epoch=steady.epoch, latency=0.4)
+    assert steady.delay == 0.05  # not adaptive: latency changes nothing
+
+
 async def test_retry_after_is_honoured_up_to_its_cap() -> None:
     """A Retry-After longer than the step is the block; one beyond max_retry_after is cut to it."""
     hosts = Hosts(PolitenessSettings(max_retry_after=30))
@@ -56,6 +81,20 @@ async def test_retry_after_is_honoured_up_to_its_cap() -> None:
     other = hosts.get(("https", "example.com", 443))
     hosts.observe(other, 429, epoch=other.epoch, latency=0.01, retry_after="3600")
     assert 29.9 < blocked_for(hosts, other.key) <= 30.0
+
+
+async def test_metrics_show_the_hosts_state() -> None:
+    """Prometheus metrics carry the hosts tracked and throttled now, and the backoff count, as last reported."""
+    hosts = Hosts(PolitenessSettings())
+    host = hosts.get(KEY)
+    hosts.observe(host, 429, epoch=host.epoch, latency=0.01, retry_after="30")
+    hosts.statistics()  # what the progress reporter does every few seconds
+    metrics = await anyio.to_thread.run_sync(PrometheusMetrics)  # its process collector reads /proc
+    metrics.track_hosts(hosts)
+    text = (await anyio.to_thread.run_sync(generate_latest, metrics.registry)).decode()  # reads /proc: a thread
+    assert "headlock_hosts_throttled 1.0" in text
+    assert "headlock_hosts_tracked 1.0" in text
+    assert "headlock_host_backoffs_total 1.0" in text
 
 
 def test_retry_after_reads_seconds_and_http_dates() -> None:
