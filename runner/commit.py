@@ -28,9 +28,10 @@ from runner.finish import RecentAdds
 from runner.leases import Lease, Leases
 from runner.models import Request, RequestDraft, has_failed_mark, utc_now, with_failed_mark, without_failed_mark
 from runner.queue.completion import AtomicCompletion
-from runner.queue.protocol import MAX_BATCH, RequestQueue
+from runner.queue.protocol import MAX_BATCH, HandledMark, RequestQueue
 from runner.results.protocol import ResultsSink
 from runner.stats import RunStats
+from runner.uniquekey import KeyMemo
 
 __all__ = ["Committer", "RetryPolicy", "SeenKeys", "add_requests"]
 
@@ -171,6 +172,8 @@ class Committer:
         self.client_key = client_key
         self.policy = policy
         self.seen = seen or SeenKeys()
+        self.key_memo = KeyMemo()
+        """The uniqueKeys of URL texts handlers enqueued (`Context`'s `key_memo`)."""
         self.recent = RecentAdds()
         """What this process added lately: read back before the run may call the queue finished."""
         self.stop_deadline = math.inf
@@ -183,6 +186,8 @@ class Committer:
         self._expired: OrderedDict[str, str] = OrderedDict()
         self._completion = queue if isinstance(queue, AtomicCompletion) and queue.completes_into(dataset) else None
         """The queue, when it commits links, items and the handled mark together into this dataset."""
+        self._marker = queue if isinstance(queue, HandledMark) else None
+        """The queue, when it marks a request handled from its id (no whole request written back)."""
 
     def note_expired(self, request_id: str, error: str) -> None:
         """Remember an attempt whose lock ran out before it could be recorded: the next holder here records it."""
@@ -306,7 +311,11 @@ class Committer:
             stored = await self.dataset.push_lines(items)  # not `+= await`: that reads the count before
             self.stats.items += stored
             self._fence(lease, "the request's items were being stored")
-        mark = partial(self.queue.update_request, _handled(lease), client_key=self.client_key, lock_required=True)
+        mark: Callable[[], Awaitable[object]]
+        if self._marker is not None and not has_failed_mark(lease.request.user_data):
+            mark = partial(self._marker.mark_handled, lease.request.id, client_key=self.client_key)
+        else:
+            mark = partial(self.queue.update_request, _handled(lease), client_key=self.client_key, lock_required=True)
         await self._patiently(lease, "marking it handled", mark)
 
     async def _complete(

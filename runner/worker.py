@@ -99,6 +99,7 @@ class Worker:
             log=self.log,
             options=self.options,
             known=committer.seen,
+            key_memo=committer.key_memo,
             unique_key=self.unique_key,
         )
         error: str | None = None

@@ -117,6 +117,14 @@ MUTANTS = [
         (f"{FAULTS}::test_a_lost_leases_late_failure_is_not_written_over_the_new_holders_outcome",),
     ),
     Mutant(
+        "fence-store-handled-mark",
+        "runner/queue/sqlite.py",
+        "        self._owned(request_id, client_key, endpoint)\n        now = self._clock()\n"
+        '        self._db.execute(\n            "UPDATE requests SET order_no = NULL',
+        '        now = self._clock()\n        self._db.execute(\n            "UPDATE requests SET order_no = NULL',
+        ("tests/test_store.py::test_mark_handled_is_fenced_on_the_lock",),
+    ),
+    Mutant(
         # The commit lets go of its lease whatever happens (here: the `finally` of `succeed`, the path a commit
         # timeout interrupts).
         "commit-lets-go",
