@@ -6,7 +6,7 @@ import contextlib
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, KeysView, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -15,6 +15,7 @@ import anyio
 import structlog
 
 from runner.backoff import Backoff, retry_delay
+from runner.clock import loop_clock
 from runner.errors import (
     AlreadyHandledError,
     DatasetWriteError,
@@ -61,6 +62,10 @@ class SeenKeys:
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
+
+    def keys(self) -> KeysView[str]:
+        """The keys, live: a membership test on it costs no Python call (the hot path tests every link)."""
+        return self._keys.keys()
 
     def add(self, key: str) -> None:
         """Remember `key`, forgetting the oldest beyond the bound."""
@@ -172,6 +177,8 @@ class Committer:
         self.client_key = client_key
         self.policy = policy
         self.seen = seen or SeenKeys()
+        self.clock = loop_clock()
+        """The event loop's clock (`anyio.current_time`), for the fences: made inside the run's loop."""
         self.key_memo = KeyMemo()
         """The uniqueKeys of URL texts handlers enqueued (`Context`'s `key_memo`)."""
         self.recent = RecentAdds()
@@ -210,7 +217,8 @@ class Committer:
             QueueError: the batch carrying these drafts failed (every caller in it gets the error).
         """
         # Most links a crawl finds are known already: those need no turn in a shared batch (`_send` skips them too).
-        drafts = [d for d in drafts if d.unique_key not in self.seen]
+        seen = self.seen.keys()
+        drafts = [d for d in drafts if d.unique_key not in seen]
         if not drafts:
             return 0
         op = _PendingAdd(drafts)
@@ -423,7 +431,7 @@ class Committer:
 
     def _fence(self, lease: Lease, doing: str) -> None:
         """Raise `_Gone` (after dropping the lease) unless the lease is still provably ours."""
-        if self.leases.get(lease.request.id) is not lease or not lease.valid(anyio.current_time()):
+        if self.leases.get(lease.request.id) is not lease or not lease.valid(self.clock()):
             self._drop(lease, f"lock lost while {doing}")
             raise _Gone
 

@@ -84,8 +84,8 @@ MUTANTS = [
     Mutant(
         "worker-expired",
         "runner/worker.py",
-        "        if lease.lost or now >= lease.expires_at:\n",
-        "        if lease.lost:\n",
+        "    return lease.lost or now >= lease.expires_at\n",
+        "    return lease.lost\n",
         (f"{FAULTS}::test_a_handler_blocking_the_event_loop_ends_after_max_retries_and_says_so",),
     ),
     Mutant(
@@ -105,7 +105,7 @@ MUTANTS = [
     Mutant(
         "fence-committer",
         "runner/commit.py",
-        "        if self.leases.get(lease.request.id) is not lease or not lease.valid(anyio.current_time()):\n",
+        "        if self.leases.get(lease.request.id) is not lease or not lease.valid(self.clock()):\n",
         "        if False:\n",
         (f"{FAULTS}::test_nothing_is_committed_under_a_lease_whose_lock_ran_out",),
     ),
@@ -123,6 +123,14 @@ MUTANTS = [
         '        self._db.execute(\n            "UPDATE requests SET order_no = NULL',
         '        now = self._clock()\n        self._db.execute(\n            "UPDATE requests SET order_no = NULL',
         ("tests/test_store.py::test_mark_handled_is_fenced_on_the_lock",),
+    ),
+    Mutant(
+        # The handler's scope, shielded for the commit, takes the commit's deadline (a stalled mark lets go).
+        "commit-deadline",
+        "runner/worker.py",
+        "                    scope.deadline = min(now + COMMIT_TIMEOUT, committer.stop_deadline)\n",
+        "",
+        (f"{FAULTS}::test_a_commit_that_outlives_its_timeout_lets_go_of_the_lease",),
     ),
     Mutant(
         # The commit lets go of its lease whatever happens (here: the `finally` of `succeed`, the path a commit
