@@ -133,6 +133,14 @@ MUTANTS = [
         (f"{FAULTS}::test_a_commit_that_outlives_its_timeout_lets_go_of_the_lease",),
     ),
     Mutant(
+        # A write the disk refused half-way is cut back off: the dataset holds whole lines only.
+        "dataset-cut-back",
+        "runner/results/jsonl.py",
+        "                if written:\n                    self._cut_back(written)\n",
+        "",
+        (f"{FAULTS}::test_a_full_disk_fails_the_attempt_and_never_leaves_a_partial_line",),
+    ),
+    Mutant(
         # The commit lets go of its lease whatever happens (here: the `finally` of `succeed`, the path a commit
         # timeout interrupts).
         "commit-lets-go",
