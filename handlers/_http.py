@@ -10,6 +10,7 @@ import httpx
 from selectolax.lexbor import LexborHTMLParser
 
 from runner import Context, NoRetry
+from runner.politeness import ROBOTS_EXTENSION
 
 __all__ = ["Page", "get_page"]
 
@@ -35,18 +36,22 @@ class Page:
         return node.text(strip=True) if node is not None else None
 
 
-async def get_page(ctx: Context) -> Page:
-    """GET `ctx.url`, parsing HTML bodies.
+async def get_page(ctx: Context, *, robots_txt: bool = False) -> Page:
+    """GET `ctx.url`, parsing HTML bodies; with `robots_txt`, the shared client checks robots.txt first (when
+    `politeness.robots_txt` is unset: true or false there decides for every request).
 
     Raises:
         NoRetry: the URL is not http(s) (file://, ftp://, ...): such requests can never succeed.
         RetryableStatusError: a 5xx or 429 answer, so the runtime retries it.
+        RobotsDisallowedError: robots.txt forbids the URL (a NoRetry: the request fails, unfetched).
+        RobotsUnavailableError: robots.txt is unreachable now (the request is retried).
     """
     scheme = urlsplit(ctx.url).scheme.lower()
     if scheme not in {"http", "https"}:
         raise NoRetry(f"unsupported URL scheme {scheme!r}: only http and https are fetched")
     started = time.perf_counter()
-    response = await ctx.http.get(ctx.url, headers=ctx.request.headers)
+    extensions = {ROBOTS_EXTENSION: True} if robots_txt else None
+    response = await ctx.http.get(ctx.url, headers=ctx.request.headers, extensions=extensions)
     elapsed_ms = (time.perf_counter() - started) * 1000
     if response.status_code in RETRY_STATUSES:
         raise RetryableStatusError(f"HTTP {response.status_code} from {ctx.url}")

@@ -6,6 +6,9 @@ Options (`[handler_options]` in the config, read from `ctx.options`):
     max_depth (int, default 3): links deeper than this many hops from a start URL are not followed.
     same_host (bool, default true): follow only links to the host of the page they are on.
 Bound the total with the runtime's `workers.max_requests`.
+
+robots.txt is obeyed by default: a disallowed page fails as `NoRetry: disallowed by robots.txt: <url>` and is never
+fetched, a Crawl-delay paces its host. `politeness.robots_txt = false` turns that off (see `[politeness]`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ __all__ = ["handle"]
 
 async def handle(ctx: Context) -> None:
     """GET the page, push `{url, status, title, depth}`, enqueue its links one level deeper."""
-    page = await get_page(ctx)
+    page = await get_page(ctx, robots_txt=True)
     depth = int(ctx.user_data.get("depth", 0))
     await ctx.push_data({"url": ctx.url, "status": page.response.status_code, "title": page.title, "depth": depth})
     if page.html is None or depth >= int(ctx.options.get("max_depth", 3)):

@@ -14,7 +14,9 @@
     │   ├── UnauthorizedError       missing or wrong API token
     │   ├── RateLimitedError        429 after every retry
     │   └── QueueUnavailableError   network errors, 5xx, timeouts, a locked or full SQLite file, after every retry
+    ├── RobotsUnavailableError      robots.txt could not be read (5xx, 429, timeout): that attempt fails, retried
     └── NoRetry                     raised by a handler: fail this request now, without retries
+        └── RobotsDisallowedError   robots.txt forbids the URL: the shared client refused to fetch it
 
 Foreign errors (httpx, sqlite3) are mapped where they enter, with `raise ... from exc`. No message ever carries the
 API token.
@@ -37,6 +39,8 @@ __all__ = [
     "QueueError",
     "QueueUnavailableError",
     "RateLimitedError",
+    "RobotsDisallowedError",
+    "RobotsUnavailableError",
     "UnauthorizedError",
 ]
 
@@ -121,3 +125,13 @@ class QueueUnavailableError(QueueError):
 
 class NoRetry(HeadlockError):  # noqa: N818 - a control signal, named for what the handler asks for
     """Raise from a handler to fail the request at once: it is marked handled with its error recorded."""
+
+
+class RobotsDisallowedError(NoRetry):
+    """The host's robots.txt forbids the URL for our User-Agent: the shared client did not fetch it, and the request
+    fails at once (`NoRetry: disallowed by robots.txt: <url>`)."""
+
+
+class RobotsUnavailableError(HeadlockError):
+    """The host's robots.txt could not be read (5xx, 429, a timeout, a network error): the standard says wait, so
+    the attempt fails and the request is retried per the run's policy."""

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from runner.leases import Leases
+    from runner.politeness import Hosts
     from runner.stats import RunStats
 
 __all__ = ["QUEUE_CALL_BUCKETS", "HealthCheck", "Metrics", "PrometheusMetrics"]
@@ -56,6 +57,9 @@ class Metrics:
 
     def track(self, stats: RunStats, leases: Leases) -> None:
         """Report this run's counters and held leases from now on (`run()` calls it at start)."""
+
+    def track_hosts(self, hosts: Hosts) -> None:
+        """Report the shared client's per-host state from now on (`runner.politeness.Hosts.statistics`)."""
 
     def queue_call(self, backend: str, endpoint: str, status: str, seconds: float) -> None:
         """One queue call: an HTTP attempt (`api`) or an embedded-store operation (`embedded`)."""
@@ -104,6 +108,7 @@ class PrometheusMetrics(Metrics):
         # Plain values the event loop writes and the scrape thread reads (see the module docstring).
         self.pending: int | None = None
         self.runs: tuple[dict[str, int], RunStats | None, Leases | None] = ({}, None, None)
+        self.hosts: Hosts | None = None
 
     def track(self, stats: RunStats, leases: Leases) -> None:
         """Report `stats` and `leases` from now on; counters carry on from earlier runs, never going back."""
@@ -111,6 +116,10 @@ class PrometheusMetrics(Metrics):
         if previous is not None:
             base = {field: base.get(field, 0) + getattr(previous, field) for field in _RUN_COUNTERS}
         self.runs = (base, stats, leases)  # one assignment: a scrape sees the old triple or the new one
+
+    def track_hosts(self, hosts: Hosts) -> None:
+        """Report `hosts` from now on (the latest run's; its counters start at zero)."""
+        self.hosts = hosts
 
     def queue_call(self, backend: str, endpoint: str, status: str, seconds: float) -> None:
         """Count the call and observe its duration."""
@@ -200,8 +209,33 @@ class _RunCollector:
         yield GaugeMetricFamily("headlock_requests_in_flight", "Requests whose handler is running.", value=in_flight)
         held = len(leases) if leases is not None else 0
         yield GaugeMetricFamily("headlock_leases_held", "Locks held: in flight and prefetched.", value=held)
+        yield from _host_metrics(self._metrics.hosts)
         pending = self._metrics.pending
         if pending is not None:  # unknown until the progress reporter's first read
             yield GaugeMetricFamily(
                 "headlock_queue_pending", "Requests pending in the queue (every progress_every seconds).", value=pending
             )
+
+
+def _host_metrics(hosts: Hosts | None) -> Iterator[Metric]:
+    """The shared client's per-host gauges and counters (none before a run tracks its hosts)."""
+    if hosts is None:
+        return
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
+
+    # The snapshot the progress reporter took last, on the event loop (one attribute read, never half updated).
+    stats = hosts.latest
+    yield GaugeMetricFamily("headlock_hosts_tracked", "Hosts whose politeness state is kept.", value=stats.hosts)
+    yield GaugeMetricFamily("headlock_hosts_throttled", "Hosts in a 429/503 backoff now.", value=stats.throttled)
+    yield GaugeMetricFamily(
+        "headlock_host_waiting", "Requests waiting for their host's slot or delay.", value=stats.waiting
+    )
+    yield CounterMetricFamily(
+        "headlock_host_backoffs", "429/503 answers that began or extended a host's backoff.", value=stats.backoffs
+    )
+    yield CounterMetricFamily(
+        "headlock_requests_deferred", "Requests given back unstarted because their host was busy.", value=stats.deferred
+    )
+    yield CounterMetricFamily(
+        "headlock_robots_disallowed", "Requests robots.txt forbade (not fetched).", value=stats.robots_disallowed
+    )

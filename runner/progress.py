@@ -11,6 +11,7 @@ import structlog
 from runner.errors import QueueError
 from runner.leases import Leases
 from runner.metrics import Metrics
+from runner.politeness import Hosts
 from runner.queue.protocol import RequestQueue
 from runner.stats import RunStats
 
@@ -27,6 +28,7 @@ async def report_progress(
     every: float,
     metrics: Metrics | None = None,
     hook: Callable[[Mapping[str, Any]], None] | None = None,
+    hosts: Hosts | None = None,
 ) -> None:
     """Log `run.progress` every `every` seconds: counters, rates, what is held here and what the queue has pending.
 
@@ -36,8 +38,12 @@ async def report_progress(
     last interval), each None while unknown. The counts are read from the queue (one call) only when this process
     finished something since the last report: an idle or slow worker spends no queue calls on progress. They also
     go to `metrics`. `hook` gets the same fields (e.g. the Actor's status message); it must not block.
+    With the shared client's `hosts`: `hosts_throttled` (hosts in a 429/503 backoff now) and `deferred` (requests
+    given back unstarted for a busy host, since the start).
     """
     metrics = metrics or Metrics()
+    if hosts is not None:
+        metrics.track_hosts(hosts)
     pending: int | None = None
     total: int | None = None
     handled_in_queue: int | None = None
@@ -76,6 +82,10 @@ async def report_progress(
             "percent": round(100 * handled_in_queue / total, 1) if total and handled_in_queue is not None else None,
             "eta_s": round(pending / finishing) if pending is not None and finishing > 0 else None,
         }
+        if hosts is not None:
+            polite = hosts.statistics()
+            fields["hosts_throttled"] = polite.throttled
+            fields["deferred"] = polite.deferred
         log.info("run.progress", **fields)
         if hook is not None:
             hook(fields)

@@ -24,11 +24,12 @@ from runner.heartbeat import keep_alive
 from runner.leases import Lease, Leases
 from runner.loopwatch import LoopMonitor
 from runner.metrics import Metrics
+from runner.politeness import Hosts, hosts_for, polite_transport
 from runner.progress import report_progress
 from runner.queue.protocol import ConsistentHead, RequestQueue
 from runner.results.protocol import ResultsSink
 from runner.router import Handler
-from runner.settings import StartRequest, WorkerSettings, random_client_key
+from runner.settings import PolitenessSettings, StartRequest, WorkerSettings, random_client_key
 from runner.shutdown import STOP_MARGIN, Stopper, drain_on_stop, release_all
 from runner.start import start_drafts
 from runner.stats import ErrorTally, RunStats
@@ -85,6 +86,7 @@ async def run(
     stats: RunStats | None = None,
     progress_hook: Callable[[Mapping[str, Any]], None] | None = None,
     unique_key: UniqueKeyFunction = normalize_parts,
+    politeness: PolitenessSettings | None = None,
 ) -> RunSummary:
     """Consume `queue` with `handler` until it is done or `stopper` stops it, then release every lock.
 
@@ -93,6 +95,8 @@ async def run(
     seconds (see `runner.health`). `stats` (fresh by default) may carry counters of an earlier life of the run (a
     resumed Actor run); `progress_hook` gets each progress report's fields. `unique_key` makes the default
     `uniqueKey` of the URLs enqueued (start URLs and links; `runner.uniquekey.unique_key_function`).
+    `politeness` (`PolitenessSettings()` by default) rules the shared client built when `http` is None: per-host
+    slots, delays, backoff, robots.txt and User-Agent (`runner.politeness`); a client of the caller's is used as is.
 
     Raises:
         QueueError: the queue refused us (unauthorized, invalid input) or a fatal call failed.
@@ -103,7 +107,7 @@ async def run(
     client_key = cfg.client_key or random_client_key()
     metrics = metrics or Metrics()
     own_http = http is None
-    client = http or shared_http(cfg)  # first: a broken install fails before anything needs closing
+    client, hosts = _client(http, cfg, politeness)  # first: a broken install fails before anything needs closing
     leases, stats, errors = Leases(), stats or RunStats(), ErrorTally()
     metrics.track(stats, leases)
     committer = Committer(
@@ -145,7 +149,14 @@ async def run(
             )
             services.start_soon(
                 partial(
-                    report_progress, queue, leases, stats, every=progress_every, metrics=metrics, hook=progress_hook
+                    report_progress,
+                    queue,
+                    leases,
+                    stats,
+                    every=progress_every,
+                    metrics=metrics,
+                    hook=progress_hook,
+                    hosts=hosts,
                 )
             )
             services.start_soon(
@@ -171,6 +182,7 @@ async def run(
                                 send=send,
                                 committer=committer,
                                 cfg=cfg,
+                                hosts=hosts,
                             )
                         )
                         worker = Worker(
@@ -183,6 +195,7 @@ async def run(
                             monitor=monitor,
                             unique_key=unique_key,
                             errors=errors,
+                            hosts=hosts,
                         )
                         for worker_receive in workers_receive:
                             crawl.start_soon(worker.run, worker_receive)
@@ -248,15 +261,29 @@ def _stop_deadline(stopper: Stopper, grace: float) -> float | None:
     return None if stopper.requested_at is None else stopper.requested_at + grace + STOP_MARGIN
 
 
-def shared_http(cfg: WorkerSettings) -> SharedHttp:
+def _client(
+    http: httpx.AsyncClient | None, cfg: WorkerSettings, politeness: PolitenessSettings | None
+) -> tuple[httpx.AsyncClient | SharedHttp, Hosts | None]:
+    """The caller's client as it is, or the shared one with its hosts (default politeness when none is given)."""
+    if http is not None:
+        return http, None
+    polite = politeness or PolitenessSettings()
+    hosts = hosts_for(polite)
+    return shared_http(cfg, polite, hosts=hosts), hosts
+
+
+def shared_http(
+    cfg: WorkerSettings, politeness: PolitenessSettings | None = None, *, hosts: Hosts | None = None
+) -> SharedHttp:
     """The handlers' client as `default_http_client` builds it, on first use; an engine that is not installed is
     refused now, without importing it.
 
     Raises:
         ConfigError: the aiohttp engine is asked for and httpx-aiohttp cannot be found (a broken install).
     """
+    build = partial(default_http_client, cfg, politeness, hosts=hosts)
     if cfg.http_transport != "aiohttp":
-        return SharedHttp(partial(default_http_client, cfg))
+        return SharedHttp(build)
     try:
         found = sys.modules["httpx_aiohttp"] if "httpx_aiohttp" in sys.modules else find_spec("httpx_aiohttp")
     except (ImportError, ValueError):
@@ -266,14 +293,18 @@ def shared_http(cfg: WorkerSettings) -> SharedHttp:
             "workers.http_transport: 'aiohttp' needs httpx-aiohttp, a dependency of headlock: reinstall it"
             " (pip install httpx-aiohttp aiohttp), or set workers.http_transport = 'httpx'"
         )
-    return SharedHttp(partial(default_http_client, cfg))
+    return SharedHttp(build)
 
 
-def default_http_client(cfg: WorkerSettings) -> httpx.AsyncClient:
+def default_http_client(
+    cfg: WorkerSettings, politeness: PolitenessSettings | None = None, *, hosts: Hosts | None = None
+) -> httpx.AsyncClient:
     """The client handlers share when the caller gives none: redirects followed, pool sized to the workers.
 
     With `http_transport = "aiohttp"` (the default) the requests go through aiohttp's engine (httpx-aiohttp);
-    handlers see the same `httpx.AsyncClient` and `httpx.Response` either way.
+    handlers see the same `httpx.AsyncClient` and `httpx.Response` either way. With `politeness`, the engine is
+    wrapped in `runner.politeness.PoliteTransport` (with `hosts`, fresh by default) and every request carries its
+    `user_agent`; without, the client is the bare engine (as the benchmarks' baselines use it).
 
     Raises:
         ConfigError: the aiohttp transport is asked for but httpx-aiohttp cannot be imported (a broken install).
@@ -289,8 +320,17 @@ def default_http_client(cfg: WorkerSettings) -> httpx.AsyncClient:
                 f" (pip install httpx-aiohttp aiohttp), or set workers.http_transport = 'httpx' ({exc})"
             ) from exc
         transport = AiohttpEngine(limits)
+    headers: dict[str, str] | None = None
+    if politeness is not None:
+        engine = transport or httpx.AsyncHTTPTransport(limits=limits)
+        transport = polite_transport(engine, politeness, hosts)
+        headers = {"User-Agent": politeness.user_agent}
     return httpx.AsyncClient(
-        follow_redirects=True, timeout=httpx.Timeout(cfg.handler_timeout), limits=limits, transport=transport
+        follow_redirects=True,
+        timeout=httpx.Timeout(cfg.handler_timeout),
+        limits=limits,
+        transport=transport,
+        headers=headers,
     )
 
 
@@ -318,7 +358,17 @@ async def _fetch_until_stopped(
     send: MemoryObjectSendStream[Lease],
     committer: Committer,
     cfg: WorkerSettings,
+    hosts: Hosts | None = None,
 ) -> None:
+    backoff_until, next_backoff_end = (
+        (lambda: committer.backoff_until, committer.next_backoff_end)
+        if hosts is None
+        else (
+            # Requests given back for a busy host (runner.worker) are ours on purpose too, and come back as due.
+            lambda: max(committer.backoff_until, hosts.deferred_until()),
+            partial(_sooner, committer.next_backoff_end, hosts.next_deferral_end),
+        )
+    )
     with scope:
         await fetch(
             queue,
@@ -331,9 +381,15 @@ async def _fetch_until_stopped(
             lock_secs=cfg.lock_secs,
             keep_alive=cfg.keep_alive,
             max_requests=cfg.max_requests,
-            backoff_until=lambda: committer.backoff_until,
-            next_backoff_end=committer.next_backoff_end,
+            backoff_until=backoff_until,
+            next_backoff_end=next_backoff_end,
             # A consistent head needs no read-back of recent adds before the run may call the queue finished.
             recent=None if isinstance(queue, ConsistentHead) else committer.recent,
         )
     send.close()  # cancelled or done: no more work either way
+
+
+def _sooner(*ends: Callable[[], float | None]) -> float | None:
+    """The soonest of the times `ends` give (None: none)."""
+    due = [end for end in (when() for when in ends) if end is not None]
+    return min(due) if due else None

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
@@ -28,12 +29,15 @@ from pydantic_settings import (
 
 from runner.actor.env import actor_env_settings
 from runner.errors import ConfigError
+from runner.politeness.agent import default_user_agent
 from runner.queue.protocol import MAX_CLIENT_KEY, MAX_LOCK_LIMIT
 from runner.uniquekey import KeyConvention
 
 __all__ = [
     "ActorSettings",
     "ApiSettings",
+    "HostPoliteness",
+    "PolitenessSettings",
     "QueueSettings",
     "Settings",
     "StartRequest",
@@ -117,6 +121,76 @@ class WorkerSettings(_Section):
         return value
 
 
+class HostPoliteness(_Section):
+    """One host's own limits (an entry of `politeness.hosts`); unset keys take the section's."""
+
+    per_host_concurrency: int | None = Field(None, ge=1, le=10_000)
+    per_host_delay: float | None = Field(None, ge=0, le=3600)
+
+
+class PolitenessSettings(_Section):
+    """How the handlers' shared client treats each host (scheme, host and port): `runner.politeness`."""
+
+    per_host_concurrency: int = Field(8, ge=1, le=10_000, description="Most requests in flight to one host.")
+    per_host_delay: float = Field(
+        0.0, ge=0, le=3600, description="Least seconds between two request starts to one host (0: none)."
+    )
+    adaptive: bool = Field(
+        False,
+        description="AutoThrottle: each host's delay follows its latency / adaptive_target, between per_host_delay "
+        "and max_delay (an error answer never lowers it).",
+    )
+    adaptive_target: float = Field(
+        2.0, gt=0, le=10_000, description="Adaptive mode: the requests to aim at in flight to one host."
+    )
+    max_delay: float = Field(
+        60.0, gt=0, le=3600, description="Most seconds of an adaptive delay, a Crawl-delay or a backoff step."
+    )
+    max_retry_after: float = Field(
+        600.0, gt=0, le=86_400, description="Longest Retry-After honoured (a longer one is cut to this)."
+    )
+    max_hosts: int = Field(10_000, ge=1, description="Hosts whose state is kept (least recently used forgotten).")
+    hosts: dict[str, HostPoliteness] = Field(
+        default_factory=dict,
+        description="Limits of their own for some hosts, by origin: "
+        '`hosts."https://example.com" = {per_host_concurrency = 1, per_host_delay = 0.5}`.',
+    )
+    robots_txt: bool | None = Field(
+        None,
+        description="Obey robots.txt: true for every request of the shared client, false for none; unset, for "
+        "the requests that ask (the ready crawl handler's do).",
+    )
+    robots_timeout: float = Field(10.0, gt=0, description="Seconds for one robots.txt fetch (redirects included).")
+    robots_cache_secs: float = Field(
+        86_400.0, gt=0, description="How long a fetched robots.txt is kept (24 h, as Google does)."
+    )
+    user_agent: str = Field(
+        default_factory=default_user_agent,
+        min_length=1,
+        description="User-Agent of every request of the shared client, and the name robots.txt rules are matched to.",
+    )
+
+    @field_validator("hosts")
+    @classmethod
+    def _origins(cls, value: dict[str, HostPoliteness]) -> dict[str, HostPoliteness]:
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in {"http", "https"} or not parts.hostname or parts.path not in {"", "/"}:
+                raise ValueError(f"keys must be origins such as 'https://example.com' or 'http://h:8080', got {url!r}")
+            try:
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError as exc:
+                raise ValueError(f"bad port in {url!r}") from exc
+        return value
+
+    @field_validator("user_agent")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError("must be one line (no CR, LF or NUL)")
+        return value
+
+
 class ActorSettings(_Section):
     """The Apify Actor run this process is part of (set from the platform's variables, see `runner.actor.env`)."""
 
@@ -180,6 +254,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    politeness: PolitenessSettings = Field(default_factory=PolitenessSettings)
     actor: ActorSettings = Field(default_factory=ActorSettings)
 
     def results_on_api(self) -> bool:

@@ -19,6 +19,7 @@ from runner.context import Context, SharedHttp
 from runner.errors import NoRetry, QueueError
 from runner.leases import Lease
 from runner.loopwatch import LoopMonitor
+from runner.politeness import Hosts
 from runner.router import Handler
 from runner.stats import ErrorTally
 from runner.uniquekey import UniqueKeyFunction, normalize_parts
@@ -58,6 +59,8 @@ class Worker:
     log: structlog.typing.FilteringBoundLogger = field(default_factory=_logger)
     unique_key: UniqueKeyFunction = field(default=normalize_parts, kw_only=True)
     errors: ErrorTally = field(default_factory=ErrorTally, kw_only=True)
+    hosts: Hosts | None = field(default=None, kw_only=True)
+    """The shared client's hosts: a request whose host would hold this worker long is given back (`_defer`)."""
 
     async def run(self, receive: ObjectReceiveStream[Lease]) -> None:
         """Handle leases from `receive` until it is closed and empty.
@@ -72,10 +75,40 @@ class Worker:
                 tokens = structlog.contextvars.bind_contextvars(
                     request_id=request.id, url=request.url, attempt=request.retry_count + 1
                 )
+                hosts = self.hosts
+                claimed, defer_s = hosts.admit(request.url) if hosts is not None else (None, 0.0)
                 try:
-                    await self._attempt(lease)
+                    await (self._defer(lease, defer_s) if defer_s else self._attempt(lease))
                 finally:
+                    if claimed is not None:
+                        Hosts.leave(claimed)
                     structlog.contextvars.reset_contextvars(**tokens)
+
+    async def _defer(self, lease: Lease, delay: float) -> None:
+        """Give `lease` back unstarted for `delay` s: its host is busy, and other requests must not wait for it.
+
+        The lock is the timer, as for a retry's backoff: prolonged by `delay` and left to lapse. No attempt is
+        counted. A failed prolong leaves the lock to lapse at its time; cancelled, the lease stays for shutdown.
+        """
+        committer, leases = self.committer, self.committer.leases
+        if not lease.valid(anyio.current_time()):
+            await self._attempt(lease)  # which drops it unstarted
+            return
+        lease.closing = True  # no new prolong from the heartbeat; one in flight lands first
+        if lease.prolonging is not None:
+            await lease.prolonging.wait()
+        if leases.get(lease.request.id) is not lease or not lease.valid(anyio.current_time()):
+            leases.remove(lease)  # lost meanwhile (then gone already), or run out: it lapses by itself
+            return
+        self.log.debug("request.deferred", defer_s=round(delay, 3))
+        sent = anyio.current_time()
+        try:
+            await committer.queue.prolong_lock(lease.request.id, lock_secs=delay, client_key=committer.client_key)
+        except QueueError as exc:
+            self.log.info("request.defer_failed", error=str(exc))
+        else:
+            committer.backoff_until = max(committer.backoff_until, sent + delay * 1.05 + 1)
+        leases.remove(lease)
 
     async def _attempt(self, lease: Lease) -> None:
         committer, leases = self.committer, self.committer.leases

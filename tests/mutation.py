@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FAULTS = "tests/test_faults.py"
 ACTOR_E2E = "tests/test_actor_e2e.py"
 PG_RELIABILITY = "tests/test_reliability_postgres.py"
+POLITE = "tests/test_politeness.py"
+POLITE_HOSTS = "tests/test_politeness_hosts.py"
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,51 @@ MUTANTS = [
         "        if self._destination.exists() and not self._destination.is_file():\n",
         "        if False:\n",
         ("tests/test_export.py::test_a_fifo_or_device_as_output_is_written_to_not_replaced",),
+    ),
+    Mutant(
+        "polite-retry-after",
+        "runner/politeness/hosts.py",
+        "            wait = step if asked is None else max(asked, step)\n",
+        "            wait = step\n",
+        (
+            f"{POLITE}::test_a_429_with_retry_after_blocks_its_host_only",
+            f"{POLITE_HOSTS}::test_retry_after_is_honoured_up_to_its_cap",
+        ),
+    ),
+    Mutant(
+        "polite-backoff-grows",
+        "runner/politeness/hosts.py",
+        "            step = min(_FIRST_STEP * 2 ** (host.level - 1), self._max_delay)\n",
+        "            step = _FIRST_STEP\n",
+        (f"{POLITE_HOSTS}::test_backoff_grows_on_repeats_and_recovers_step_by_step",),
+    ),
+    Mutant(
+        "polite-slot-limit",
+        "runner/politeness/hosts.py",
+        "        if host.active < host.limit and not host.waiters:\n",
+        "        if not host.waiters:\n",
+        (f"{POLITE}::test_no_host_sees_more_than_per_host_concurrency_in_flight",),
+    ),
+    Mutant(
+        "polite-delay",
+        "runner/politeness/hosts.py",
+        "        host.not_before = now + host.delay if host.delay else 0.0\n",
+        "        host.not_before = 0.0\n",
+        (f"{POLITE}::test_starts_to_one_host_are_per_host_delay_apart",),
+    ),
+    Mutant(
+        "robots-disallow",
+        "runner/politeness/robots.py",
+        "        if not entry.rules.can_fetch(url, self._agent):\n",
+        "        if False:\n",
+        ("tests/test_robots.py::test_disallowed_pages_fail_unfetched_and_the_rest_are_crawled",),
+    ),
+    Mutant(
+        "polite-no-starvation",
+        "runner/worker.py",
+        "claimed, defer_s = hosts.admit(request.url) if hosts is not None else (None, 0.0)",
+        "claimed, defer_s = None, 0.0",
+        (f"{POLITE}::test_a_hard_throttled_host_does_not_starve_the_others",),
     ),
 ]
 

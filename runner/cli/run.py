@@ -194,6 +194,7 @@ async def _consume(
             stats=stats,
             progress_hook=platform.on_progress if platform is not None else None,
             unique_key=unique_key_function(settings.queue.unique_keys),
+            politeness=settings.politeness,
         )
         tg.cancel_scope.cancel()
     if platform is None:
