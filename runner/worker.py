@@ -101,14 +101,11 @@ class Worker:
             leases.remove(lease)  # lost meanwhile (then gone already), or run out: it lapses by itself
             return
         self.log.debug("request.deferred", defer_s=round(delay, 3))
-        sent = anyio.current_time()
         try:
             await committer.queue.prolong_lock(lease.request.id, lock_secs=delay, client_key=committer.client_key)
         except QueueError as exc:
             self.log.info("request.defer_failed", error=str(exc))
-        else:
-            committer.backoff_until = max(committer.backoff_until, sent + delay * 1.05 + 1)
-        leases.remove(lease)
+        leases.remove(lease)  # the fetcher knows when it is due back (`Hosts.next_deferral_end`)
 
     async def _attempt(self, lease: Lease) -> None:
         committer, leases = self.committer, self.committer.leases

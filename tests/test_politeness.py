@@ -13,7 +13,7 @@ import anyio.to_thread
 import pytest
 
 from handlers import crawl
-from runner import JsonlDataset, SqliteQueue, WorkerSettings, run
+from runner import JsonlDataset, SqliteQueue, Stopper, WorkerSettings, run
 from runner.politeness import default_user_agent
 from runner.results.jsonl import read_items
 from runner.runtime import RunSummary
@@ -178,3 +178,42 @@ async def test_every_request_carries_the_user_agent(storage: Path) -> None:
     assert agents == {default_user_agent()}
     assert "/robots.txt" in site.log("a").paths()
     assert default_user_agent().startswith("headlock/")
+
+
+async def test_a_stop_frees_the_locks_of_requests_given_back(storage: Path) -> None:
+    """Stopped while requests given back for a busy host wait out their lock, the run frees those locks too: nothing
+    is left locked, nothing was counted as an attempt, and the unhandled pages are pending for the next run."""
+    specs = {"hard": HostSpec(pages=6), "free": HostSpec(pages=4)}
+    stopper = Stopper()
+
+    def stop_once_deferred(report: Mapping[str, Any]) -> None:
+        if report["deferred"]:
+            stopper.stop("test")
+
+    async with open_site(specs) as site:
+        politeness = PolitenessSettings(hosts={site.url("hard"): {"per_host_concurrency": 1, "per_host_delay": 5}})
+        queue = await anyio.to_thread.run_sync(SqliteQueue.open, storage, "default")
+        dataset = await anyio.to_thread.run_sync(JsonlDataset.open, storage, "default")
+        try:
+            with anyio.fail_after(30):
+                summary = await run(
+                    queue,
+                    crawl.handle,
+                    dataset,
+                    workers=workers(concurrency=2),
+                    options={"max_depth": 1},
+                    start_urls=[f"{site.url('hard')}/page/0", f"{site.url('free')}/page/0"],
+                    stopper=stopper,
+                    progress_every=0.1,
+                    progress_hook=stop_once_deferred,
+                    politeness=politeness,
+                )
+            info = await queue.get_info()
+            assert await queue.locks() == []
+        finally:
+            dataset.close()
+            await queue.aclose()
+    assert summary.reason == "test"
+    assert summary.stats["retried"] == summary.stats["failed"] == 0
+    assert info.total_request_count == 10
+    assert info.pending_request_count == 10 - info.handled_request_count > 0

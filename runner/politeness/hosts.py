@@ -435,6 +435,7 @@ class Hosts:
     def deferred_until(self) -> float:
         """When the last give-back's lock ends (0: none): those locks are ours on purpose until then."""
         ends = self._deferral_ends
+        # The queue dates the lock from the prolong's arrival, a little after `now` was read here.
         return max(ends) + 1 if ends else 0.0
 
     def statistics(self) -> HostsStatistics:
