@@ -6,7 +6,7 @@ import contextlib
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, KeysView, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -15,6 +15,7 @@ import anyio
 import structlog
 
 from runner.backoff import Backoff, retry_delay
+from runner.clock import loop_clock
 from runner.errors import (
     AlreadyHandledError,
     DatasetWriteError,
@@ -28,9 +29,10 @@ from runner.finish import RecentAdds
 from runner.leases import Lease, Leases
 from runner.models import Request, RequestDraft, has_failed_mark, utc_now, with_failed_mark, without_failed_mark
 from runner.queue.completion import AtomicCompletion
-from runner.queue.protocol import MAX_BATCH, RequestQueue
+from runner.queue.protocol import MAX_BATCH, HandledMark, RequestQueue
 from runner.results.protocol import ResultsSink
 from runner.stats import RunStats
+from runner.uniquekey import KeyMemo
 
 __all__ = ["Committer", "RetryPolicy", "SeenKeys", "add_requests"]
 
@@ -60,6 +62,10 @@ class SeenKeys:
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
+
+    def keys(self) -> KeysView[str]:
+        """The keys, live: a membership test on it costs no Python call (the hot path tests every link)."""
+        return self._keys.keys()
 
     def add(self, key: str) -> None:
         """Remember `key`, forgetting the oldest beyond the bound."""
@@ -171,6 +177,10 @@ class Committer:
         self.client_key = client_key
         self.policy = policy
         self.seen = seen or SeenKeys()
+        self.clock = loop_clock()
+        """The event loop's clock (`anyio.current_time`), for the fences: made inside the run's loop."""
+        self.key_memo = KeyMemo()
+        """The uniqueKeys of URL texts handlers enqueued (`Context`'s `key_memo`)."""
         self.recent = RecentAdds()
         """What this process added lately: read back before the run may call the queue finished."""
         self.stop_deadline = math.inf
@@ -183,6 +193,8 @@ class Committer:
         self._expired: OrderedDict[str, str] = OrderedDict()
         self._completion = queue if isinstance(queue, AtomicCompletion) and queue.completes_into(dataset) else None
         """The queue, when it commits links, items and the handled mark together into this dataset."""
+        self._marker = queue if isinstance(queue, HandledMark) else None
+        """The queue, when it marks a request handled from its id (no whole request written back)."""
 
     def note_expired(self, request_id: str, error: str) -> None:
         """Remember an attempt whose lock ran out before it could be recorded: the next holder here records it."""
@@ -205,7 +217,8 @@ class Committer:
             QueueError: the batch carrying these drafts failed (every caller in it gets the error).
         """
         # Most links a crawl finds are known already: those need no turn in a shared batch (`_send` skips them too).
-        drafts = [d for d in drafts if d.unique_key not in self.seen]
+        seen = self.seen.keys()
+        drafts = [d for d in drafts if d.unique_key not in seen]
         if not drafts:
             return 0
         op = _PendingAdd(drafts)
@@ -306,7 +319,11 @@ class Committer:
             stored = await self.dataset.push_lines(items)  # not `+= await`: that reads the count before
             self.stats.items += stored
             self._fence(lease, "the request's items were being stored")
-        mark = partial(self.queue.update_request, _handled(lease), client_key=self.client_key, lock_required=True)
+        mark: Callable[[], Awaitable[object]]
+        if self._marker is not None and not has_failed_mark(lease.request.user_data):
+            mark = partial(self._marker.mark_handled, lease.request.id, client_key=self.client_key)
+        else:
+            mark = partial(self.queue.update_request, _handled(lease), client_key=self.client_key, lock_required=True)
         await self._patiently(lease, "marking it handled", mark)
 
     async def _complete(
@@ -414,7 +431,7 @@ class Committer:
 
     def _fence(self, lease: Lease, doing: str) -> None:
         """Raise `_Gone` (after dropping the lease) unless the lease is still provably ours."""
-        if self.leases.get(lease.request.id) is not lease or not lease.valid(anyio.current_time()):
+        if self.leases.get(lease.request.id) is not lease or not lease.valid(self.clock()):
             self._drop(lease, f"lock lost while {doing}")
             raise _Gone
 

@@ -12,7 +12,7 @@ import structlog
 from runner.errors import InvalidItemError, InvalidUrlError
 from runner.models import Request, RequestDraft
 from runner.results.items import encode_item
-from runner.uniquekey import UniqueKeyFunction, normalize_parts
+from runner.uniquekey import KeyMemo, UniqueKeyFunction, normalize_parts
 
 __all__ = ["Context", "make_draft"]
 
@@ -89,7 +89,7 @@ class Context:
     leaves no results and no new requests behind.
     """
 
-    __slots__ = ("_enqueued", "_http", "_items", "_known", "_unique_key", "log", "options", "request")
+    __slots__ = ("_enqueued", "_http", "_items", "_known", "_memo", "_unique_key", "log", "options", "request")
 
     def __init__(
         self,
@@ -100,10 +100,12 @@ class Context:
         options: Mapping[str, Any],
         known: Container[str] = frozenset(),
         unique_key: UniqueKeyFunction = normalize_parts,
+        key_memo: KeyMemo | None = None,
     ) -> None:
         """`known`: unique keys already in the queue (the runtime passes those this process added).
 
-        `unique_key`: the default `uniqueKey` of an enqueued URL, the run's convention (headlock's by default).
+        `unique_key`: the default `uniqueKey` of an enqueued URL, the run's convention (headlock's by default);
+        `key_memo` remembers it for URL texts met before (the runtime shares one per run).
         """
         self.request = request
         self._http = http
@@ -111,6 +113,7 @@ class Context:
         self.options = options
         self._known = known
         self._unique_key = unique_key
+        self._memo = key_memo
         # None marks a request already in the queue: counted by `enqueue`, but with nothing to send.
         self._enqueued: dict[bool, dict[str, RequestDraft | None]] = {False: {}, True: {}}
         self._items: list[str] = []
@@ -157,16 +160,23 @@ class Context:
             InvalidUrlError: a URL that is not absolute http(s).
         """
         items = [requests] if isinstance(requests, str | RequestDraft) else list(requests)
-        bucket, unique_key = self._enqueued[forefront], self._unique_key
+        bucket, unique_key, known, memo = self._enqueued[forefront], self._unique_key, self._known, self._memo
         before = len(bucket)
         for item in items:
             if isinstance(item, str):
-                # Most links a crawl finds are in the queue already: those need no draft.
+                # Most links a crawl finds are in the queue already: those need no draft, and a text met before no
+                # parsing either.
+                key = memo.get(item) if memo is not None else None
+                if key is not None and (key in bucket or key in known):
+                    bucket.setdefault(key, None)
+                    continue
                 url, parts = _checked_url(item)
                 key = unique_key(parts)
+                if memo is not None:
+                    memo.put(item, key)
                 if key in bucket:
                     continue
-                if key in self._known:
+                if key in known:
                     bucket[key] = None
                     continue
                 draft = _draft(url, key, label, user_data)

@@ -10,12 +10,13 @@ connect (or to get a connection in time), `ReadError` for every other failure, w
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Literal
 
 import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
+from httpx_aiohttp.transport import map_aiohttp_exceptions
 
 __all__ = ["AiohttpEngine", "Engine", "transport_for"]
 
@@ -32,7 +33,7 @@ def transport_for(
     return AiohttpEngine(limits, resend_on_stale=resend_on_stale) if engine == "aiohttp" else None
 
 
-def _mapped(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
+def _mapped(exc: BaseException, request: httpx.Request | None) -> httpx.TransportError:
     """The httpx error for a failure of aiohttp's, telling unsent (connect) from maybe-applied (everything else)."""
     cause = exc.__cause__ if isinstance(exc, httpx.TransportError) else exc
     if isinstance(cause, aiohttp.ClientProxyConnectionError) and isinstance(exc, httpx.ProxyError):
@@ -103,6 +104,51 @@ class AiohttpEngine(httpx.AsyncBaseTransport):
         assert isinstance(response.stream, httpx.AsyncByteStream)  # noqa: S101 - what the transport returns
         response.stream = _Body(response.stream, request)
         return response
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str | int] | None,
+        headers: Mapping[str, str],
+        content: bytes | None,
+        timeouts: httpx.Timeout,
+    ) -> httpx.Response:
+        """One request sent straight on this engine's aiohttp session, its whole body read: what an
+        `httpx.AsyncClient` on this transport would answer (same session, same error mapping, body decoded by httpx
+        from `Content-Encoding`), without building an `httpx.Request` or passing the client's layers (URL merging,
+        auth, cookies, redirects, event hooks). For a caller that uses none of them (the API client); the response
+        has no `request`, and redirects are not followed.
+
+        Raises:
+            httpx.TransportError: as `handle_async_request` maps them.
+        """
+        inner = self._inner
+        if not isinstance(inner.client, aiohttp.ClientSession):
+            inner.client = inner.get_client()
+        try:
+            with map_aiohttp_exceptions():
+                async with inner.client.request(
+                    method,
+                    url,
+                    params=params,
+                    headers=headers,
+                    data=content,
+                    allow_redirects=False,
+                    auto_decompress=False,
+                    compress=False,
+                    timeout=aiohttp.ClientTimeout(
+                        sock_connect=timeouts.connect, sock_read=timeouts.read, connect=timeouts.pool
+                    ),
+                ) as answer:
+                    body = await answer.read()
+        except (httpx.TransportError, *_FOREIGN) as exc:
+            error = _mapped(exc, None)
+            if error is exc:
+                raise
+            raise error from exc
+        return httpx.Response(answer.status, headers=answer.raw_headers, content=body)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

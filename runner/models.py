@@ -42,6 +42,7 @@ __all__ = [
     "RequestDraft",
     "RequestRegistration",
     "UnprocessedRequest",
+    "format_api_datetime",
     "has_failed_mark",
     "is_failed",
     "parse_datetime",
@@ -163,7 +164,8 @@ def is_failed(body: Any) -> bool:
     return isinstance(body, dict) and body.get("handledAt") is not None and has_failed_mark(body.get("userData"))
 
 
-def _format_datetime(value: datetime) -> str:
+def format_api_datetime(value: datetime) -> str:
+    """`value` as the API writes times: ISO-8601 in UTC with milliseconds and `Z`."""
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -218,7 +220,7 @@ class Request(_Model):
     @field_serializer("handled_at", when_used="json")
     def _serialize_handled_at(self, value: datetime | None) -> str | None:
         """`handledAt` in JSON as the API writes it: ISO-8601 with milliseconds and `Z`."""
-        return None if value is None else _format_datetime(value)
+        return None if value is None else format_api_datetime(value)
 
 
 class LockedHead(_Model):

@@ -35,6 +35,7 @@ from runner.errors import ConfigError
 
 __all__ = [
     "KeyConvention",
+    "KeyMemo",
     "UniqueKeyFunction",
     "normalize_parts",
     "normalize_url",
@@ -48,6 +49,30 @@ UniqueKeyFunction = Callable[[SplitResult], str]
 """The default `uniqueKey` of an absolute http(s) URL already split (and checked) by the caller."""
 
 REQUEST_ID_LENGTH = 15
+
+
+class KeyMemo:
+    """The `uniqueKey` of each URL text met before in this run, so a link seen again is not split and normalized
+    again (most links a crawl finds are); bounded, the oldest forgotten first. One per run: one key convention."""
+
+    __slots__ = ("_keys", "_size")
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._keys: dict[str, str] = {}
+        self._size = size
+
+    def get(self, url: str) -> str | None:
+        """The key remembered for exactly this text, if any."""
+        return self._keys.get(url)
+
+    def put(self, url: str, key: str) -> None:
+        """Remember `key` for the text `url`."""
+        keys = self._keys
+        keys[url] = key
+        if len(keys) > self._size:
+            del keys[next(iter(keys))]
+
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 

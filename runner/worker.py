@@ -108,11 +108,12 @@ class Worker:
         leases.remove(lease)  # the fetcher knows when it is due back (`Hosts.next_deferral_end`)
 
     async def _attempt(self, lease: Lease) -> None:
-        committer, leases, stats = self.committer, self.committer.leases, self.committer.stats
-        started = anyio.current_time()
+        committer, leases = self.committer, self.committer.leases
+        clock = committer.clock
+        started = clock()
         if not lease.valid(started):
             # Buffered past its lock (e.g. the loop was blocked): not provably ours, so neither run nor committed.
-            stats.lost += 1
+            committer.stats.lost += 1
             self.log.warning("lease.dropped", reason=lease.lost_reason or "lock ran out before the handler started")
             leases.lose(lease, "lock ran out before the handler started", expired=True)
             return
@@ -128,12 +129,14 @@ class Worker:
             http=self.http,
             log=self.log,
             options=self.options,
-            known=committer.seen,
+            known=committer.seen.keys(),
+            key_memo=committer.key_memo,
             unique_key=self.unique_key,
         )
         error: str | None = None
         permanent = False
         caught: BaseException | None = None
+        committing = False
         # One scope for both ends of a handler: its deadline (a timeout) and `Leases.lose` (a lost lock) cancel it.
         with anyio.CancelScope(deadline=started + self.handler_timeout) as scope:
             if not leases.start(lease, scope):
@@ -144,16 +147,47 @@ class Worker:
                     self.log.warning("handler.returned_value", type=type(returned).__name__)
             except Exception as exc:  # noqa: BLE001 - any handler error is recorded on the request and retried
                 (error, permanent), caught = _describe(exc), exc
+            else:
+                now = clock()
+                if not scope.cancel_called and not _outlived(lease, now):
+                    # The usual end: this same scope, shielded now, bounds the commit (one scope per attempt).
+                    # A lock lost from here on is for the committer's fences to notice, as in `_commit`.
+                    committing, lease.scope, lease.commit_scope = True, None, scope
+                    scope.shield = True
+                    scope.deadline = min(now + COMMIT_TIMEOUT, committer.stop_deadline)
+                    if await committer.succeed(lease, ctx.pending_enqueues(), ctx.pending_items()):
+                        self.log.debug("request.handled")
+        if committing:
+            if scope.cancelled_caught:
+                self.log.error("request.commit_timed_out", after_s=round(clock() - now, 1))
+            return
+        await self._conclude(
+            lease, started, ctx, error, permanent=permanent, caught=caught, timed_out=scope.cancelled_caught
+        )
+
+    async def _conclude(
+        self,
+        lease: Lease,
+        started: float,
+        ctx: Context,
+        error: str | None,
+        *,
+        permanent: bool,
+        caught: BaseException | None,
+        timed_out: bool,
+    ) -> None:
+        """The end of an attempt that did not commit in its handler's scope: a lost lease or a lock that ran out
+        (nothing committed), a failure (recorded), or a success whose timer had already fired."""
         if lease.lost and not lease.expired:
-            stats.lost += 1
+            self.committer.stats.lost += 1
             self.log.warning("lease.dropped", reason=lease.lost_reason or "lock lost while the handler ran")
             return
-        now = anyio.current_time()
-        if lease.lost or now >= lease.expires_at:
+        now = self.committer.clock()
+        if _outlived(lease, now):
             # Nothing is committed after the lock ran out: another worker may hold the request now.
             await self._record_expired(lease, started)
             return
-        if scope.cancelled_caught:
+        if timed_out:
             error = f"handler timed out after {self.handler_timeout:g} s"
         elif caught is not None:
             self._log_traceback(caught, error or "", lease, no_retry=permanent)
@@ -163,7 +197,7 @@ class Worker:
         self, lease: Lease, error: str | None, *, permanent: bool, ctx: Context | None, now: float | None = None
     ) -> None:
         """Apply an attempt's outcome, shielded: a half-done commit cut by shutdown would redo the request."""
-        now = anyio.current_time() if now is None else now
+        now = self.committer.clock() if now is None else now
         with anyio.CancelScope(shield=True, deadline=min(now + COMMIT_TIMEOUT, self.committer.stop_deadline)) as cs:
             lease.commit_scope = cs
             if error is None and ctx is not None:
@@ -245,6 +279,11 @@ def user_traceback(exc: BaseException) -> str:
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb if tb is not None else exc.__traceback__))
+
+
+def _outlived(lease: Lease, now: float) -> bool:
+    """Whether an attempt's lease was lost or its lock ran out by `now`: then nothing of it may be committed."""
+    return lease.lost or now >= lease.expires_at
 
 
 def _describe(exc: Exception) -> tuple[str, bool]:

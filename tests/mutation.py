@@ -86,8 +86,8 @@ MUTANTS = [
     Mutant(
         "worker-expired",
         "runner/worker.py",
-        "        if lease.lost or now >= lease.expires_at:\n",
-        "        if lease.lost:\n",
+        "    return lease.lost or now >= lease.expires_at\n",
+        "    return lease.lost\n",
         (f"{FAULTS}::test_a_handler_blocking_the_event_loop_ends_after_max_retries_and_says_so",),
     ),
     Mutant(
@@ -107,7 +107,7 @@ MUTANTS = [
     Mutant(
         "fence-committer",
         "runner/commit.py",
-        "        if self.leases.get(lease.request.id) is not lease or not lease.valid(anyio.current_time()):\n",
+        "        if self.leases.get(lease.request.id) is not lease or not lease.valid(self.clock()):\n",
         "        if False:\n",
         (f"{FAULTS}::test_nothing_is_committed_under_a_lease_whose_lock_ran_out",),
     ),
@@ -117,6 +117,30 @@ MUTANTS = [
         "        if fenced:\n            _check_holder(row, client_key, fenced)\n",
         "",
         (f"{FAULTS}::test_a_lost_leases_late_failure_is_not_written_over_the_new_holders_outcome",),
+    ),
+    Mutant(
+        "fence-store-handled-mark",
+        "runner/queue/sqlite.py",
+        "        self._owned(request_id, client_key, endpoint)\n        now = self._clock()\n"
+        '        self._db.execute(\n            "UPDATE requests SET order_no = NULL',
+        '        now = self._clock()\n        self._db.execute(\n            "UPDATE requests SET order_no = NULL',
+        ("tests/test_store.py::test_mark_handled_is_fenced_on_the_lock",),
+    ),
+    Mutant(
+        # The handler's scope, shielded for the commit, takes the commit's deadline (a stalled mark lets go).
+        "commit-deadline",
+        "runner/worker.py",
+        "                    scope.deadline = min(now + COMMIT_TIMEOUT, committer.stop_deadline)\n",
+        "",
+        (f"{FAULTS}::test_a_commit_that_outlives_its_timeout_lets_go_of_the_lease",),
+    ),
+    Mutant(
+        # A write the disk refused half-way is cut back off: the dataset holds whole lines only.
+        "dataset-cut-back",
+        "runner/results/jsonl.py",
+        "                if written:\n                    self._cut_back(written)\n",
+        "",
+        (f"{FAULTS}::test_a_full_disk_fails_the_attempt_and_never_leaves_a_partial_line",),
     ),
     Mutant(
         # The commit lets go of its lease whatever happens (here: the `finally` of `succeed`, the path a commit

@@ -99,9 +99,12 @@ async def test_a_run_reports_its_counters_and_store_calls(storage: Path) -> None
     assert value(found, "headlock_requests_in_flight") == 0
     assert value(found, "headlock_leases_held") == 0
     updates = value(found, "headlock_queue_calls_total", backend="embedded", endpoint="update_request", status="ok")
-    assert updates == 8  # 6 handled + 1 failed + 1 retry recorded
-    timed = value(found, "headlock_queue_call_duration_seconds_count", backend="embedded", endpoint="update_request")
-    assert timed == 8
+    assert updates == 2  # 1 failed + 1 retry recorded
+    marks = value(found, "headlock_queue_calls_total", backend="embedded", endpoint="mark_handled", status="ok")
+    assert marks == 6  # the handled marks
+    for endpoint, count in (("update_request", 2), ("mark_handled", 6)):
+        timed = value(found, "headlock_queue_call_duration_seconds_count", backend="embedded", endpoint=endpoint)
+        assert timed == count
     assert (value(found, "headlock_queue_calls_total", backend="embedded", endpoint="lock_head", status="ok") or 0) >= 1
     assert value(found, "process_cpu_seconds_total") is not None
 
@@ -287,7 +290,7 @@ def test_metrics_endpoint_while_running_then_sigterm_writes_the_summary(tmp_path
     try:
         wait_for(scraped_all, 30, "four handled requests, nothing held or pending, on /metrics")
         assert value(found, "headlock_requests_failed_total") == 0
-        assert value(found, "headlock_queue_calls_total", backend="embedded", endpoint="update_request", status="ok")
+        assert value(found, "headlock_queue_calls_total", backend="embedded", endpoint="mark_handled", status="ok")
         health = headlock("health", cwd=tmp_path)
         assert health.returncode == 0, health.stderr
         proc.send_signal(signal.SIGTERM)

@@ -19,7 +19,7 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from runner.errors import InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
+from runner.errors import AlreadyHandledError, InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
 from runner.models import QueueCounts, Request, RequestDraft, with_failed_mark
 from runner.queue._checkpoint import Checkpointer
 from runner.queue.admin import MAX_REQUEUE_BATCH, QueueAdmin, RequeueResult
@@ -1459,3 +1459,64 @@ async def test_a_file_from_before_the_failed_column_is_migrated_on_open(tmp_path
         assert not [e for e in logs if e["event"] == "queue.schema_migrated"]
     finally:
         await again.aclose()
+
+
+# -- the handled mark from an id (`HandledMark`, what the committer uses on this store) --------------------------
+
+
+@pytest.mark.anyio
+async def test_mark_handled_patches_the_stored_request_and_releases_its_lock(store: SqliteQueue) -> None:
+    """mark_handled by the holder sets handledAt (the API's format) and keeps every other stored field."""
+    await store.batch_add([draft(1, headers={"X-A": "1"}, payload="p")], client_key=A)
+    [held] = (await store.lock_head(limit=1, lock_secs=LONG, client_key=A)).items
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    await store.mark_handled(held.id, client_key=A)
+    after = await store.get_request(held.id)
+    assert after is not None
+    assert after.handled_at is not None
+    assert before <= after.handled_at <= datetime.now(UTC) + timedelta(seconds=1)
+    assert after.model_copy(update={"handled_at": None}) == held
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", after.model_dump(mode="json")["handled_at"])
+    info = await store.get_info()
+    assert (info.handled_request_count, info.pending_request_count) == (1, 0)
+    assert await store.locks() == []
+    assert (await store.lock_head(limit=1, lock_secs=LONG, client_key=B)).items == []
+
+
+@pytest.mark.anyio
+async def test_mark_handled_is_fenced_on_the_lock(store: SqliteQueue) -> None:
+    """mark_handled of a request another client holds, an unlocked, handled or unknown one stores nothing."""
+    [theirs_id, unlocked_id] = await add(store, 1, 2)
+    [theirs] = (await store.lock_head(limit=1, lock_secs=LONG, client_key=B)).items
+    assert theirs.id == theirs_id
+    with pytest.raises(LockLostError, match="not locked by this client"):
+        await store.mark_handled(theirs_id, client_key=A)
+    with pytest.raises(LockLostError, match="not locked by this client"):
+        await store.mark_handled(unlocked_id, client_key=A)
+    with pytest.raises(NotFoundError):
+        await store.mark_handled(request_id_for(url(3)), client_key=A)
+    assert (await store.get_info()).handled_request_count == 0
+    await store.mark_handled(theirs_id, client_key=B)
+    with pytest.raises(AlreadyHandledError):
+        await store.mark_handled(theirs_id, client_key=B)
+    info = await store.get_info()
+    assert (info.handled_request_count, info.pending_request_count) == (1, 1)
+    for request_id in (theirs_id, unlocked_id):
+        request = await store.get_request(request_id)
+        assert request is not None
+        assert (request.handled_at is not None) == (request_id == theirs_id)
+
+
+@pytest.mark.anyio
+async def test_mark_handled_by_the_holder_of_an_expired_lock_nobody_retook_applies(store: SqliteQueue) -> None:
+    """A lock that ran out is still its holder's until someone retakes it: the mark applies."""
+    [request_id] = await add(store, 1)
+    await store.lock_head(limit=1, lock_secs=SHORT, client_key=A)
+    with anyio.fail_after(5):
+        for _ in range(250):  # polled until the lock has run out on the store's clock
+            if (await store.counts()).locked == 0:
+                break
+            await anyio.sleep(0.02)
+    assert (await store.counts()).locked == 0
+    await store.mark_handled(request_id, client_key=A)
+    assert (await store.get_info()).handled_request_count == 1

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from runner.models import BatchAddResult, LockedHead, QueueInfo, Request, RequestDraft, RequestRegistration
 
-__all__ = ["MAX_BATCH", "MAX_CLIENT_KEY", "MAX_LOCK_LIMIT", "ConsistentHead", "RequestQueue"]
+__all__ = ["MAX_BATCH", "MAX_CLIENT_KEY", "MAX_LOCK_LIMIT", "ConsistentHead", "HandledMark", "RequestQueue"]
 
 MAX_LOCK_LIMIT = 25
 """Most requests one "get head and lock" call may lock."""
@@ -24,6 +24,23 @@ class ConsistentHead(Protocol):
     an empty head with no locks means finished, with no recent add to read back (`runner.finish`)."""
 
     head_is_consistent: ClassVar[Literal[True]]
+
+
+@runtime_checkable
+class HandledMark(Protocol):
+    """A queue that marks a leased request handled from its id alone (the embedded store: it patches the stored
+    JSON), instead of the whole request written back with `update_request`; the committer uses it when it can."""
+
+    async def mark_handled(self, request_id: str, *, client_key: str) -> None:
+        """Mark the request handled now, fenced as `update_request(..., lock_required=True)` is: applied only while
+        `client_key` holds its lock (an expired lock nobody retook counts). Its stored fields are kept as they are.
+
+        Raises:
+            AlreadyHandledError: it is handled already (nothing was written).
+            LockLostError: unlocked, or locked by another client (nothing was written).
+            NotFoundError: there is no such request.
+        """
+        ...
 
 
 @runtime_checkable

@@ -48,6 +48,7 @@ from runner.models import (
     Request,
     RequestDraft,
     RequestRegistration,
+    format_api_datetime,
 )
 from runner.queue._checkpoint import Checkpointer
 from runner.queue._rows import (
@@ -723,6 +724,30 @@ class SqliteQueue:
             self._db.execute("UPDATE queue SET handled = handled + ?", (1 if handled else -1,))
         self._touch(now, client_key)
         return RequestRegistration(request_id=request.id, was_already_present=True, was_already_handled=was_handled)
+
+    async def mark_handled(self, request_id: str, *, client_key: str) -> None:
+        """Mark a request this client holds handled (`HandledMark`): its stored JSON gets `handledAt` in place, in
+        the statement that releases the lock, so nothing of it is parsed or serialized here.
+
+        Raises:
+            AlreadyHandledError: it is handled already.
+            LockLostError: unlocked, or locked by another client.
+            NotFoundError: there is no such request.
+        """
+        endpoint = f"mark_handled {request_id}"
+        _check_client_key(client_key, endpoint)
+        await self._run(self._mark_handled, request_id, client_key, endpoint, endpoint=endpoint)
+
+    def _mark_handled(self, request_id: str, client_key: str, endpoint: str) -> None:
+        self._owned(request_id, client_key, endpoint)
+        now = self._clock()
+        self._db.execute(
+            "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, failed = 0,"
+            " data = json_set(data, '$.handledAt', ?) WHERE id = ?",
+            (format_api_datetime(_to_datetime(now)), request_id),
+        )
+        self._db.execute("UPDATE queue SET handled = handled + 1")
+        self._touch(now, client_key)
 
     async def batch_add(
         self, requests: Sequence[RequestDraft], *, client_key: str, forefront: bool = False

@@ -72,23 +72,24 @@ class JsonlDataset:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except OSError as exc:
             raise DatasetWriteError(f"cannot lock dataset {self.path}: {exc}") from exc
+        written = 0
         try:
-            size = os.fstat(self._fd).st_size
             try:
-                written = os.write(self._fd, data)
                 while written < len(data):  # a short write: the rest, or the error that stopped it
                     written += os.write(self._fd, data[written:])
             except OSError as exc:
-                self._cut_back(size)
+                if written:
+                    self._cut_back(written)
                 raise DatasetWriteError(f"cannot write to dataset {self.path}: {exc}") from exc
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         return len(lines)
 
-    def _cut_back(self, size: int) -> None:
-        """Truncate a failed write's partial line (we hold the lock: nobody appended after it)."""
+    def _cut_back(self, written: int) -> None:
+        """Truncate the `written` bytes of a failed write (we hold the lock: nobody appended after them; an append
+        leaves the offset at the end of what it wrote, and a write that fails writes nothing)."""
         try:
-            os.ftruncate(self._fd, size)
+            os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_CUR) - written)
         except OSError as exc:
             raise DatasetWriteError(f"dataset {self.path} may end in a partial line: {exc}") from exc
 

@@ -13,7 +13,8 @@ the HTTP. Embedded runs report CPU time per request (all threads).
 `serve` consumes the same queue over `headlock serve` (a `python -m runner.server` child on 127.0.0.1) through
 `ApiQueue`, with `run()` in this process. `both` (the default) runs embedded, serve and serve without the
 client-side rate limits, each in a fresh process so every peak RSS is its own, and ends with a line of ratios.
-handled/s is timed around `run()`, after the queue is filled.
+handled/s is timed around `run()`, after the queue is filled; so is CPU per request, of this process (the client)
+and of the server (`serve` runs).
 
 The queue is filled before the run: by default straight into the store file before the server starts (requests
 added by another process: `ApiQueue` has none of them cached and must GET each one); `--fill http` adds them through
@@ -86,6 +87,13 @@ def linker(links: int, requests: int) -> Handler:
         await ctx.enqueue([f"https://bench.example/{(n * 7 + k) % requests}" for k in range(links)])
 
     return handle
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system, all threads) process `pid` on this machine has used so far."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()  # from field 3 (state) on: the name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def timed_run(
@@ -192,7 +200,9 @@ async def serve(requests: int, concurrency: int, *, rate_limits: str, fill_via: 
             if fill_via == "http":
                 await fill(queue, requests)
             queue.calls.clear()
-            handled, elapsed, _ = await timed_run(queue, storage, concurrency)
+            server_before = process_cpu_seconds(server.pid)
+            handled, elapsed, cpu = await timed_run(queue, storage, concurrency)
+            server_cpu = process_cpu_seconds(server.pid) - server_before
         finally:
             await queue.aclose()
         calls = dict(sorted(queue.calls.items()))
@@ -209,6 +219,9 @@ async def serve(requests: int, concurrency: int, *, rate_limits: str, fill_via: 
         "handled": handled,
         "seconds": round(elapsed, 2),
         "handled_per_s": round(handled / elapsed),
+        "cpu_us_per_request": round(cpu / max(handled, 1) * 1e6),
+        "server_cpu_us_per_request": round(server_cpu / max(handled, 1) * 1e6),
+        "server_calls_per_cpu_s": round(sum(calls.values()) / server_cpu) if server_cpu > 0 else None,
         "peak_rss_mb": peak_rss_mb(),
         "server_peak_rss_mb": server.peak_rss_mb,
         "api_calls": sum(calls.values()),

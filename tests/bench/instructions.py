@@ -1,0 +1,110 @@
+"""Benchmark: the crawl's CPU cost per page in instructions (callgrind), headlock beside the bare loop, unmoved by load.
+
+    python -m tests.bench.instructions [--pages 600,1200] [--crawlers headlock,bare] [--base REV]
+
+Wall and CPU time on a shared machine move by 10-20 % from run to run; the number of instructions a crawl executes
+does not. Each crawler of the peer benchmark (`tests.bench._peer_headlock`: `headlock` is `run()` with the default
+engine on the embedded store, `bare` the anyio loop on the same client) crawls the benchmark site
+(`tests.bench._site`) of each size under `valgrind --tool=callgrind`, and the figure is the difference between the
+two sizes over the difference in pages: the instructions one more page costs, start-up and imports cancelled out.
+`bookkeeping` is headlock's figure minus the bare loop's: what the runtime adds to a page (the queue, the leases,
+the commit, the dataset). With `--base REV` the same runs are made in a temporary worktree of that commit too, and
+the ratios this checkout / base are printed.
+
+Needs valgrind. Each run is about 40 times slower than native: the default sizes take about 3 minutes per crawler.
+Output: JSON lines (`tests.bench._common.emit`), `instructions/<crawler>` per crawler and tree, then
+`instructions/compare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tests.bench._common import REPO, child_server, emit, machine
+
+_SUMMARY = re.compile(rb"^summary: (\d+)$", re.MULTILINE)
+
+
+def instructions(tree: Path, crawler: str, url: str) -> int:
+    """Instructions (`Ir`) of one crawl of `url` by `crawler`, run from `tree` under callgrind."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("instructions: valgrind is not installed (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory(prefix="headlock-bench-cg-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        command = [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m"]
+        command += ["tests.bench._peer_headlock", "--url", url, "--crawler", crawler]
+        done = subprocess.run(command, cwd=tree, env=env, capture_output=True, timeout=3600, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{crawler} in {tree} failed ({done.returncode}): {done.stderr[-2000:]!r}")
+        found = _SUMMARY.search(out.read_bytes())
+        if found is None:
+            raise RuntimeError(f"no callgrind summary in {out}")
+        return int(found.group(1))
+
+
+def per_page(tree: Path, crawler: str, sites: dict[int, str]) -> dict[str, Any]:
+    """The instructions of each size and one page's (the slope between the smallest and the largest size)."""
+    totals = {pages: instructions(tree, crawler, url) for pages, url in sites.items()}
+    small, large = min(totals), max(totals)
+    return {"totals": totals, "per_page": round((totals[large] - totals[small]) / (large - small))}
+
+
+def main() -> None:
+    """Parse the arguments, run the crawls, print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pages", default="600,1200", help="two (or more) site sizes, comma-separated")
+    parser.add_argument("--crawlers", default="headlock,bare")
+    parser.add_argument("--base", default=None, help="also measure this commit, in a temporary worktree")
+    args = parser.parse_args()
+    sizes = sorted({int(p) for p in args.pages.split(",")})
+    crawlers = args.crawlers.split(",")
+    if len(sizes) < 2:
+        parser.error("--pages needs two sizes")
+    trees: dict[str, Path] = {"head": REPO}
+    worktree: Path | None = None
+    if args.base:
+        worktree = Path(tempfile.mkdtemp(prefix="headlock-bench-base-"))
+        subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.base], cwd=REPO, check=True)
+        trees["base"] = worktree
+    results: dict[str, dict[str, int]] = {name: {} for name in trees}
+    try:
+        servers = [child_server(["-m", "tests.bench._site", "--pages", str(p), "--cpu", "1"]) for p in sizes]
+        children = [server.__enter__() for server in servers]
+        try:
+            sites = {p: f"{child.url}/page/0" for p, child in zip(sizes, children, strict=True)}
+            for crawler in crawlers:
+                for name, tree in trees.items():
+                    figure = per_page(tree, crawler, sites)
+                    results[name][crawler] = figure["per_page"]
+                    emit({"benchmark": f"instructions/{crawler}", "tree": name, **figure})
+        finally:
+            for server in reversed(servers):
+                server.__exit__(None, None, None)
+    finally:
+        if worktree is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, check=False)
+    summary: dict[str, Any] = {"benchmark": "instructions/compare", "pages": sizes, "per_page": results}
+    for name, figures in results.items():
+        if "headlock" in figures and "bare" in figures:
+            summary.setdefault("bookkeeping_per_page", {})[name] = figures["headlock"] - figures["bare"]
+    if "base" in results:
+        summary["head_over_base"] = {
+            crawler: round(results["head"][crawler] / results["base"][crawler], 3)
+            for crawler in crawlers
+            if results["base"].get(crawler)
+        }
+    emit(summary, machine())
+
+
+if __name__ == "__main__":
+    main()
