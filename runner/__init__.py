@@ -19,6 +19,8 @@ from runner.errors import (
     QueueError,
     QueueUnavailableError,
     RateLimitedError,
+    RobotsDisallowedError,
+    RobotsUnavailableError,
     UnauthorizedError,
 )
 from runner.metrics import Metrics, PrometheusMetrics
@@ -29,7 +31,7 @@ from runner.results.jsonl import JsonlDataset
 from runner.results.protocol import ResultsSink
 from runner.router import Handler, Router
 from runner.runtime import RunSummary, run
-from runner.settings import Settings, WorkerSettings, load_settings
+from runner.settings import PolitenessSettings, Settings, WorkerSettings, load_settings
 from runner.shutdown import Stopper
 from runner.signals import stop_on_signals
 from runner.uniquekey import KeyConvention, normalize_url, request_id_for, unique_key_function
@@ -53,6 +55,7 @@ __all__ = [
     "Metrics",
     "NoRetry",
     "NotFoundError",
+    "PolitenessSettings",
     "PrometheusMetrics",
     "QueueError",
     "QueueInfo",
@@ -63,6 +66,8 @@ __all__ = [
     "RequestQueue",
     "RequestRegistration",
     "ResultsSink",
+    "RobotsDisallowedError",
+    "RobotsUnavailableError",
     "Router",
     "RunSummary",
     "Settings",

@@ -4,7 +4,8 @@
 
 Runs in headlock's venv, from the repository root:
 
-- `headlock`: `runner.run()` with default `WorkerSettings(concurrency=N)` (so the default HTTP engine) on a fresh
+- `headlock`: `runner.run()` with default `WorkerSettings(concurrency=N)` (so the default HTTP engine) and
+  `PolitenessSettings(per_host_concurrency=N)` (one host, every worker on it, as Scrapy is configured) on a fresh
   embedded SQLite queue and JSONL dataset in a temporary directory; the handler GETs with `ctx.http`, pushes one item
   per page with `ctx.push_data` and enqueues the page's links with `ctx.enqueue` (headlock dedups by unique key);
 - `headlock-httpx`: the same with `WorkerSettings(http_transport="httpx")`;
@@ -36,7 +37,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from runner import Context, JsonlDataset, SqliteQueue, WorkerSettings, run
+from runner import Context, JsonlDataset, PolitenessSettings, SqliteQueue, WorkerSettings, run
 from runner.runtime import default_http_client
 from tests.bench._common import quiet_logs
 
@@ -118,7 +119,9 @@ async def headlock_crawl(start: str, workers: WorkerSettings) -> dict[str, Any]:
         dataset = JsonlDataset.open(storage, "default")
         try:
             started, cpu_started = time.perf_counter(), time.process_time()
-            summary = await run(queue, handler(tally), dataset, workers=workers, start_urls=[start])
+            # One host, as for Scrapy (CONCURRENT_REQUESTS_PER_DOMAIN = N): every worker may be on it at once.
+            polite = PolitenessSettings(per_host_concurrency=workers.concurrency)
+            summary = await run(queue, handler(tally), dataset, workers=workers, politeness=polite, start_urls=[start])
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         finally:
             dataset.close()

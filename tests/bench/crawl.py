@@ -7,7 +7,8 @@ The site (`tests.bench._site`, precomputed pages over raw asyncio sockets) runs 
 core; this process is pinned to another. Each round crawls the whole site twice, headlock and the baseline in
 alternating order (ABBA), each from a fresh start:
 
-- headlock: `run()` with `handlers.crawl:handle`, the embedded store, `max_depth` deep enough for every page;
+- headlock: `run()` with `handlers.crawl:handle`, the embedded store, `max_depth` deep enough for every page, as
+  many requests in flight to the site as workers (`politeness.per_host_concurrency`; robots.txt read once);
 - baseline: 50 worker tasks on one memory stream, a set of normalized URLs for dedup, selectolax for title and links.
 
 Both use the client `runner.runtime.default_http_client` builds for that concurrency (the output names its
@@ -36,7 +37,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from selectolax.lexbor import LexborHTMLParser
 
 from handlers import crawl
-from runner import JsonlDataset, SqliteQueue, WorkerSettings, normalize_url, run
+from runner import JsonlDataset, PolitenessSettings, SqliteQueue, WorkerSettings, normalize_url, run
 from runner.runtime import default_http_client
 from tests.bench._common import child_server, cpu_seconds, emit, machine, median, peak_rss_mb, pin_to, quiet_logs
 
@@ -79,6 +80,7 @@ async def headlock_crawl(
             crawl.handle,
             dataset,
             workers=WorkerSettings(concurrency=concurrency, http_transport=transport),
+            politeness=PolitenessSettings(per_host_concurrency=concurrency),  # one host: as the baseline's
             options={"max_depth": max_depth},
             start_urls=[start],
         )

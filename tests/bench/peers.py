@@ -13,8 +13,9 @@ at `/page/0`, find the links of each page with one regex (`href="([^"]+)"`), res
 the same-host ones (fragment and trailing `/` dropped: the pages link to `#top` and to `/page/N/`), let the crawler's
 own dedup enqueue each URL once, store one `{url, title}` item per page the crawler's natural way:
 
-- `headlock`: `runner.run()` with default `WorkerSettings(concurrency=N)` (the default HTTP engine), the embedded
-  SQLite queue and a JSONL dataset in a temporary directory, `ctx.http.get`, `ctx.push_data`, `ctx.enqueue`;
+- `headlock`: `runner.run()` with default `WorkerSettings(concurrency=N)` (the default HTTP engine), N requests in
+  flight to the one host (`PolitenessSettings(per_host_concurrency=N)`, as Scrapy's per-domain limit is set), the
+  embedded SQLite queue and a JSONL dataset in a temporary directory, `ctx.http.get`, `ctx.push_data`, `ctx.enqueue`;
 - `headlock-httpx`: the same with `WorkerSettings(http_transport="httpx")`;
 - `crawlee-memory`: crawlee-python's `HttpCrawler` (its default HTTP client, impit), `MemoryStorageClient`,
   `ConcurrencySettings(min=max=desired=N)`, `context.add_requests`, `context.push_data`;
