@@ -18,6 +18,8 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 from httpx_aiohttp.transport import map_aiohttp_exceptions
 
+from runner.shared_client import plain_charset
+
 __all__ = ["AiohttpEngine", "Engine", "transport_for"]
 
 Engine = Literal["httpx", "aiohttp"]
@@ -103,6 +105,7 @@ class AiohttpEngine(httpx.AsyncBaseTransport):
             raise error from exc
         assert isinstance(response.stream, httpx.AsyncByteStream)  # noqa: S101 - what the transport returns
         response.stream = _Body(response.stream, request)
+        plain_charset(response)
         return response
 
     async def exchange(

@@ -30,6 +30,7 @@ from runner.queue.protocol import ConsistentHead, RequestQueue
 from runner.results.protocol import ResultsSink
 from runner.router import Handler
 from runner.settings import PolitenessSettings, StartRequest, WorkerSettings, random_client_key
+from runner.shared_client import HandlerClient
 from runner.shutdown import STOP_MARGIN, Stopper, drain_on_stop, release_all
 from runner.start import start_drafts
 from runner.stats import ErrorTally, RunStats
@@ -299,7 +300,8 @@ def shared_http(
 def default_http_client(
     cfg: WorkerSettings, politeness: PolitenessSettings | None = None, *, hosts: Hosts | None = None
 ) -> httpx.AsyncClient:
-    """The client handlers share when the caller gives none: redirects followed, pool sized to the workers.
+    """The client handlers share when the caller gives none (a `runner.shared_client.HandlerClient`): redirects
+    followed, pool sized to the workers.
 
     With `http_transport = "aiohttp"` (the default) the requests go through aiohttp's engine (httpx-aiohttp);
     handlers see the same `httpx.AsyncClient` and `httpx.Response` either way. With `politeness`, the engine is
@@ -325,7 +327,7 @@ def default_http_client(
         engine = transport or httpx.AsyncHTTPTransport(limits=limits)
         transport = polite_transport(engine, politeness, hosts)
         headers = {"User-Agent": politeness.user_agent}
-    return httpx.AsyncClient(
+    return HandlerClient(
         follow_redirects=True,
         timeout=httpx.Timeout(cfg.handler_timeout),
         limits=limits,
