@@ -262,7 +262,7 @@ class _Endpoints:
         stored = await queue.store.get_request(request.path_params["request_id"])
         if stored is None:
             raise NotFoundError("Request was not found", error_type="record-not-found")
-        return wire.data_response(stored.to_api())
+        return wire.model_response(stored)
 
     async def update_request(self, request: Request) -> Response:
         """PUT requests/R: 200; a full replacement, inserting an unknown request. Not refused under another's lock."""
@@ -279,7 +279,7 @@ class _Endpoints:
         stored = wire.validate(QueueRequest, fields, "request")
         with queue.keyless.key(key) as client_key:
             registration = await queue.store.update_request(stored, client_key=client_key, forefront=forefront)
-        return wire.data_response(registration.to_api())
+        return wire.model_response(registration)
 
     async def delete_request(self, request: Request) -> Response:
         """DELETE requests/R: 204, 404 when unknown; a lock on it does not prevent the delete."""
