@@ -65,8 +65,8 @@ MUTANTS = [
     Mutant(
         "api-no-silent-resend",
         "runner/api/client.py",
-        "limits, resend_on_stale=False),",
-        "limits, resend_on_stale=True),",
+        "limits, resend_on_stale=False)\n",
+        "limits, resend_on_stale=True)\n",
         ("tests/test_api_faults.py::test_delete_lock_whose_answer_was_lost_is_done",),
     ),
     Mutant(
