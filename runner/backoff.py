@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
-__all__ = ["Backoff", "retry_delay"]
+__all__ = ["Backoff", "retry_after_secs", "retry_delay"]
 
 
 @dataclass(slots=True)
@@ -32,3 +35,21 @@ def retry_delay(retry_count: int, *, base: float, maximum: float = 60.0) -> floa
         return 0.0
     delay: float = min(base * 2 ** (retry_count - 1), maximum)
     return delay * random.uniform(0.75, 1.25)
+
+
+def retry_after_secs(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds a Retry-After header asks for: a number, or an HTTP date (past: 0); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

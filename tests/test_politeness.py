@@ -13,7 +13,7 @@ import anyio.to_thread
 import pytest
 
 from handlers import crawl
-from runner import JsonlDataset, SqliteQueue, Stopper, WorkerSettings, run
+from runner import Handler, JsonlDataset, SqliteQueue, Stopper, WorkerSettings, run
 from runner.politeness import default_user_agent
 from runner.results.jsonl import read_items
 from runner.runtime import RunSummary
@@ -34,23 +34,31 @@ def workers(**overrides: Any) -> WorkerSettings:
 
 
 async def crawl_site(
-    storage: Path, site: Site, hosts: list[str], *, cfg: WorkerSettings, politeness: PolitenessSettings
+    storage: Path,
+    site: Site,
+    hosts: list[str],
+    *,
+    cfg: WorkerSettings,
+    politeness: PolitenessSettings,
+    handler: Handler = crawl.handle,
+    start_urls: list[str] | None = None,
+    **extra: Any,
 ) -> tuple[RunSummary, list[dict[str, Any]], SqliteQueue]:
-    """Crawl the hosts' `/page/0` with `handlers.crawl`; return the summary, the items and the (open) queue."""
+    """Crawl the hosts' `/page/0` (or `start_urls`) with `handler` (`handlers.crawl`, one level deep); `extra` goes
+    to `run()`. Return the summary, the items and the (open) queue."""
     queue = await anyio.to_thread.run_sync(SqliteQueue.open, storage, "default")
     dataset = await anyio.to_thread.run_sync(JsonlDataset.open, storage, "default")
     progress.clear()
+    options: dict[str, Any] = {"options": {"max_depth": 1}, "progress_every": 0.2, "progress_hook": progress.append}
     try:
         summary = await run(
             queue,
-            crawl.handle,
+            handler,
             dataset,
             workers=cfg,
-            options={"max_depth": 1},
-            start_urls=[f"{site.url(name)}/page/0" for name in hosts],
-            progress_every=0.2,
-            progress_hook=progress.append,
+            start_urls=start_urls or [f"{site.url(name)}/page/0" for name in hosts],
             politeness=politeness,
+            **(options | extra),
         )
     finally:
         dataset.close()
@@ -194,26 +202,21 @@ async def test_a_stop_frees_the_locks_of_requests_given_back(storage: Path) -> N
 
     async with open_site(specs) as site:
         politeness = PolitenessSettings(hosts={site.url("hard"): {"per_host_concurrency": 1, "per_host_delay": 5}})
-        queue = await anyio.to_thread.run_sync(SqliteQueue.open, storage, "default")
-        dataset = await anyio.to_thread.run_sync(JsonlDataset.open, storage, "default")
+        with anyio.fail_after(30):
+            summary, _, queue = await crawl_site(
+                storage,
+                site,
+                ["hard", "free"],
+                cfg=workers(concurrency=2),
+                politeness=politeness,
+                stopper=stopper,
+                progress_every=0.1,
+                progress_hook=stop_once_deferred,
+            )
         try:
-            with anyio.fail_after(30):
-                summary = await run(
-                    queue,
-                    crawl.handle,
-                    dataset,
-                    workers=workers(concurrency=2),
-                    options={"max_depth": 1},
-                    start_urls=[f"{site.url('hard')}/page/0", f"{site.url('free')}/page/0"],
-                    stopper=stopper,
-                    progress_every=0.1,
-                    progress_hook=stop_once_deferred,
-                    politeness=politeness,
-                )
             info = await queue.get_info()
             assert await queue.locks() == []
         finally:
-            dataset.close()
             await queue.aclose()
     assert summary.reason == "test"
     assert summary.stats["retried"] == summary.stats["failed"] == 0

@@ -12,9 +12,9 @@ import pytest
 from prometheus_client import generate_latest
 
 from runner import ConfigError, load_settings
+from runner.backoff import retry_after_secs
 from runner.metrics import PrometheusMetrics
 from runner.politeness import HostKey, Hosts, PoliteTransport, host_key
-from runner.politeness.hosts import retry_after_secs
 from runner.settings import PolitenessSettings
 from tests._politesite import HostSpec, open_site
 

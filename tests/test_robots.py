@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from handlers import fetch
-from runner import JsonlDataset, SqliteQueue, request_id_for, run
+from runner import request_id_for
 from runner.politeness import MAX_ROBOTS_BYTES
 from runner.settings import PolitenessSettings
 from tests._politesite import HostLog, HostSpec, Reply, open_site
@@ -133,21 +133,17 @@ async def test_robots_txt_true_applies_to_every_handler_and_false_to_none(storag
     disallow_all = robots("User-agent: *\nDisallow: /\n")
     async with open_site({"a": HostSpec(pages=2, robots=disallow_all)}) as site:
         url = f"{site.url('a')}/page/1"
-        queue = await anyio.to_thread.run_sync(SqliteQueue.open, storage, "default")
-        dataset = await anyio.to_thread.run_sync(JsonlDataset.open, storage, "default")
-        try:
-            with anyio.fail_after(30):
-                summary = await run(
-                    queue,
-                    fetch.handle,
-                    dataset,
-                    workers=workers(),
-                    start_urls=[url],
-                    politeness=PolitenessSettings(robots_txt=True),
-                )
-        finally:
-            dataset.close()
-            await queue.aclose()
+        with anyio.fail_after(30):
+            summary, _, queue = await crawl_site(
+                storage,
+                site,
+                ["a"],
+                cfg=workers(),
+                politeness=PolitenessSettings(robots_txt=True),
+                handler=fetch.handle,
+                start_urls=[url],
+            )
+        await queue.aclose()
         assert summary.stats["failed"] == 1
         assert site.log("a").paths() == ["/robots.txt"]
 

@@ -19,7 +19,6 @@ the resource clients that use it; they never close a client they were given.
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import gzip
 import json
 import math
@@ -27,7 +26,6 @@ import random
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal, NamedTuple, NoReturn, Self, TypedDict, TypeVar, Unpack
 from urllib.parse import quote, urlsplit
@@ -37,6 +35,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from runner.backoff import retry_after_secs
 from runner.errors import (
     InvalidInputError,
     LockLostError,
@@ -116,29 +115,12 @@ class ApiRetryPolicy:
 
     def delay(self, attempt: int, retry_after: str | None = None) -> float:
         """Seconds to wait after failed attempt `attempt` (0-based)."""
-        requested = _parse_retry_after(retry_after)
+        requested = retry_after_secs(retry_after)
         if requested is not None:
             return min(requested, self.max_retry_after)
         delay = self.base_delay * 2.0**attempt * random.uniform(1, 2)
         # Jitter the cap too, so clients that all reached it do not retry in lockstep.
         return min(delay, self.max_delay * random.uniform(0.75, 1))
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,11 +16,8 @@ sent before the block began do not raise it again (a burst of 429s is one event)
 from __future__ import annotations
 
 import heapq
-import math
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
@@ -28,10 +25,12 @@ import anyio
 import httpx
 import structlog
 
+from runner.backoff import retry_after_secs
+
 if TYPE_CHECKING:
     from runner.settings import PolitenessSettings
 
-__all__ = ["HostKey", "HostLimits", "HostState", "Hosts", "HostsStatistics", "host_key", "origin", "retry_after_secs"]
+__all__ = ["HostKey", "HostLimits", "HostState", "Hosts", "HostsStatistics", "host_key", "origin"]
 
 log = structlog.get_logger("headlock.politeness")
 
@@ -80,24 +79,6 @@ def origin(key: HostKey) -> str:
     scheme, host, port = key
     shown = f"[{host}]" if ":" in host else host
     return f"{scheme}://{shown}:{port}"
-
-
-def retry_after_secs(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds a Retry-After header asks for: a number, or an HTTP date (past: 0); None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 class HostLimits(NamedTuple):

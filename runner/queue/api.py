@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar, Unpack, cast
 
@@ -49,8 +49,10 @@ from runner.models import (
     Request,
     RequestDraft,
     RequestRegistration,
+    format_api_datetime,
     is_failed,
     parse_datetime,
+    utc_now,
     with_failed_mark,
 )
 from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequestPage, RequeueResult, can_requeue
@@ -177,11 +179,6 @@ def _claim_present(result: BatchAddResult) -> BatchAddResult:
             ]
         }
     )
-
-
-def _api_time(value: datetime) -> str:
-    """A timestamp as the API writes it: ISO-8601 UTC with milliseconds and `Z`."""
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _marked_user_data(user_data: Any) -> dict[str, Any]:
@@ -603,7 +600,7 @@ class ApiQueue:
         kept = list(errors) if isinstance(errors, list) else [] if errors is None else [errors]
         body = {
             **raw,
-            "handledAt": _api_time(datetime.now(UTC)),
+            "handledAt": format_api_datetime(utc_now()),
             "errorMessages": [*kept, message],
             "userData": _marked_user_data(raw.get("userData")),
         }

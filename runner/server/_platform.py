@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from runner.errors import InvalidInputError, NotFoundError
+from runner.models import format_api_datetime
 from runner.server import _wire as wire
 from runner.server._datasets import FORMATS, CsvOptions, Datasets, ItemsQuery, render
 from runner.server._kvs import KeyValueStores, validate_key
@@ -73,9 +74,9 @@ class PlatformEndpoints:
             "id": storage.id,
             "name": storage.name,
             "userId": "local",
-            "createdAt": wire.format_datetime(storage.created_at),
-            "modifiedAt": wire.format_datetime(changed),
-            "accessedAt": wire.format_datetime(changed),
+            "createdAt": format_api_datetime(storage.created_at),
+            "modifiedAt": format_api_datetime(changed),
+            "accessedAt": format_api_datetime(changed),
             "actId": None,
             "actRunId": None,
             "consoleUrl": url,
@@ -168,9 +169,9 @@ class PlatformEndpoints:
             "id": storage.id,
             "name": storage.name,
             "userId": "local",
-            "createdAt": wire.format_datetime(storage.created_at),
-            "modifiedAt": wire.format_datetime(changed),
-            "accessedAt": wire.format_datetime(changed),
+            "createdAt": format_api_datetime(storage.created_at),
+            "modifiedAt": format_api_datetime(changed),
+            "accessedAt": format_api_datetime(changed),
             "itemCount": count,
             "cleanItemCount": clean,
             "actId": None,

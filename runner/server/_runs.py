@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from runner.errors import InvalidInputError
-from runner.server import _wire as wire
+from runner.models import format_api_datetime
 
 __all__ = ["MAX_RUNS", "RunDefaults", "Runs"]
 
@@ -63,7 +63,7 @@ class Runs:
             "actId": "local",
             "userId": "local",
             "actorTaskId": None,
-            "startedAt": wire.format_datetime(self._started),
+            "startedAt": format_api_datetime(self._started),
             "finishedAt": None,
             "status": "RUNNING",
             "statusMessage": status.message,

@@ -9,7 +9,6 @@ import operator
 import re
 import zlib
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from itertools import accumulate, repeat
 from typing import Any, TypeVar
 
@@ -38,7 +37,6 @@ __all__ = [
     "error_body",
     "error_response",
     "flag",
-    "format_datetime",
     "is_storage_name",
     "limit",
     "lock_secs",
@@ -112,11 +110,6 @@ def model_response(model: BaseModel) -> Response:
     (the hot answers: a request, a registration)."""
     body = model.model_dump_json(by_alias=True, exclude_none=True).encode()
     return Response(b'{"data":' + body + b"}", media_type="application/json")
-
-
-def format_datetime(value: datetime) -> str:
-    """ISO-8601 UTC with milliseconds and `Z`, as the platform writes timestamps."""
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _invalid(message: str, error_type: str = "invalid-input") -> InvalidInputError:

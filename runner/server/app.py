@@ -28,7 +28,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runner.errors import HeadlockError, InvalidInputError, NotFoundError, QueueError
-from runner.models import BatchAddResult, QueueInfo, RequestDraft, utc_now
+from runner.models import BatchAddResult, QueueInfo, RequestDraft, format_api_datetime, utc_now
 from runner.models import Request as QueueRequest
 from runner.queue.protocol import MAX_BATCH, MAX_LOCK_LIMIT
 from runner.server import _requests_list as requests_list
@@ -61,9 +61,9 @@ def _queue_object(info: QueueInfo, base_url: str, queue_id: str) -> dict[str, An
     data = info.to_api()
     data["id"] = queue_id
     data["name"] = info.name
-    data["createdAt"] = wire.format_datetime(info.created_at)
-    data["modifiedAt"] = wire.format_datetime(info.modified_at)
-    data["accessedAt"] = wire.format_datetime(info.accessed_at)
+    data["createdAt"] = format_api_datetime(info.created_at)
+    data["modifiedAt"] = format_api_datetime(info.modified_at)
+    data["accessedAt"] = format_api_datetime(info.accessed_at)
     data["userId"] = "local"
     data["consoleUrl"] = f"{base_url}/v2/request-queues/{queue_id}"
     return data
@@ -155,7 +155,7 @@ class _Endpoints:
         return wire.data_response(
             {
                 "limit": limit,
-                "queueModifiedAt": wire.format_datetime(head.queue_modified_at),
+                "queueModifiedAt": format_api_datetime(head.queue_modified_at),
                 "hadMultipleClients": head.had_multiple_clients,
                 "items": head.items,
             }
@@ -170,14 +170,14 @@ class _Endpoints:
         full = request.query_params.get("headlockItems") == "full"
         queue = await self._queue(request)
         # The store does not return the expiry it set; the time before the call gives one no later than it.
-        expires = wire.format_datetime(utc_now() + timedelta(seconds=lock_secs))
+        expires = format_api_datetime(utc_now() + timedelta(seconds=lock_secs))
         with queue.keyless.key(key, locks=True) as client_key:
             head = await queue.store.lock_head(limit=limit, lock_secs=lock_secs, client_key=client_key)
         info = await queue.store.get_info()
         data: dict[str, Any] = {
             "limit": limit,
             "lockSecs": _whole(lock_secs),
-            "queueModifiedAt": wire.format_datetime(info.modified_at),
+            "queueModifiedAt": format_api_datetime(info.modified_at),
             "hadMultipleClients": head.had_multiple_clients,
             "queueHasLockedRequests": head.queue_has_locked_requests,
             "items": [
@@ -301,7 +301,7 @@ class _Endpoints:
             expires = await queue.store.prolong_lock(
                 request.path_params["request_id"], lock_secs=lock_secs, client_key=client_key, forefront=forefront
             )
-        return wire.data_response({"lockExpiresAt": wire.format_datetime(expires)})
+        return wire.data_response({"lockExpiresAt": format_api_datetime(expires)})
 
     async def delete_lock(self, request: Request) -> Response:
         """DELETE requests/R/lock: 204; the request goes to the head (`forefront`) or the end."""
