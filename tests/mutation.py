@@ -121,10 +121,20 @@ MUTANTS = [
     Mutant(
         "fence-store-handled-mark",
         "runner/queue/sqlite.py",
-        "        self._owned(request_id, client_key, endpoint)\n        now = self._clock()\n"
-        '        self._db.execute(\n            "UPDATE requests SET order_no = NULL',
-        '        now = self._clock()\n        self._db.execute(\n            "UPDATE requests SET order_no = NULL',
-        ("tests/test_store.py::test_mark_handled_is_fenced_on_the_lock",),
+        '    " WHERE id = ? AND lock_client = ? AND order_no IS NOT NULL AND lock_expires IS NOT NULL"\n',
+        '    " WHERE id = ? AND ? IS NOT NULL"\n',
+        (
+            "tests/test_store.py::test_mark_handled_is_fenced_on_the_lock",
+            "tests/test_store.py::test_handled_marks_committed_together_each_get_their_own_outcome",
+        ),
+    ),
+    Mutant(
+        # Handled marks committed together: when one misses, the group is undone and each goes alone.
+        "store-mark-group-miss",
+        "runner/queue/sqlite.py",
+        "        if cursor.rowcount != len(marks):\n",
+        "        if False:\n",
+        ("tests/test_store.py::test_handled_marks_committed_together_each_get_their_own_outcome",),
     ),
     Mutant(
         # The handler's scope, shielded for the commit, takes the commit's deadline (a stalled mark lets go).

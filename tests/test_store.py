@@ -19,7 +19,14 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from runner.errors import AlreadyHandledError, InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
+from runner.errors import (
+    AlreadyHandledError,
+    InvalidInputError,
+    LockLostError,
+    NotFoundError,
+    QueueError,
+    QueueUnavailableError,
+)
 from runner.models import QueueCounts, Request, RequestDraft, with_failed_mark
 from runner.queue._checkpoint import Checkpointer
 from runner.queue.admin import MAX_REQUEUE_BATCH, QueueAdmin, RequeueResult
@@ -1505,6 +1512,45 @@ async def test_mark_handled_is_fenced_on_the_lock(store: SqliteQueue) -> None:
         request = await store.get_request(request_id)
         assert request is not None
         assert (request.handled_at is not None) == (request_id == theirs_id)
+
+
+@pytest.mark.anyio
+async def test_handled_marks_committed_together_each_get_their_own_outcome(store: SqliteQueue) -> None:
+    """Marks that arrive together go in one group commit (one statement for all); when one of them misses, the
+    others still apply and the miss gets its own error, as if each had gone alone."""
+    ids = await add(store, 0, 1, 2, 3, 4)
+    assert await lock_keys(store, A, limit=4) == ["0", "1", "2", "3"]
+    assert await lock_keys(store, B, limit=1) == ["4"]
+    await store.mark_handled(ids[3], client_key=A)
+    outcomes: dict[int, BaseException | None] = {}
+
+    async def mark(n: int) -> None:
+        try:
+            await store.mark_handled(ids[n], client_key=A)
+            outcomes[n] = None
+        except QueueError as exc:
+            outcomes[n] = exc
+
+    async with raw_connection(store.path) as raw:
+        await raw.execute("BEGIN IMMEDIATE")  # the store's next write waits for it: the marks queue up behind
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(partial(store.batch_add, [draft("x")], client_key=A))
+                await anyio.wait_all_tasks_blocked()
+                for n in range(5):
+                    tg.start_soon(mark, n)
+                await anyio.wait_all_tasks_blocked()
+                await raw.execute("ROLLBACK")
+    assert [outcomes[n] for n in range(3)] == [None, None, None]
+    assert isinstance(outcomes[3], AlreadyHandledError)
+    assert isinstance(outcomes[4], LockLostError)
+    info = await store.get_info()
+    assert (info.handled_request_count, info.pending_request_count) == (4, 2)
+    for n, request_id in enumerate(ids):
+        request = await store.get_request(request_id)
+        assert request is not None
+        assert (request.handled_at is not None) == (n < 4)
+    assert [(request_id, holder) for request_id, holder, _ in await store.locks()] == [(ids[4], B)]
 
 
 @pytest.mark.anyio

@@ -206,6 +206,13 @@ _LIST_STATES = (
 """The SQL of `list_requests`'s states, in its argument order: locked, pending, failed, handled (each `?` is now)."""
 
 
+_MARK_HANDLED = (
+    "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, failed = 0,"
+    " data = json_set(data, '$.handledAt', ?)"
+    " WHERE id = ? AND lock_client = ? AND order_no IS NOT NULL AND lock_expires IS NOT NULL"
+)
+"""A handled mark fenced on its holder (`_check_holder`'s rule in the `WHERE`): it updates no row unless ours."""
+
 _HEAD_FIELDS = ("uniqueKey", "url", "method", "retryCount")
 """The fields of a head item after its `id` (taken from the row)."""
 
@@ -481,6 +488,18 @@ class SqliteQueue:
         Raises:
             sqlite3.Error: a SAVEPOINT, ROLLBACK TO or RELEASE failed (the transaction is lost too).
         """
+        marks = [op for op in batch if getattr(op.fn, "__func__", None) is SqliteQueue._mark_handled]
+        if len(marks) > 1:
+            try:
+                done = self._mark_all(marks)
+            except sqlite3.Error as exc:
+                if not self._db.in_transaction:
+                    return exc
+                self._db.execute("ROLLBACK TO marks")
+                self._db.execute("RELEASE marks")
+                done = False  # each mark alone, to get its own error
+            if done:  # the writes of one batch are concurrent calls: any order of them is a valid one
+                batch = [op for op in batch if getattr(op.fn, "__func__", None) is not SqliteQueue._mark_handled]
         for op in batch:
             self._db.execute("SAVEPOINT op")
             try:
@@ -495,6 +514,28 @@ class SqliteQueue:
                 self._db.execute("ROLLBACK TO op")
             self._db.execute("RELEASE op")
         return None
+
+    def _mark_all(self, marks: list[_Write[Any]]) -> bool:
+        """Apply a batch's handled marks in the savepoint `marks`, each fenced in the `WHERE` of one `executemany`:
+        the queue row is updated once for all of them, not once per mark. False (nothing of it kept) when any mark
+        missed: then each goes alone, so the miss gets its own error.
+
+        Raises:
+            sqlite3.Error: a statement failed, the savepoint still open (`_run_savepoints` undoes it).
+        """
+        now = self._clock()
+        stamp = format_api_datetime(_to_datetime(now))
+        self._db.execute("SAVEPOINT marks")
+        cursor = self._db.executemany(_MARK_HANDLED, [(stamp, *op.args[:2]) for op in marks])
+        if cursor.rowcount != len(marks):
+            self._db.execute("ROLLBACK TO marks")
+            self._db.execute("RELEASE marks")
+            return False
+        self._db.execute("UPDATE queue SET handled = handled + ?", (len(marks),))
+        for client_key in {op.args[1] for op in marks}:
+            self._touch(now, client_key)
+        self._db.execute("RELEASE marks")
+        return True
 
     def _clock(self) -> int:
         """Return the store's time in microseconds, strictly after the file's last write's (see `StoreClock`).
@@ -739,13 +780,11 @@ class SqliteQueue:
         await self._run(self._mark_handled, request_id, client_key, endpoint, endpoint=endpoint)
 
     def _mark_handled(self, request_id: str, client_key: str, endpoint: str) -> None:
-        self._owned(request_id, client_key, endpoint)
         now = self._clock()
-        self._db.execute(
-            "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, failed = 0,"
-            " data = json_set(data, '$.handledAt', ?) WHERE id = ?",
-            (format_api_datetime(_to_datetime(now)), request_id),
-        )
+        marked = self._db.execute(_MARK_HANDLED, (format_api_datetime(_to_datetime(now)), request_id, client_key))
+        if marked.rowcount != 1:
+            self._owned(request_id, client_key, endpoint)  # raises the reason
+            raise AssertionError(f"{endpoint}: the lock holder's row was not updated")  # pragma: no cover
         self._db.execute("UPDATE queue SET handled = handled + 1")
         self._touch(now, client_key)
 
