@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import anyio
 import structlog
-from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.backoff import Backoff
 from runner.errors import InvalidInputError, NotFoundError, QueueError, UnauthorizedError
 from runner.finish import RecentAdds, unconfirmed_adds
+from runner.handoff import Handoff
 from runner.leases import Lease, Leases
 from runner.models import LockedHead
 from runner.queue.protocol import RequestQueue
@@ -29,7 +29,7 @@ _BACKOFF_SLACK = 0.05
 
 async def fetch(
     queue: RequestQueue,
-    send: MemoryObjectSendStream[Lease],
+    send: Handoff[Lease],
     leases: Leases,
     stats: RunStats,
     *,
@@ -44,7 +44,7 @@ async def fetch(
     next_backoff_end: Callable[[], float | None] = lambda: None,
     recent: RecentAdds | None = None,
 ) -> None:
-    """Lock up to `min(batch, free room)` requests per call and send them; close `send` when the queue is done.
+    """Lock up to `min(batch, free room)` requests per call and hand them to `send`; end it when the queue is done.
 
     Room is `capacity` (workers + prefetch) minus the leases held; while prefetched work waits, it locks only when a
     whole batch fits. While the head is empty it waits for a local
@@ -68,7 +68,7 @@ async def fetch(
 
     room = _Room(leases, stats, capacity=capacity, batch=batch, max_requests=max_requests)
     orphans = False
-    async with send:
+    try:
         while True:
             if room.exhausted():
                 log.info("fetch.max_requests_reached", max_requests=max_requests)
@@ -109,17 +109,17 @@ async def fetch(
                 wait = min(wait, max(comes_back - anyio.current_time(), 0) + _BACKOFF_SLACK)
             with anyio.move_on_after(wait):
                 await leases.wait_changed()
+    finally:
+        send.end()
 
 
-def _hand_out(
-    head: LockedHead, send: MemoryObjectSendStream[Lease], leases: Leases, *, started: float, lock_secs: float
-) -> int:
+def _hand_out(head: LockedHead, send: Handoff[Lease], leases: Leases, *, started: float, lock_secs: float) -> int:
     """Register and buffer the locked requests; return how many."""
     # Dated from the attempt that took the locks (after any retries), not from before the first one.
     expires_at = (head.locked_at if head.locked_at is not None else started) + lock_secs
     for request in head.items:
         # No checkpoint between registering and buffering: a lease is always either buffered or in flight.
-        send.send_nowait(leases.add(request, expires_at))
+        send.put(leases.add(request, expires_at))
     return len(head.items)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,12 +13,12 @@ from typing import Any
 import anyio
 import httpx
 import structlog
-from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.commit import Committer, RetryPolicy
 from runner.context import SharedHttp
 from runner.errors import ConfigError, QueueError
 from runner.fetcher import fetch
+from runner.handoff import Handoff
 from runner.heartbeat import keep_alive
 from runner.leases import Lease, Leases
 from runner.loopwatch import LoopMonitor
@@ -119,7 +118,7 @@ async def run(
         client_key=client_key,
         policy=RetryPolicy(max_retries=cfg.max_retries, backoff=cfg.retry_backoff),
     )
-    send, receive = anyio.create_memory_object_stream[Lease](math.inf)
+    handoff = Handoff[Lease]()  # the fetcher's leases to the workers
     fetch_scope, crawl_scope = anyio.CancelScope(), anyio.CancelScope()
     crawl_done = anyio.Event()
     structlog.contextvars.bind_contextvars(client_key=client_key)
@@ -132,9 +131,6 @@ async def run(
             queue, committer, stable_key=bool(cfg.client_key), start_urls=start_urls, key_function=unique_key
         )
 
-        buffered = receive.clone()  # shutdown's handle on prefetched requests
-        workers_receive = [receive.clone() for _ in range(cfg.concurrency)]
-        receive.close()
         async with anyio.create_task_group() as services:
             await services.start(monitor.watch)
             await services.start(
@@ -165,7 +161,7 @@ async def run(
                     drain_on_stop,
                     stopper,
                     fetch_scope=fetch_scope,
-                    buffered=buffered,
+                    buffered=handoff,
                     crawl_scope=crawl_scope,
                     crawl_done=crawl_done,
                     committer=committer,
@@ -180,7 +176,7 @@ async def run(
                                 _fetch_until_stopped,
                                 fetch_scope,
                                 queue=queue,
-                                send=send,
+                                send=handoff,
                                 committer=committer,
                                 cfg=cfg,
                                 hosts=hosts,
@@ -198,11 +194,11 @@ async def run(
                             errors=errors,
                             hosts=hosts,
                         )
-                        for worker_receive in workers_receive:
-                            crawl.start_soon(worker.run, worker_receive)
+                        for _ in range(cfg.concurrency):
+                            crawl.start_soon(worker.run, handoff)
             finally:
                 crawl_done.set()
-                buffered.close()
+                handoff.end()
                 released = await release_all(committer, deadline=_stop_deadline(stopper, cfg.grace))
                 services.cancel_scope.cancel()
     except BaseExceptionGroup as group:
@@ -357,7 +353,7 @@ async def _fetch_until_stopped(
     scope: anyio.CancelScope,
     *,
     queue: RequestQueue,
-    send: MemoryObjectSendStream[Lease],
+    send: Handoff[Lease],
     committer: Committer,
     cfg: WorkerSettings,
     hosts: Hosts | None = None,
@@ -388,7 +384,7 @@ async def _fetch_until_stopped(
             # A consistent head needs no read-back of recent adds before the run may call the queue finished.
             recent=None if isinstance(queue, ConsistentHead) else committer.recent,
         )
-    send.close()  # cancelled or done: no more work either way
+    send.end()  # cancelled or done: no more work either way
 
 
 def _sooner(*ends: Callable[[], float | None]) -> float | None:

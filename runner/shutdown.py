@@ -20,10 +20,10 @@ import math
 
 import anyio
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from runner.commit import Committer
 from runner.errors import LockLostError, QueueError
+from runner.handoff import Handoff
 from runner.leases import Lease
 
 __all__ = ["Stopper", "drain_on_stop", "release_all"]
@@ -78,7 +78,7 @@ async def drain_on_stop(
     stopper: Stopper,
     *,
     fetch_scope: anyio.CancelScope,
-    buffered: MemoryObjectReceiveStream[Lease],
+    buffered: Handoff[Lease],
     crawl_scope: anyio.CancelScope,
     crawl_done: anyio.Event,
     committer: Committer,
@@ -90,13 +90,7 @@ async def drain_on_stop(
     leases = committer.leases
     committer.stop_deadline = stopped + grace + COMMIT_GRACE  # handlers finishing late still get to commit
     fetch_scope.cancel()  # 1.
-    prefetched = []  # 2. taken synchronously, so no worker can start one of them meanwhile
-    while True:
-        try:
-            prefetched.append(buffered.receive_nowait())
-        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-            break
-    buffered.close()
+    prefetched = buffered.take_all()  # 2. taken synchronously, so no worker can start one of them meanwhile
     with anyio.move_on_after(GIVE_BACK_TIMEOUT):
         async with anyio.create_task_group() as tg:
             for lease in prefetched:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -12,7 +12,6 @@ from typing import Any
 import anyio
 import httpx
 import structlog
-from anyio.abc import ObjectReceiveStream
 
 from runner.commit import Committer
 from runner.context import Context, SharedHttp
@@ -62,27 +61,26 @@ class Worker:
     hosts: Hosts | None = field(default=None, kw_only=True)
     """The shared client's hosts: a request whose host would hold this worker long is given back (`_defer`)."""
 
-    async def run(self, receive: ObjectReceiveStream[Lease]) -> None:
-        """Handle leases from `receive` until it is closed and empty.
+    async def run(self, receive: AsyncIterable[Lease]) -> None:
+        """Handle leases from `receive` (the fetcher's `Handoff`, or any stream of leases) until it ends.
 
         A lease lost while its handler runs cancels the handler; the request is dropped, not marked. Cancellation of
         the worker itself (shutdown after the grace period) leaves the lease in `leases` for shutdown to release.
         """
-        async with receive:
-            async for lease in receive:
-                request = lease.request
-                # bind/reset rather than `bound_contextvars`: half the cost without the generator context manager.
-                tokens = structlog.contextvars.bind_contextvars(
-                    request_id=request.id, url=request.url, attempt=request.retry_count + 1
-                )
-                hosts = self.hosts
-                claimed, defer_s = hosts.admit(request.url) if hosts is not None else (None, 0.0)
-                try:
-                    await (self._defer(lease, defer_s) if defer_s else self._attempt(lease))
-                finally:
-                    if claimed is not None:
-                        Hosts.leave(claimed)
-                    structlog.contextvars.reset_contextvars(**tokens)
+        async for lease in receive:
+            request = lease.request
+            # bind/reset rather than `bound_contextvars`: half the cost without the generator context manager.
+            tokens = structlog.contextvars.bind_contextvars(
+                request_id=request.id, url=request.url, attempt=request.retry_count + 1
+            )
+            hosts = self.hosts
+            claimed, defer_s = hosts.admit(request.url) if hosts is not None else (None, 0.0)
+            try:
+                await (self._defer(lease, defer_s) if defer_s else self._attempt(lease))
+            finally:
+                if claimed is not None:
+                    Hosts.leave(claimed)
+                structlog.contextvars.reset_contextvars(**tokens)
 
     async def _defer(self, lease: Lease, delay: float) -> None:
         """Give `lease` back unstarted for `delay` s: its host is busy, and other requests must not wait for it.

@@ -129,6 +129,22 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        # A worker cancelled after the fetcher handed it a lease, before it ran, passes the lease on.
+        "handoff-put-back",
+        "runner/handoff.py",
+        "                self._offer(waiter.item, back=True)",
+        "                pass",
+        ("tests/test_handoff.py::test_an_item_handed_to_a_consumer_cancelled_before_it_ran_goes_to_the_next",),
+    ),
+    Mutant(
+        # A worker cancelled while it waited is no longer handed leases (they would go nowhere).
+        "handoff-forget-cancelled",
+        "runner/handoff.py",
+        "                self._waiters.remove(waiter)\n",
+        "                pass\n",
+        ("tests/test_handoff.py::test_a_consumer_cancelled_while_waiting_is_not_handed_anything",),
+    ),
+    Mutant(
         # Handled marks committed together: when one misses, the group is undone and each goes alone.
         "store-mark-group-miss",
         "runner/queue/sqlite.py",

@@ -40,6 +40,7 @@ from runner import (
 )
 from runner.commit import Committer, RetryPolicy
 from runner.context import make_draft
+from runner.handoff import Handoff
 from runner.heartbeat import keep_alive
 from runner.leases import Lease, Leases
 from runner.models import utc_now
@@ -572,11 +573,11 @@ async def test_a_lease_that_ran_out_while_buffered_is_not_run(queue: SqliteQueue
     head = await queue.lock_head(limit=1, lock_secs=30, client_key="k")
     leases, stats = Leases(), RunStats()
     committer = Committer(queue, leases, dataset, stats, client_key="k", policy=RetryPolicy())
-    send, receive = anyio.create_memory_object_stream[Lease](1)
-    send.send_nowait(leases.add(head.items[0], anyio.current_time() - 0.001))
-    send.close()
+    handoff = Handoff[Lease]()
+    handoff.put(leases.add(head.items[0], anyio.current_time() - 0.001))
+    handoff.end()
     async with httpx.AsyncClient() as http:
-        await Worker(handle, committer, http, {}, 10.0).run(receive)
+        await Worker(handle, committer, http, {}, 10.0).run(handoff)
     assert ran == []
     assert stats.lost == 1
     request = await queue.get_request(RID)

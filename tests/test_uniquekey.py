@@ -19,6 +19,7 @@ from runner import Context, InvalidUrlError, JsonlDataset, Request, RequestDraft
 from runner.commit import Committer, RetryPolicy
 from runner.context import make_draft
 from runner.errors import ConfigError
+from runner.handoff import Handoff
 from runner.leases import Lease, Leases
 from runner.stats import RunStats
 from runner.uniquekey import KeyConvention, normalize_parts, normalize_url, request_id_for, unique_key_function
@@ -200,13 +201,13 @@ async def test_a_worker_enqueues_links_under_its_convention(
     head = await queue.lock_head(limit=1, lock_secs=30, client_key="k")
     leases, stats = Leases(), RunStats()
     committer = Committer(queue, leases, dataset, stats, client_key="k", policy=RetryPolicy())
-    send, receive = anyio.create_memory_object_stream[Lease](1)
-    send.send_nowait(leases.add(head.items[0], anyio.current_time() + 30))
-    send.close()
+    handoff = Handoff[Lease]()
+    handoff.put(leases.add(head.items[0], anyio.current_time() + 30))
+    handoff.end()
     key = normalize_url(link, convention)
     with anyio.fail_after(10):
         async with httpx.AsyncClient() as http:
-            await Worker(handle, committer, http, {}, 10.0, unique_key=unique_key_function(convention)).run(receive)
+            await Worker(handle, committer, http, {}, 10.0, unique_key=unique_key_function(convention)).run(handoff)
     added = await queue.get_request(request_id_for(key))
     assert added is not None
     assert (added.unique_key, added.url) == (key, link)
