@@ -26,6 +26,7 @@ from runner.errors import (
     RateLimitedError,
 )
 from runner.finish import RecentAdds
+from runner.groupcommit import Batched, GroupCommit
 from runner.leases import Lease, Leases
 from runner.models import Request, RequestDraft, has_failed_mark, utc_now, with_failed_mark, without_failed_mark
 from runner.queue.completion import AtomicCompletion
@@ -118,14 +119,16 @@ async def _send(
     return new
 
 
-@dataclass(eq=False, slots=True)
-class _PendingAdd:
+class _PendingAdd(Batched):
     """One caller's drafts waiting for, or sent in, a shared batch."""
 
-    drafts: Sequence[RequestDraft]
-    taken: bool = False
-    added: int = 0
-    error: QueueError | None = None
+    __slots__ = ("added", "drafts", "error")
+
+    def __init__(self, drafts: Sequence[RequestDraft]) -> None:
+        self.drafts = drafts
+        self.taken = self.done = False
+        self.added = 0
+        self.error: QueueError | None = None
 
 
 _NOTES = 10_000
@@ -188,8 +191,10 @@ class Committer:
         self.backoff_until = 0.0
         """When the last retry backoff given here ends (`anyio.current_time()`): its lock is ours until then."""
         self._backoff_ends: list[float] = []  # a heap
-        self._add_turn = anyio.Lock(fast_acquire=True)
-        self._pending: dict[bool, list[_PendingAdd]] = {False: [], True: []}
+        self._adds = {
+            forefront: GroupCommit[_PendingAdd](partial(self._send_shared, forefront=forefront))
+            for forefront in (False, True)
+        }
         self._expired: OrderedDict[str, str] = OrderedDict()
         self._completion = queue if isinstance(queue, AtomicCompletion) and queue.completes_into(dataset) else None
         """The queue, when it commits links, items and the handled mark together into this dataset."""
@@ -222,20 +227,7 @@ class Committer:
         if not drafts:
             return 0
         op = _PendingAdd(drafts)
-        pending = self._pending[forefront]
-        pending.append(op)
-        try:
-            async with self._add_turn:
-                if not op.taken:
-                    batch = list(pending)
-                    pending.clear()
-                    for queued in batch:
-                        queued.taken = True
-                    await self._send_shared(batch, forefront=forefront)
-        except BaseException:
-            if not op.taken:
-                pending.remove(op)  # cancelled before it was sent: nothing of it happened
-            raise
+        await self._adds[forefront].submit(op)  # cancelled before it was sent, nothing of it happened
         if op.error is not None:
             raise op.error
         self.stats.enqueued += op.added

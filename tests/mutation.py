@@ -129,6 +129,22 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        # A store call whose caller is cancelled runs to its end before the caller goes on.
+        "store-thread-cancel-waits",
+        "runner/queue/_thread.py",
+        "            if not job.done:",
+        "            if False:",
+        ("tests/test_store.py::test_a_call_cancelled_while_it_runs_in_the_store_thread_waits_for_its_end",),
+    ),
+    Mutant(
+        # A group-committed call cancelled before its batch was taken is never written (the store, shared adds).
+        "groupcommit-cancel-drops",
+        "runner/groupcommit.py",
+        "                self._pending.remove(call)\n",
+        "                pass\n",
+        ("tests/test_groupcommit.py::test_a_call_cancelled_before_its_batch_is_taken_is_never_written",),
+    ),
+    Mutant(
         # A worker cancelled after the fetcher handed it a lease, before it ran, passes the lease on.
         "handoff-put-back",
         "runner/handoff.py",

@@ -285,6 +285,33 @@ async def test_open_takes_no_lock_and_the_first_call_waits_off_the_event_loop(tm
     assert [info.total_request_count for info in infos] == [1]
 
 
+@pytest.mark.anyio
+async def test_a_call_cancelled_while_it_runs_in_the_store_thread_waits_for_its_end(store: SqliteQueue) -> None:
+    """Cancelling a caller does not leave the connection in the middle of its call: it returns when the call ends."""
+    await add(store, 1)
+    returned = anyio.Event()
+
+    async def cancelled_call(scope: anyio.CancelScope) -> None:
+        with scope:
+            await store.batch_add([draft(2)], client_key=A)  # waits in the thread for the raw lock
+        returned.set()
+
+    async with raw_connection(store.path) as raw:
+        await raw.execute("BEGIN IMMEDIATE")
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                scope = anyio.CancelScope()
+                tg.start_soon(cancelled_call, scope)
+                await anyio.wait_all_tasks_blocked()
+                scope.cancel()
+                await anyio.wait_all_tasks_blocked()
+                assert not returned.is_set()  # still waiting for its call in the thread
+                await raw.execute("ROLLBACK")
+                await returned.wait()
+    assert scope.cancelled_caught
+    assert (await store.get_info()).total_request_count == 2  # the call ran to its end
+
+
 def nested(depth: int) -> dict[str, object]:
     """A dict nested `depth` levels deep."""
     value: dict[str, object] = {}

@@ -38,6 +38,7 @@ import anyio.to_thread
 import structlog
 
 from runner.errors import AlreadyHandledError, InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
+from runner.groupcommit import Batched, GroupCommit
 from runner.metrics import Metrics
 from runner.models import (
     AddedRequest,
@@ -67,6 +68,7 @@ from runner.queue._rows import (
     _to_datetime,
     validate_queue_name,
 )
+from runner.queue._thread import StoreThread
 from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequestPage, RequeueResult, can_requeue
 from runner.queue.protocol import MAX_BATCH, MAX_LOCK_LIMIT
 from runner.uniquekey import request_id_for
@@ -226,16 +228,16 @@ class Head:
     had_multiple_clients: bool
 
 
-class _Write(Generic[T]):
+class _Write(Batched, Generic[T]):
     """One write waiting for, or done by, a group commit."""
 
-    __slots__ = ("args", "endpoint", "error", "fn", "result", "taken")
+    __slots__ = ("args", "endpoint", "error", "fn", "result")
 
     def __init__(self, fn: Callable[..., T], args: tuple[Any, ...], endpoint: str) -> None:
         self.fn = fn
         self.args = args
         self.endpoint = endpoint
-        self.taken = False
+        self.taken = self.done = False
         self.result: T | None = None
         self.error: BaseException | None = None
 
@@ -272,12 +274,11 @@ class SqliteQueue:
         self._metrics = metrics or Metrics()
         self._time = clock or StoreClock()
         self._busy_timeout = busy_timeout
-        self._limiter = anyio.CapacityLimiter(1)
-        self._write_turn = anyio.Lock(fast_acquire=True)
+        self._thread = StoreThread(f"headlock-store {path.name}")
         self._opening = anyio.Lock(fast_acquire=True)
         self._db: sqlite3.Connection  # connected by `_setup`
         self._connected = self._ready = self._closed = False
-        self._pending: list[_Write[Any]] = []
+        self._writes = GroupCommit[_Write[Any]](self._write_in_thread)
         self._known_clients: set[str] = set()
         self._checkpointer = Checkpointer(path)
 
@@ -303,7 +304,7 @@ class SqliteQueue:
         """Run `_setup` in the store's thread unless it has succeeded; one caller at a time."""
         async with self._opening:
             if not self._ready:
-                await anyio.to_thread.run_sync(self._setup, endpoint, limiter=self._limiter)
+                await self._thread.run(self._setup, endpoint)
 
     def _setup(self, endpoint: str) -> None:
         """Connect, put the file in WAL mode and create the schema (once; a failure leaves it to the next operation).
@@ -423,21 +424,13 @@ class SqliteQueue:
                 except sqlite3.Error as exc:
                     raise self._map(exc, endpoint) from exc
 
-            return await anyio.to_thread.run_sync(read, limiter=self._limiter)
+            return await self._thread.run(read)
         op = _Write(fn, args, endpoint)
-        self._pending.append(op)
-        try:
-            async with self._write_turn:
-                if not op.taken:
-                    batch, self._pending = self._pending, []
-                    for queued in batch:
-                        queued.taken = True
-                    await anyio.to_thread.run_sync(self._write_batch, batch, limiter=self._limiter)
-        except BaseException:
-            if not op.taken:
-                self._pending.remove(op)  # cancelled before it was written: it never happens
-            raise
+        await self._writes.submit(op)  # cancelled before its batch is taken, it never happens
         return op.outcome()
+
+    async def _write_in_thread(self, batch: list[_Write[Any]]) -> None:
+        await self._thread.run(self._write_batch, batch)
 
     def _write_batch(self, batch: list[_Write[Any]]) -> None:
         with self._checkpointer.writing:
@@ -1088,7 +1081,10 @@ class SqliteQueue:
 
         Idempotent.
         """
-        await anyio.to_thread.run_sync(self._close, limiter=self._limiter)
+        try:
+            await self._thread.run(self._close)
+        finally:
+            self._thread.stop()
 
     def _close(self) -> None:
         self._closed = True
