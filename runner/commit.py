@@ -29,8 +29,8 @@ from runner.finish import RecentAdds
 from runner.groupcommit import Batched, GroupCommit
 from runner.leases import Lease, Leases
 from runner.models import Request, RequestDraft, has_failed_mark, utc_now, with_failed_mark, without_failed_mark
-from runner.queue.completion import AtomicCompletion
-from runner.queue.protocol import MAX_BATCH, HandledMark, RequestQueue
+from runner.queue.completion import AtomicCompletion, Completion
+from runner.queue.protocol import MAX_BATCH, ConsistentHead, HandledMark, RequestQueue
 from runner.results.protocol import ResultsSink
 from runner.stats import RunStats
 from runner.uniquekey import KeyMemo
@@ -185,7 +185,9 @@ class Committer:
         self.key_memo = KeyMemo()
         """The uniqueKeys of URL texts handlers enqueued (`Context`'s `key_memo`)."""
         self.recent = RecentAdds()
-        """What this process added lately: read back before the run may call the queue finished."""
+        """What this process added lately: read back before the run may call the queue finished (not kept for a
+        queue whose head shows every add at once, `ConsistentHead`)."""
+        self._recent = None if isinstance(queue, ConsistentHead) else self.recent
         self.stop_deadline = math.inf
         """Set by shutdown: commits started from now on end by then (their shielded scope's deadline)."""
         self.backoff_until = 0.0
@@ -245,7 +247,7 @@ class Committer:
                 client_key=self.client_key,
                 forefront=forefront,
                 seen=self.seen,
-                recent=self.recent,
+                recent=self._recent,
             )
         except BaseException as exc:
             # Every caller in the batch must learn it failed, or it would mark its request handled without its links.
@@ -301,22 +303,47 @@ class Committer:
     async def _commit_in_steps(
         self, lease: Lease, enqueues: Mapping[bool, Sequence[RequestDraft]], items: Sequence[str]
     ) -> None:
-        """Links, then items, then the fenced handled mark, each its own call (`succeed`)."""
+        """Links, then items, then the fenced handled mark, each its own call (`succeed`); on a queue that marks
+        handled by id (`HandledMark`), the links are checked first and go with the mark, in one write."""
+        marker = self._marker
+        if marker is not None and not has_failed_mark(lease.request.user_data):
+            seen = self.seen.keys()
+            # Raises InvalidInputError before anything is written, as the add of such a link would.
+            links = marker.prepare_links(
+                {
+                    ff: fresh
+                    for ff, drafts in enqueues.items()
+                    if (fresh := [d for d in drafts if d.unique_key not in seen])
+                }
+            )
+            await self._push(lease, items, "the request was being committed")
+            complete = partial(marker.mark_handled, lease.request.id, client_key=self.client_key, links=links)
+            self._learn(await self._patiently(lease, "marking it handled", complete))
+            return
         for forefront, drafts in enqueues.items():
             await self._patiently(lease, "adding its links", partial(self.add, drafts, forefront=forefront))
+        await self._push(lease, items, "the request's links were being added")
+        mark = partial(self.queue.update_request, _handled(lease), client_key=self.client_key, lock_required=True)
+        await self._patiently(lease, "marking it handled", mark)
+
+    async def _push(self, lease: Lease, items: Sequence[str], doing: str) -> None:
+        """Store the attempt's items, fenced before (while `doing`) and after: nothing more is written under a lease
+        lost meanwhile."""
         # Checked after the adds (awaited) and before anything else is written, and again after a push of
         # items (a sink over the API awaits; the local file does not, but one more check costs nothing).
-        self._fence(lease, "the request's links were being added")
+        self._fence(lease, doing)
         if items:
             stored = await self.dataset.push_lines(items)  # not `+= await`: that reads the count before
             self.stats.items += stored
             self._fence(lease, "the request's items were being stored")
-        mark: Callable[[], Awaitable[object]]
-        if self._marker is not None and not has_failed_mark(lease.request.user_data):
-            mark = partial(self._marker.mark_handled, lease.request.id, client_key=self.client_key)
-        else:
-            mark = partial(self.queue.update_request, _handled(lease), client_key=self.client_key, lock_required=True)
-        await self._patiently(lease, "marking it handled", mark)
+
+    def _learn(self, done: Completion) -> None:
+        """Remember the links a completion or a handled mark stored: `seen` (all), recent adds, the count (new)."""
+        for unique_key, request_id in done.links.items():
+            self.seen.add(unique_key)
+            if unique_key in done.new and self._recent is not None:
+                self._recent.add(request_id)
+        self.stats.enqueued += len(done.new)
 
     async def _complete(
         self,
@@ -340,11 +367,7 @@ class Committer:
         except _Applied:
             self.stats.items += len(items)  # in the applied transaction, with the mark
             raise
-        for unique_key, request_id in done.links.items():
-            self.seen.add(unique_key)
-            if unique_key in done.new:
-                self.recent.add(request_id)
-        self.stats.enqueued += len(done.new)
+        self._learn(done)
         self.stats.items += done.items
 
     async def fail(self, lease: Lease, error: str, *, permanent: bool = False) -> None:
@@ -400,7 +423,7 @@ class Committer:
             _Gone: the lease was lost while waiting.
             QueueError: a refusal, or still unavailable when the lease would run out before the next try.
         """
-        backoff = Backoff(initial=0.25, maximum=5.0)
+        backoff: Backoff | None = None
         unanswered = False
         while True:
             try:
@@ -411,6 +434,7 @@ class Committer:
                 raise
             except (QueueUnavailableError, RateLimitedError) as exc:
                 unanswered = unanswered or exc.maybe_applied
+                backoff = backoff or Backoff(initial=0.25, maximum=5.0)
                 delay = backoff.next()
                 if not lease.valid(anyio.current_time() + delay):
                     raise

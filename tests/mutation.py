@@ -137,6 +137,15 @@ MUTANTS = [
         ("tests/test_store.py::test_a_call_cancelled_while_it_runs_in_the_store_thread_waits_for_its_end",),
     ),
     Mutant(
+        # The links going with the handled mark are checked before the items are stored (a refused link fails the
+        # attempt with nothing of it written, so its retry does not store the items twice).
+        "commit-links-checked-before-items",
+        "runner/commit.py",
+        "            # Raises InvalidInputError before anything is written, as the add of such a link would.\n",
+        '            await self._push(lease, items, "the request was being committed")\n',
+        ("tests/test_faults.py::test_a_commit_the_queue_refuses_is_recorded_and_retried_per_policy",),
+    ),
+    Mutant(
         # A group-committed call cancelled before its batch was taken is never written (the store, shared adds).
         "groupcommit-cancel-drops",
         "runner/groupcommit.py",

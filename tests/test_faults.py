@@ -131,9 +131,11 @@ async def test_a_commit_that_outlives_its_timeout_lets_go_of_the_lease(
 async def test_a_commit_the_queue_refuses_is_recorded_and_retried_per_policy(
     queue: SqliteQueue, dataset: JsonlDataset
 ) -> None:
-    """A link with no JSON form makes the commit fail for good: recorded as an attempt, then failed, not looped."""
+    """A link with no JSON form makes the commit fail for good: recorded as an attempt, then failed, not looped; the
+    attempts' items are not stored (the links are checked before anything is written)."""
 
     async def handle(ctx: Context) -> None:
+        await ctx.push_data({"url": ctx.url})
         await ctx.enqueue("https://a.example/child", user_data={"when": object()})
 
     await seed(queue, [URL])
@@ -147,6 +149,7 @@ async def test_a_commit_the_queue_refuses_is_recorded_and_retried_per_policy(
     assert all(m.startswith("commit failed: ") and "JSON" in m for m in request.error_messages)
     assert summary.stats["failed"] == 1
     assert await queue.get_request(request_id_for("https://a.example/child")) is None
+    assert await items_of(dataset) == []
 
 
 async def test_a_handler_blocking_the_event_loop_ends_after_max_retries_and_says_so(

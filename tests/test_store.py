@@ -1544,7 +1544,8 @@ async def test_mark_handled_is_fenced_on_the_lock(store: SqliteQueue) -> None:
 @pytest.mark.anyio
 async def test_handled_marks_committed_together_each_get_their_own_outcome(store: SqliteQueue) -> None:
     """Marks that arrive together go in one group commit (one statement for all); when one of them misses, the
-    others still apply and the miss gets its own error, as if each had gone alone."""
+    others still apply with their links and the miss gets its own error and keeps no link, as if each had gone
+    alone."""
     ids = await add(store, 0, 1, 2, 3, 4)
     assert await lock_keys(store, A, limit=4) == ["0", "1", "2", "3"]
     assert await lock_keys(store, B, limit=1) == ["4"]
@@ -1553,7 +1554,7 @@ async def test_handled_marks_committed_together_each_get_their_own_outcome(store
 
     async def mark(n: int) -> None:
         try:
-            await store.mark_handled(ids[n], client_key=A)
+            await store.mark_handled(ids[n], client_key=A, links=store.prepare_links({False: [draft(f"link{n}")]}))
             outcomes[n] = None
         except QueueError as exc:
             outcomes[n] = exc
@@ -1572,12 +1573,39 @@ async def test_handled_marks_committed_together_each_get_their_own_outcome(store
     assert isinstance(outcomes[3], AlreadyHandledError)
     assert isinstance(outcomes[4], LockLostError)
     info = await store.get_info()
-    assert (info.handled_request_count, info.pending_request_count) == (4, 2)
+    assert (info.handled_request_count, info.pending_request_count) == (4, 5)  # "x" and the links of 0, 1, 2
+    for n in range(5):  # the links of the marks that missed were not kept
+        assert (await store.get_request(request_id_for(url(f"link{n}"))) is not None) == (n < 3)
     for n, request_id in enumerate(ids):
         request = await store.get_request(request_id)
         assert request is not None
         assert (request.handled_at is not None) == (n < 4)
     assert [(request_id, holder) for request_id, holder, _ in await store.locks()] == [(ids[4], B)]
+
+
+@pytest.mark.anyio
+async def test_mark_handled_adds_the_links_with_the_mark_or_none_of_them(store: SqliteQueue) -> None:
+    """The links given to mark_handled are stored in the mark's write and reported (new ones apart); a refused mark
+    stores none of them."""
+    [mine, theirs] = await add(store, "mine", "theirs")
+    assert await lock_keys(store, A, limit=1) == ["mine"]
+    assert await lock_keys(store, B, limit=1) == ["theirs"]
+    links = store.prepare_links({False: [draft("new"), draft("theirs")], True: [draft("first")]})
+    done = await store.mark_handled(mine, client_key=A, links=links)
+    assert done.links == {url(n): request_id_for(url(n)) for n in ("new", "theirs", "first")}
+    assert done.new == {url("new"), url("first")}
+    assert await lock_keys(store, B) == ["first", "new"]  # forefront first
+    with pytest.raises(LockLostError):
+        await store.mark_handled(theirs, client_key=A, links=store.prepare_links({False: [draft("lost")]}))
+    assert await store.get_request(request_id_for(url("lost"))) is None
+    info = await store.get_info()
+    assert (info.total_request_count, info.handled_request_count) == (4, 1)
+
+
+@pytest.mark.anyio
+async def test_prepare_links_refuses_a_link_with_no_json_form(store: SqliteQueue) -> None:
+    with pytest.raises(InvalidInputError, match="cannot be stored as JSON"):
+        store.prepare_links({False: [RequestDraft(unique_key=url("x"), url=url("x"), user_data={"x": object()})]})
 
 
 @pytest.mark.anyio

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, TypeAlias, runtime_checkable
 
 from runner.models import BatchAddResult, LockedHead, QueueInfo, Request, RequestDraft, RequestRegistration
+from runner.queue.completion import Completion
 
-__all__ = ["MAX_BATCH", "MAX_CLIENT_KEY", "MAX_LOCK_LIMIT", "ConsistentHead", "HandledMark", "RequestQueue"]
+__all__ = [
+    "MAX_BATCH",
+    "MAX_CLIENT_KEY",
+    "MAX_LOCK_LIMIT",
+    "ConsistentHead",
+    "HandledMark",
+    "PreparedLinks",
+    "RequestQueue",
+]
 
 MAX_LOCK_LIMIT = 25
 """Most requests one "get head and lock" call may lock."""
@@ -16,6 +25,8 @@ MAX_BATCH = 25
 """Most requests one batch add may carry."""
 MAX_CLIENT_KEY = 32
 """Longest client key the API accepts (the shortest is 1)."""
+PreparedLinks: TypeAlias = Sequence[object]
+"""Links as one queue's `HandledMark.prepare_links` made them, for that queue's `mark_handled` alone."""
 
 
 @runtime_checkable
@@ -29,11 +40,21 @@ class ConsistentHead(Protocol):
 @runtime_checkable
 class HandledMark(Protocol):
     """A queue that marks a leased request handled from its id alone (the embedded store: it patches the stored
-    JSON), instead of the whole request written back with `update_request`; the committer uses it when it can."""
+    JSON), instead of the whole request written back with `update_request`, and adds the links its handler found in
+    the same write; the committer uses it when it can."""
 
-    async def mark_handled(self, request_id: str, *, client_key: str) -> None:
-        """Mark the request handled now, fenced as `update_request(..., lock_required=True)` is: applied only while
-        `client_key` holds its lock (an expired lock nobody retook counts). Its stored fields are kept as they are.
+    def prepare_links(self, links: Mapping[bool, Sequence[RequestDraft]]) -> PreparedLinks:
+        """Check and serialize `links` (drafts by `forefront`) for `mark_handled`, before anything is written.
+
+        Raises:
+            InvalidInputError: a link is not a valid request, or has no JSON form.
+        """
+        ...
+
+    async def mark_handled(self, request_id: str, *, client_key: str, links: PreparedLinks = ()) -> Completion:
+        """Add `links` and mark the request handled now, in one write, fenced as `update_request(...,
+        lock_required=True)` is: applied only while `client_key` holds its lock (an expired lock nobody retook
+        counts), else nothing of it is. Its stored fields are kept as they are. Returns what the links were.
 
         Raises:
             AlreadyHandledError: it is handled already (nothing was written).

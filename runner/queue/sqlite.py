@@ -27,11 +27,11 @@ import secrets
 import sqlite3
 import string
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -70,7 +70,8 @@ from runner.queue._rows import (
 )
 from runner.queue._thread import StoreThread
 from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequestPage, RequeueResult, can_requeue
-from runner.queue.protocol import MAX_BATCH, MAX_LOCK_LIMIT
+from runner.queue.completion import Completion
+from runner.queue.protocol import MAX_BATCH, MAX_LOCK_LIMIT, PreparedLinks
 from runner.uniquekey import request_id_for
 
 __all__ = ["Head", "SqliteQueue", "StoreClock", "queue_path", "validate_queue_name"]
@@ -214,6 +215,10 @@ _MARK_HANDLED = (
     " WHERE id = ? AND lock_client = ? AND order_no IS NOT NULL AND lock_expires IS NOT NULL"
 )
 """A handled mark fenced on its holder (`_check_holder`'s rule in the `WHERE`): it updates no row unless ours."""
+
+_NO_LINKS = Completion()
+_Links = list[tuple[bool, list[tuple[str, str, bool, bool, str]]]]
+"""Links as `prepare_links` makes them: by forefront flag, `_prepare`'s tuple of each draft."""
 
 _HEAD_FIELDS = ("uniqueKey", "url", "method", "retryCount")
 """The fields of a head item after its `id` (taken from the row)."""
@@ -509,9 +514,10 @@ class SqliteQueue:
         return None
 
     def _mark_all(self, marks: list[_Write[Any]]) -> bool:
-        """Apply a batch's handled marks in the savepoint `marks`, each fenced in the `WHERE` of one `executemany`:
-        the queue row is updated once for all of them, not once per mark. False (nothing of it kept) when any mark
-        missed: then each goes alone, so the miss gets its own error.
+        """Apply a batch's handled marks with their links in the savepoint `marks`, each mark fenced in the `WHERE`
+        of one `executemany`: the queue row is updated once for all of them, not once per mark. False (nothing of it
+        kept) when any mark missed: then each goes alone, so the miss gets its own error and keeps none of its
+        links.
 
         Raises:
             sqlite3.Error: a statement failed, the savepoint still open (`_run_savepoints` undoes it).
@@ -519,15 +525,23 @@ class SqliteQueue:
         now = self._clock()
         stamp = format_api_datetime(_to_datetime(now))
         self._db.execute("SAVEPOINT marks")
+        handled, added, done = len(marks), 0, []
+        for op in marks:
+            (handled_added, new), links = self._insert_links(op.args[3], now)
+            handled += handled_added
+            added += new
+            done.append(links)
         cursor = self._db.executemany(_MARK_HANDLED, [(stamp, *op.args[:2]) for op in marks])
         if cursor.rowcount != len(marks):
             self._db.execute("ROLLBACK TO marks")
             self._db.execute("RELEASE marks")
             return False
-        self._db.execute("UPDATE queue SET handled = handled + ?", (len(marks),))
+        self._db.execute("UPDATE queue SET handled = handled + ?, total = total + ?", (handled, added))
         for client_key in {op.args[1] for op in marks}:
             self._touch(now, client_key)
         self._db.execute("RELEASE marks")
+        for op, links in zip(marks, done, strict=True):
+            op.result = links
         return True
 
     def _clock(self) -> int:
@@ -759,7 +773,15 @@ class SqliteQueue:
         self._touch(now, client_key)
         return RequestRegistration(request_id=request.id, was_already_present=True, was_already_handled=was_handled)
 
-    async def mark_handled(self, request_id: str, *, client_key: str) -> None:
+    def prepare_links(self, links: Mapping[bool, Sequence[RequestDraft]]) -> PreparedLinks:
+        """Check and serialize links for `mark_handled` (`HandledMark`), as `batch_add` does its drafts.
+
+        Raises:
+            InvalidInputError: a draft that is not a valid request, or has no JSON form.
+        """
+        return [(forefront, [_prepare(draft, "batch_add") for draft in drafts]) for forefront, drafts in links.items()]
+
+    async def mark_handled(self, request_id: str, *, client_key: str, links: PreparedLinks = ()) -> Completion:
         """Mark a request this client holds handled (`HandledMark`): its stored JSON gets `handledAt` in place, in
         the statement that releases the lock, so nothing of it is parsed or serialized here.
 
@@ -770,16 +792,43 @@ class SqliteQueue:
         """
         endpoint = f"mark_handled {request_id}"
         _check_client_key(client_key, endpoint)
-        await self._run(self._mark_handled, request_id, client_key, endpoint, endpoint=endpoint)
+        done: Completion = await self._run(
+            self._mark_handled, request_id, client_key, endpoint, links, endpoint=endpoint
+        )
+        return done
 
-    def _mark_handled(self, request_id: str, client_key: str, endpoint: str) -> None:
+    def _mark_handled(self, request_id: str, client_key: str, endpoint: str, links: PreparedLinks) -> Completion:
         now = self._clock()
+        added, done = self._insert_links(links, now)
         marked = self._db.execute(_MARK_HANDLED, (format_api_datetime(_to_datetime(now)), request_id, client_key))
         if marked.rowcount != 1:
-            self._owned(request_id, client_key, endpoint)  # raises the reason
+            self._owned(request_id, client_key, endpoint)  # raises the reason (the savepoint undoes the links)
             raise AssertionError(f"{endpoint}: the lock holder's row was not updated")  # pragma: no cover
-        self._db.execute("UPDATE queue SET handled = handled + 1")
+        self._db.execute("UPDATE queue SET handled = handled + 1 + ?, total = total + ?", added)
         self._touch(now, client_key)
+        return done
+
+    def _insert_links(self, links: PreparedLinks, now: int) -> tuple[tuple[int, int], Completion]:
+        """Insert prepared links (`prepare_links`) as `_batch_add` does; `(new ones stored handled, new ones)` and
+        what the links were."""
+        if not links:
+            return (0, 0), _NO_LINKS
+        keys: dict[str, str] = {}
+        new: list[str] = []
+        added = handled_added = 0
+        for forefront, prepared in cast("_Links", links):  # made by `prepare_links`
+            position = -now if forefront else now
+            for request_id, unique_key, handled, failed, data in prepared:
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO requests (id, order_no, data, failed) VALUES (?, ?, ?, ?)",
+                    (request_id, None if handled else position, data, int(failed)),
+                )
+                keys[unique_key] = request_id
+                if cursor.rowcount:
+                    new.append(unique_key)
+                    added += 1
+                    handled_added += handled
+        return (handled_added, added), Completion(links=keys, new=frozenset(new))
 
     async def batch_add(
         self, requests: Sequence[RequestDraft], *, client_key: str, forefront: bool = False
