@@ -29,6 +29,8 @@ ACTOR = ROOT / "tests" / "sdk_actor" / "main.py"
 REQUIREMENTS = ROOT / "tests" / "sdk_actor" / "requirements.txt"
 TOKEN = "sdk-test-token"  # noqa: S105 - a test token
 PAGES = 60
+PAGE_DELAY = 0.05
+"""Each page's pause in the Actor (60 pages at 4 at a time: at least 0.75 s for one Actor alone)."""
 """The site's pages, every one reachable from /page/0."""
 RUNS = ("run-a", "run-b")
 ACTOR_TIMEOUT = 180.0
@@ -106,7 +108,8 @@ def _run_actors(
     python = sdk_python()
     client = ApifyClient(TOKEN, api_url=base_url, api_public_url=base_url, max_retries=0)
     client.key_value_store(IDS["kv"]).set_record(
-        "INPUT", {"startUrl": f"{site}/page/0", "peers": list(runs), "readyTimeoutSecs": 60}
+        "INPUT",
+        {"startUrl": f"{site}/page/0", "peers": list(runs), "readyTimeoutSecs": 60, "pageDelaySecs": PAGE_DELAY},
     )
     logs = {run_id: tmp_path / f"{run_id}.log" for run_id in runs}
     processes = {}

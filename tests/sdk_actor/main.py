@@ -6,7 +6,8 @@ queue, pushes one item per page to the default dataset and sets status messages 
 the SDK's `shared` mode (several Actors consume it), or in `single` mode with the argument `single`.
 
 Input: `startUrl`; `peers`, the run ids of the other Actors, whose first status message ("ready") each Actor waits
-for (at most `readyTimeoutSecs`) so that all start crawling together.
+for (at most `readyTimeoutSecs`) so that all start crawling together; `pageDelaySecs`, a pause in each page's
+handler (so that one Actor cannot crawl the whole site before the others' first look at the queue).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ async def main() -> None:
         async def handle(context: HttpCrawlingContext) -> None:
             nonlocal handled
             html = (await context.http_response.read()).decode()
+            await asyncio.sleep(actor_input.get("pageDelaySecs", 0))
             await context.push_data({"url": context.request.url, "run": run_id})
             await context.add_requests([urljoin(context.request.url, link) for link in LINK.findall(html)])
             handled += 1
