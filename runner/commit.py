@@ -125,8 +125,8 @@ class _PendingAdd(Batched):
     __slots__ = ("added", "drafts", "error")
 
     def __init__(self, drafts: Sequence[RequestDraft]) -> None:
+        super().__init__()
         self.drafts = drafts
-        self.taken = self.done = False
         self.added = 0
         self.error: QueueError | None = None
 
@@ -184,10 +184,9 @@ class Committer:
         """The event loop's clock (`anyio.current_time`), for the fences: made inside the run's loop."""
         self.key_memo = KeyMemo()
         """The uniqueKeys of URL texts handlers enqueued (`Context`'s `key_memo`)."""
-        self.recent = RecentAdds()
-        """What this process added lately: read back before the run may call the queue finished (not kept for a
-        queue whose head shows every add at once, `ConsistentHead`)."""
-        self._recent = None if isinstance(queue, ConsistentHead) else self.recent
+        self.recent = None if isinstance(queue, ConsistentHead) else RecentAdds()
+        """What this process added lately, read back before the run may call the queue finished; None for a queue
+        whose head shows every add at once (`ConsistentHead`): nothing needs reading back there."""
         self.stop_deadline = math.inf
         """Set by shutdown: commits started from now on end by then (their shielded scope's deadline)."""
         self.backoff_until = 0.0
@@ -247,7 +246,7 @@ class Committer:
                 client_key=self.client_key,
                 forefront=forefront,
                 seen=self.seen,
-                recent=self._recent,
+                recent=self.recent,
             )
         except BaseException as exc:
             # Every caller in the batch must learn it failed, or it would mark its request handled without its links.
@@ -341,8 +340,8 @@ class Committer:
         """Remember the links a completion or a handled mark stored: `seen` (all), recent adds, the count (new)."""
         for unique_key, request_id in done.links.items():
             self.seen.add(unique_key)
-            if unique_key in done.new and self._recent is not None:
-                self._recent.add(request_id)
+            if unique_key in done.new and self.recent is not None:
+                self.recent.add(request_id)
         self.stats.enqueued += len(done.new)
 
     async def _complete(

@@ -25,7 +25,7 @@ from runner.loopwatch import LoopMonitor
 from runner.metrics import Metrics
 from runner.politeness import Hosts, hosts_for, polite_transport
 from runner.progress import report_progress
-from runner.queue.protocol import ConsistentHead, RequestQueue
+from runner.queue.protocol import RequestQueue
 from runner.results.protocol import ResultsSink
 from runner.router import Handler
 from runner.settings import PolitenessSettings, StartRequest, WorkerSettings, random_client_key
@@ -381,10 +381,8 @@ async def _fetch_until_stopped(
             max_requests=cfg.max_requests,
             backoff_until=backoff_until,
             next_backoff_end=next_backoff_end,
-            # A consistent head needs no read-back of recent adds before the run may call the queue finished.
-            recent=None if isinstance(queue, ConsistentHead) else committer.recent,
+            recent=committer.recent,  # None on a consistent head: no read-back before the run may call it finished
         )
-    send.end()  # cancelled or done: no more work either way
 
 
 def _sooner(*ends: Callable[[], float | None]) -> float | None:

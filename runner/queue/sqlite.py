@@ -242,7 +242,7 @@ class _Write(Batched, Generic[T]):
         self.fn = fn
         self.args = args
         self.endpoint = endpoint
-        self.taken = self.done = False
+        super().__init__()
         self.result: T | None = None
         self.error: BaseException | None = None
 
@@ -486,7 +486,10 @@ class SqliteQueue:
         Raises:
             sqlite3.Error: a SAVEPOINT, ROLLBACK TO or RELEASE failed (the transaction is lost too).
         """
-        marks = [op for op in batch if getattr(op.fn, "__func__", None) is SqliteQueue._mark_handled]
+        marks: list[_Write[Any]] = []
+        others: list[_Write[Any]] = []
+        for op in batch:
+            (marks if getattr(op.fn, "__func__", None) is SqliteQueue._mark_handled else others).append(op)
         if len(marks) > 1:
             try:
                 done = self._mark_all(marks)
@@ -497,7 +500,7 @@ class SqliteQueue:
                 self._db.execute("RELEASE marks")
                 done = False  # each mark alone, to get its own error
             if done:  # the writes of one batch are concurrent calls: any order of them is a valid one
-                batch = [op for op in batch if getattr(op.fn, "__func__", None) is not SqliteQueue._mark_handled]
+                batch = others
         for op in batch:
             self._db.execute("SAVEPOINT op")
             try:
@@ -782,8 +785,9 @@ class SqliteQueue:
         return [(forefront, [_prepare(draft, "batch_add") for draft in drafts]) for forefront, drafts in links.items()]
 
     async def mark_handled(self, request_id: str, *, client_key: str, links: PreparedLinks = ()) -> Completion:
-        """Mark a request this client holds handled (`HandledMark`): its stored JSON gets `handledAt` in place, in
-        the statement that releases the lock, so nothing of it is parsed or serialized here.
+        """Mark a request this client holds handled (`HandledMark`), adding `links` (from `prepare_links`) in the same
+        savepoint: its stored JSON gets `handledAt` in place, in the statement that releases the lock, so nothing of
+        the request is parsed or serialized here.
 
         Raises:
             AlreadyHandledError: it is handled already.
@@ -809,8 +813,7 @@ class SqliteQueue:
         return done
 
     def _insert_links(self, links: PreparedLinks, now: int) -> tuple[tuple[int, int], Completion]:
-        """Insert prepared links (`prepare_links`) as `_batch_add` does; `(new ones stored handled, new ones)` and
-        what the links were."""
+        """Insert prepared links (`prepare_links`); `(new ones stored handled, new ones)` and what the links were."""
         if not links:
             return (0, 0), _NO_LINKS
         keys: dict[str, str] = {}
@@ -819,12 +822,8 @@ class SqliteQueue:
         for forefront, prepared in cast("_Links", links):  # made by `prepare_links`
             position = -now if forefront else now
             for request_id, unique_key, handled, failed, data in prepared:
-                cursor = self._db.execute(
-                    "INSERT OR IGNORE INTO requests (id, order_no, data, failed) VALUES (?, ?, ?, ?)",
-                    (request_id, None if handled else position, data, int(failed)),
-                )
                 keys[unique_key] = request_id
-                if cursor.rowcount:
+                if self._insert(request_id, handled, failed, data, position):
                     new.append(unique_key)
                     added += 1
                     handled_added += handled
@@ -861,11 +860,7 @@ class SqliteQueue:
         processed: list[AddedRequest] = []
         added = handled_added = 0
         for request_id, unique_key, handled, failed, data in prepared:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO requests (id, order_no, data, failed) VALUES (?, ?, ?, ?)",
-                (request_id, None if handled else position, data, int(failed)),
-            )
-            present = cursor.rowcount == 0
+            present = not self._insert(request_id, handled, failed, data, position)
             was_handled = False
             if present:
                 row = self._db.execute("SELECT order_no FROM requests WHERE id = ?", (request_id,)).fetchone()
@@ -885,6 +880,14 @@ class SqliteQueue:
             self._db.execute("UPDATE queue SET total = total + ?, handled = handled + ?", (added, handled_added))
         self._touch(now, client_key, changed=added > 0)
         return BatchAddResult(processed_requests=processed)
+
+    def _insert(self, request_id: str, handled: bool, failed: bool, data: str, position: int) -> bool:
+        """Store one prepared request at `position` in the head (none when handled); False if it was there already."""
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO requests (id, order_no, data, failed) VALUES (?, ?, ?, ?)",
+            (request_id, None if handled else position, data, int(failed)),
+        )
+        return cursor.rowcount > 0
 
     async def list_head(self, limit: int) -> Head:
         """The first `limit` unhandled requests in queue order, locked ones included, without `userData`."""
