@@ -15,6 +15,7 @@ import structlog
 
 from runner.commit import Committer
 from runner.context import Context, SharedHttp
+from runner.deadline import Deadline
 from runner.errors import NoRetry, QueueError
 from runner.leases import Lease
 from runner.loopwatch import LoopMonitor
@@ -67,22 +68,26 @@ class Worker:
         A lease lost while its handler runs cancels the handler; the request is dropped, not marked. Cancellation of
         the worker itself (shutdown after the grace period) leaves the lease in `leases` for shutdown to release.
         """
-        async for lease in receive:
-            request = lease.request
-            # bind/reset rather than `bound_contextvars`: half the cost without the generator context manager.
-            tokens = structlog.contextvars.bind_contextvars(
-                request_id=request.id, url=request.url, attempt=request.retry_count + 1
-            )
-            hosts = self.hosts
-            claimed, defer_s = hosts.admit(request.url) if hosts is not None else (None, 0.0)
-            try:
-                await (self._defer(lease, defer_s) if defer_s else self._attempt(lease))
-            finally:
-                if claimed is not None:
-                    Hosts.leave(claimed)
-                structlog.contextvars.reset_contextvars(**tokens)
+        deadline = Deadline()
+        try:
+            async for lease in receive:
+                request = lease.request
+                # bind/reset rather than `bound_contextvars`: half the cost without the generator context manager.
+                tokens = structlog.contextvars.bind_contextvars(
+                    request_id=request.id, url=request.url, attempt=request.retry_count + 1
+                )
+                hosts = self.hosts
+                claimed, defer_s = hosts.admit(request.url) if hosts is not None else (None, 0.0)
+                try:
+                    await (self._defer(lease, defer_s, deadline) if defer_s else self._attempt(lease, deadline))
+                finally:
+                    if claimed is not None:
+                        Hosts.leave(claimed)
+                    structlog.contextvars.reset_contextvars(**tokens)
+        finally:
+            deadline.close()
 
-    async def _defer(self, lease: Lease, delay: float) -> None:
+    async def _defer(self, lease: Lease, delay: float, deadline: Deadline) -> None:
         """Give `lease` back unstarted for `delay` s: its host is busy, and other requests must not wait for it.
 
         The lock is the timer, as for a retry's backoff: prolonged by `delay` and left to lapse. No attempt is
@@ -90,7 +95,7 @@ class Worker:
         """
         committer, leases = self.committer, self.committer.leases
         if not lease.valid(anyio.current_time()):
-            await self._attempt(lease)  # which drops it unstarted
+            await self._attempt(lease, deadline)  # which drops it unstarted
             return
         lease.closing = True  # no new prolong from the heartbeat; one in flight lands first
         if lease.prolonging is not None:
@@ -105,7 +110,7 @@ class Worker:
             self.log.info("request.defer_failed", error=str(exc))
         leases.remove(lease)  # the fetcher knows when it is due back (`Hosts.next_deferral_end`)
 
-    async def _attempt(self, lease: Lease) -> None:
+    async def _attempt(self, lease: Lease, deadline: Deadline) -> None:
         committer, leases = self.committer, self.committer.leases
         clock = committer.clock
         started = clock()
@@ -136,9 +141,12 @@ class Worker:
         caught: BaseException | None = None
         committing = False
         # One scope for both ends of a handler: its deadline (a timeout) and `Leases.lose` (a lost lock) cancel it.
-        with anyio.CancelScope(deadline=started + self.handler_timeout) as scope:
+        # The worker's `Deadline` times it (no timer armed and cancelled per attempt), so it has no deadline of its
+        # own; made of the running backend's class, without anyio's lookup of the backend.
+        with deadline.scope() as scope:
             if not leases.start(lease, scope):
                 return  # lost while waiting in the buffer
+            deadline.watch(scope, started + self.handler_timeout)
             try:
                 returned: object = await self.handler(ctx)  # type: ignore[func-returns-value]
                 if returned is not None:
@@ -152,9 +160,11 @@ class Worker:
                     # A lock lost from here on is for the committer's fences to notice, as in `_commit`.
                     committing, lease.scope, lease.commit_scope = True, None, scope
                     scope.shield = True
-                    scope.deadline = min(now + COMMIT_TIMEOUT, committer.stop_deadline)
+                    deadline.watch(scope, min(now + COMMIT_TIMEOUT, committer.stop_deadline))
                     if await committer.succeed(lease, ctx.pending_enqueues(), ctx.pending_items()):
                         self.log.debug("request.handled")
+            finally:
+                deadline.clear()
         if committing:
             if scope.cancelled_caught:
                 self.log.error("request.commit_timed_out", after_s=round(clock() - now, 1))

@@ -162,6 +162,22 @@ MUTANTS = [
         ("tests/test_handoff.py::test_an_item_handed_to_a_consumer_cancelled_before_it_ran_goes_to_the_next",),
     ),
     Mutant(
+        # The timer an earlier attempt armed fires during a later one: it must check the deadline it serves now.
+        "deadline-checked-at-fire",
+        "runner/deadline.py",
+        "        if self._loop.time() >= self._at:\n",
+        "        if True:\n",
+        ("tests/test_deadline.py::test_the_timer_of_an_earlier_scope_does_not_cut_a_later_one_short",),
+    ),
+    Mutant(
+        # A commit's deadline earlier than the armed timer (shutdown's cut) must re-arm it.
+        "deadline-rearmed-earlier",
+        "runner/deadline.py",
+        "        if timer is None or timer.when() > at:\n",
+        "        if timer is None:\n",
+        ("tests/test_deadline.py::test_an_earlier_deadline_rearms_the_timer",),
+    ),
+    Mutant(
         # A worker cancelled while it waited is no longer handed leases (they would go nowhere).
         "handoff-forget-cancelled",
         "runner/handoff.py",
