@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
-
-import anyio
 
 __all__ = ["Batched", "GroupCommit"]
 
@@ -28,7 +27,9 @@ class GroupCommit(Generic[B]):
     """Writes calls in batches: one written now when none is being written, else all that wait, together, next.
 
     Under load this turns N writes (transactions, thread hand-offs, API calls) into one, and costs a waiting call
-    one shared event per batch: no lock taken and released by every caller in turn.
+    one loop future, set when the batch being written ends: no lock taken and released by every caller in turn,
+    and not anyio's `Event` (its backend lookup, and asyncio's `Event` under it, which searches its waiters to
+    remove each one). Needs asyncio.
     """
 
     def __init__(self, write: Callable[[list[B]], Awaitable[None]]) -> None:
@@ -36,8 +37,8 @@ class GroupCommit(Generic[B]):
         that ran it (the others of the batch find theirs recorded, or nothing: the write must record errors)."""
         self._write = write
         self._pending: list[B] = []
-        self._ended: anyio.Event | None = None
-        """Set when the batch being written ends; None while none is."""
+        self._waiting: list[asyncio.Future[None]] | None = None
+        """The calls waiting for the batch being written to end; None while none is being written."""
 
     async def submit(self, call: B) -> None:
         """Return once `call` is written, its outcome recorded on it.
@@ -48,20 +49,25 @@ class GroupCommit(Generic[B]):
         self._pending.append(call)
         try:
             while not call.done:
-                if self._ended is not None:
-                    await self._ended.wait()
+                if self._waiting is not None:
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._waiting.append(waiter)
+                    await waiter  # cancelled, it is this caller's own future that is
                     continue
                 batch, self._pending = self._pending, []
                 for queued in batch:
                     queued.taken = True
-                ended = self._ended = anyio.Event()
+                waiting: list[asyncio.Future[None]] = []
+                self._waiting = waiting
                 try:
                     await self._write(batch)
                 finally:
                     for queued in batch:
                         queued.done = True
-                    self._ended = None
-                    ended.set()
+                    self._waiting = None
+                    for waiter in waiting:
+                        if not waiter.done():  # done: cancelled with its caller
+                            waiter.set_result(None)
         except BaseException:
             if not call.taken:
                 self._pending.remove(call)

@@ -154,6 +154,15 @@ MUTANTS = [
         ("tests/test_groupcommit.py::test_a_call_cancelled_before_its_batch_is_taken_is_never_written",),
     ),
     Mutant(
+        # A caller cancelled while it waited for the batch being written: the end of that batch must not fail on
+        # its cancelled future (the writer's caller would get the error, the others would hang).
+        "groupcommit-skip-cancelled-waiter",
+        "runner/groupcommit.py",
+        "                        if not waiter.done():  # done: cancelled with its caller\n",
+        "                        if True:\n",
+        ("tests/test_groupcommit.py::test_a_call_cancelled_before_its_batch_is_taken_is_never_written",),
+    ),
+    Mutant(
         # A worker cancelled after the fetcher handed it a lease, before it ran, passes the lease on.
         "handoff-put-back",
         "runner/handoff.py",
