@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import traceback
 from collections.abc import AsyncIterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -32,6 +33,14 @@ def _logger() -> structlog.typing.FilteringBoundLogger:
     (unless the application enabled structlog's `cache_logger_on_first_use`), and handlers log through it too."""
     bound: structlog.typing.FilteringBoundLogger = structlog.get_logger("headlock.worker").bind()
     return bound
+
+
+def _log_context() -> tuple[ContextVar[Any], ContextVar[Any], ContextVar[Any]]:
+    """structlog's context variables of `request_id`, `url` and `attempt` (those `bind_contextvars` sets): the worker
+    sets and resets them itself, at a quarter of `bind_contextvars` and `reset_contextvars`'s cost."""
+    tokens = structlog.contextvars.bind_contextvars(request_id=None, url=None, attempt=None)
+    structlog.contextvars.reset_contextvars(**tokens)
+    return tokens["request_id"].var, tokens["url"].var, tokens["attempt"].var
 
 
 COMMIT_TIMEOUT = 120.0
@@ -69,13 +78,13 @@ class Worker:
         the worker itself (shutdown after the grace period) leaves the lease in `leases` for shutdown to release.
         """
         deadline = Deadline()
+        request_id, url, attempt = _log_context()
         try:
             async for lease in receive:
                 request = lease.request
-                # bind/reset rather than `bound_contextvars`: half the cost without the generator context manager.
-                tokens = structlog.contextvars.bind_contextvars(
-                    request_id=request.id, url=request.url, attempt=request.retry_count + 1
-                )
+                bound_id = request_id.set(request.id)
+                bound_url = url.set(request.url)
+                bound_attempt = attempt.set(request.retry_count + 1)
                 hosts = self.hosts
                 claimed, defer_s = hosts.admit(request.url) if hosts is not None else (None, 0.0)
                 try:
@@ -83,7 +92,9 @@ class Worker:
                 finally:
                     if claimed is not None:
                         Hosts.leave(claimed)
-                    structlog.contextvars.reset_contextvars(**tokens)
+                    attempt.reset(bound_attempt)
+                    url.reset(bound_url)
+                    request_id.reset(bound_id)
         finally:
             deadline.close()
 

@@ -479,3 +479,34 @@ async def test_aiohttp_transport_without_its_extra_is_a_config_error_before_anyt
         await run(queue, crawl.handle, dataset, workers=fast(http_transport="aiohttp"))
     assert await queue.locks() == []
     assert (await queue.get_info()).pending_request_count == 1
+
+
+async def test_a_handlers_log_lines_carry_its_request_and_attempt(queue: SqliteQueue, dataset: JsonlDataset) -> None:
+    """Every event logged during an attempt (the handler's own through `ctx.log`) names the request, its URL and
+    the attempt's number; none of it leaks into what is logged after the attempt."""
+    seen: list[dict[str, Any]] = []
+
+    def keep(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        seen.append(dict(event))
+        raise structlog.DropEvent
+
+    async def flaky(ctx: Context) -> None:
+        ctx.log.info("handler.looked", tries=ctx.retry_count)
+        if ctx.retry_count == 0:
+            raise RuntimeError("once")
+
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, keep])
+    try:
+        await seed(queue, ["https://a.example/1"])
+        with anyio.fail_after(20):
+            await run(queue, flaky, dataset, workers=fast())
+        structlog.get_logger("after").info("after.run")
+    finally:
+        structlog.reset_defaults()
+    looked = [event for event in seen if event["event"] == "handler.looked"]
+    assert [(e["request_id"], e["url"], e["attempt"], e["tries"]) for e in looked] == [
+        (ONLY_ID, "https://a.example/1", 1, 0),
+        (ONLY_ID, "https://a.example/1", 2, 1),
+    ]
+    after = next(event for event in seen if event["event"] == "after.run")
+    assert not {"request_id", "url", "attempt"} & after.keys()
