@@ -316,8 +316,12 @@ class Committer:
                 }
             )
             await self._push(lease, items, "the request was being committed")
-            complete = partial(marker.mark_handled, lease.request.id, client_key=self.client_key, links=links)
-            self._learn(await self._patiently(lease, "marking it handled", complete))
+            try:  # the first try here, not through `_patiently`: one coroutine frame fewer on the usual path
+                done = await marker.mark_handled(lease.request.id, client_key=self.client_key, links=links)
+            except (QueueUnavailableError, RateLimitedError) as exc:
+                complete = partial(marker.mark_handled, lease.request.id, client_key=self.client_key, links=links)
+                done = await self._patiently(lease, "marking it handled", complete, failed=exc)
+            self._learn(done)
             return
         for forefront, drafts in enqueues.items():
             await self._patiently(lease, "adding its links", partial(self.add, drafts, forefront=forefront))
@@ -412,9 +416,17 @@ class Committer:
             self.stats.retried += 1
             log.info("request.retry", retry_count=retry_count, error=error)
 
-    async def _patiently(self, lease: Lease, doing: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _patiently(
+        self,
+        lease: Lease,
+        doing: str,
+        call: Callable[[], Awaitable[T]],
+        *,
+        failed: QueueUnavailableError | RateLimitedError | None = None,
+    ) -> T:
         """`call()`, tried again while the queue is unavailable (a database restart, an outage, 429s) and the lease
-        holds: giving the request back instead would run it twice once the queue is back.
+        holds: giving the request back instead would run it twice once the queue is back. `failed`: the error of a
+        first try the caller made itself (the next try follows its backoff).
 
         Raises:
             _Applied: an earlier attempt got no answer and a later one found the request handled: ours was applied
@@ -425,22 +437,25 @@ class Committer:
         backoff: Backoff | None = None
         unanswered = False
         while True:
-            try:
-                return await call()
-            except AlreadyHandledError:
-                if unanswered:
-                    raise _Applied from None
-                raise
-            except (QueueUnavailableError, RateLimitedError) as exc:
-                unanswered = unanswered or exc.maybe_applied
-                backoff = backoff or Backoff(initial=0.25, maximum=5.0)
-                delay = backoff.next()
-                if not lease.valid(anyio.current_time() + delay):
+            if failed is None:
+                try:
+                    return await call()
+                except AlreadyHandledError:
+                    if unanswered:
+                        raise _Applied from None
                     raise
-                log.warning(
-                    "request.commit_waiting", request_id=lease.request.id, doing=doing, error=str(exc),
-                    retry_in_s=round(delay, 2),
-                )  # fmt: skip
+                except (QueueUnavailableError, RateLimitedError) as exc:
+                    failed = exc
+            unanswered = unanswered or failed.maybe_applied
+            backoff = backoff or Backoff(initial=0.25, maximum=5.0)
+            delay = backoff.next()
+            if not lease.valid(anyio.current_time() + delay):
+                raise failed
+            log.warning(
+                "request.commit_waiting", request_id=lease.request.id, doing=doing, error=str(failed),
+                retry_in_s=round(delay, 2),
+            )  # fmt: skip
+            failed = None
             await anyio.sleep(delay)
             self._fence(lease, doing)
 
