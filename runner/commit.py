@@ -30,7 +30,7 @@ from runner.groupcommit import Batched, GroupCommit
 from runner.leases import Lease, Leases
 from runner.models import Request, RequestDraft, has_failed_mark, utc_now, with_failed_mark, without_failed_mark
 from runner.queue.completion import AtomicCompletion, Completion
-from runner.queue.protocol import MAX_BATCH, ConsistentHead, HandledMark, RequestQueue
+from runner.queue.protocol import MAX_BATCH, ConsistentHead, HandledMark, PreparedLinks, RequestQueue
 from runner.results.protocol import ResultsSink
 from runner.stats import RunStats
 from runner.uniquekey import KeyMemo
@@ -306,22 +306,25 @@ class Committer:
         handled by id (`HandledMark`), the links are checked first and go with the mark, in one write."""
         marker = self._marker
         if marker is not None and not has_failed_mark(lease.request.user_data):
-            seen = self.seen.keys()
-            # Raises InvalidInputError before anything is written, as the add of such a link would.
-            links = marker.prepare_links(
-                {
-                    ff: fresh
-                    for ff, drafts in enqueues.items()
-                    if (fresh := [d for d in drafts if d.unique_key not in seen])
-                }
-            )
+            links: PreparedLinks = ()
+            if enqueues:  # most pages find no link that is new here
+                seen = self.seen.keys()
+                # Raises InvalidInputError before anything is written, as the add of such a link would.
+                links = marker.prepare_links(
+                    {
+                        ff: fresh
+                        for ff, drafts in enqueues.items()
+                        if (fresh := [d for d in drafts if d.unique_key not in seen])
+                    }
+                )
             await self._push(lease, items, "the request was being committed")
             try:  # the first try here, not through `_patiently`: one coroutine frame fewer on the usual path
                 done = await marker.mark_handled(lease.request.id, client_key=self.client_key, links=links)
             except (QueueUnavailableError, RateLimitedError) as exc:
                 complete = partial(marker.mark_handled, lease.request.id, client_key=self.client_key, links=links)
                 done = await self._patiently(lease, "marking it handled", complete, failed=exc)
-            self._learn(done)
+            if done.links:
+                self._learn(done)
             return
         for forefront, drafts in enqueues.items():
             await self._patiently(lease, "adding its links", partial(self.add, drafts, forefront=forefront))
@@ -461,7 +464,7 @@ class Committer:
 
     def _fence(self, lease: Lease, doing: str) -> None:
         """Raise `_Gone` (after dropping the lease) unless the lease is still provably ours."""
-        if self.leases.get(lease.request.id) is not lease or not lease.valid(self.clock()):
+        if not self.leases.holds(lease, self.clock()):
             self._drop(lease, f"lock lost while {doing}")
             raise _Gone
 

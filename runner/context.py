@@ -89,7 +89,12 @@ class Context:
     leaves no results and no new requests behind.
     """
 
-    __slots__ = ("_enqueued", "_http", "_items", "_known", "_memo", "_unique_key", "log", "options", "request")
+    __slots__ = (
+        "_enqueued", "_http", "_items", "_known", "_memo", "_new", "_unique_key", "log", "options", "request", "url",
+    )  # fmt: skip
+
+    url: str
+    """The request URL (a plain attribute: handlers read it several times a page)."""
 
     def __init__(
         self,
@@ -108,6 +113,7 @@ class Context:
         `key_memo` remembers it for URL texts met before (the runtime shares one per run).
         """
         self.request = request
+        self.url = request.url
         self._http = http
         self.log = log
         self.options = options
@@ -117,17 +123,14 @@ class Context:
         # None marks a request already in the queue: counted by `enqueue`, but with nothing to send.
         self._enqueued: dict[bool, dict[str, RequestDraft | None]] = {False: {}, True: {}}
         self._items: list[str] = []
+        self._new = 0
+        """Drafts buffered in `_enqueued` (its other entries are None: known already)."""
 
     @property
     def http(self) -> httpx.AsyncClient:
         """The run's shared `httpx.AsyncClient` (redirects followed, the configured engine; built on first use)."""
         http = self._http
         return http if isinstance(http, httpx.AsyncClient) else http.get()
-
-    @property
-    def url(self) -> str:
-        """The request URL."""
-        return self.request.url
 
     @property
     def label(self) -> str | None:
@@ -182,7 +185,8 @@ class Context:
                 draft = _draft(url, key, label, user_data)
             else:
                 draft = item
-            bucket.setdefault(draft.unique_key, draft)
+            if bucket.setdefault(draft.unique_key, draft) is draft:
+                self._new += 1
         return len(bucket) - before
 
     async def push_data(self, item: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
@@ -202,7 +206,9 @@ class Context:
         self._items.extend([encode_item(one) for one in item])
 
     def pending_enqueues(self) -> dict[bool, list[RequestDraft]]:
-        """Buffered requests by `forefront` flag (for the worker's commit)."""
+        """Buffered requests by `forefront` flag (for the worker's commit); empty when all were known already."""
+        if not self._new:
+            return {}
         pending = {flag: [d for d in bucket.values() if d is not None] for flag, bucket in self._enqueued.items()}
         return {flag: drafts for flag, drafts in pending.items() if drafts}
 

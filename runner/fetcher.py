@@ -172,5 +172,10 @@ class _Room:
         return free >= self.batch or (free > 0 and not self.leases.prefetched)
 
     def may_lock_or_exhausted(self) -> bool:
-        """What the fetcher waits for while it may not lock: a reason to lock, or to return."""
-        return self.may_lock() or self.exhausted()
+        """What the fetcher waits for while it may not lock: a reason to lock, or to return. Tested at every lease
+        removal while the fetcher waits: without `max_requests`, `may_lock` in one call to the leases."""
+        if self.max_requests is not None:
+            return self.may_lock() or self.exhausted()
+        held, prefetched = self.leases.counts()
+        free = self.capacity - held
+        return free >= self.batch or (free > 0 and not prefetched)

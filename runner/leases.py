@@ -87,6 +87,11 @@ class Leases:
         """The registered lease on `request_id`, if any."""
         return self._held.get(request_id)
 
+    def holds(self, lease: Lease, now: float) -> bool:
+        """`lease` is the registered one on its request and `valid(now)`: a write under it is still fenced (one call
+        where the fences would make two)."""
+        return self._held.get(lease.request.id) is lease and not lease.lost and now < lease.expires_at
+
     def start(self, lease: Lease, scope: anyio.CancelScope) -> bool:
         """Mark `lease` in flight under `scope` (cancelled if the lease is lost); False if it is already lost."""
         if lease.lost:
@@ -139,12 +144,24 @@ class Leases:
                 self._waiters.remove(waiter)
 
     def _notify(self) -> None:
-        if not self._waiters:
+        waiters = self._waiters
+        if not waiters:
             return
-        woken = [waiter for waiter in self._waiters if waiter[1] is None or waiter[1]()]
+        if len(waiters) == 1:  # the usual: the fetcher, waiting for room
+            event, until = waiters[0]
+            if until is None or until():
+                waiters.clear()
+                event.set()
+            return
+        woken = [waiter for waiter in waiters if waiter[1] is None or waiter[1]()]
         for waiter in woken:
             self._waiters.remove(waiter)
             waiter[0].set()
+
+    def counts(self) -> tuple[int, int]:
+        """`(held, prefetched)` in one call (the fetcher's room, tested at every removal while it waits)."""
+        held = len(self._held)
+        return held, held - self._in_flight
 
     def statistics(self) -> LeaseStatistics:
         """Counts of held, in-flight and prefetched (locked, not started) leases."""

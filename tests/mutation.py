@@ -107,8 +107,16 @@ MUTANTS = [
     Mutant(
         "fence-committer",
         "runner/commit.py",
-        "        if self.leases.get(lease.request.id) is not lease or not lease.valid(self.clock()):\n",
+        "        if not self.leases.holds(lease, self.clock()):\n",
         "        if False:\n",
+        (f"{FAULTS}::test_nothing_is_committed_under_a_lease_whose_lock_ran_out",),
+    ),
+    Mutant(
+        # The fence's check of the lock's time, not only of the registration.
+        "fence-lease-expiry",
+        "runner/leases.py",
+        "        return self._held.get(lease.request.id) is lease and not lease.lost and now < lease.expires_at\n",
+        "        return self._held.get(lease.request.id) is lease and not lease.lost\n",
         (f"{FAULTS}::test_nothing_is_committed_under_a_lease_whose_lock_ran_out",),
     ),
     Mutant(
@@ -206,7 +214,7 @@ MUTANTS = [
         # The handler's scope, shielded for the commit, takes the commit's deadline (a stalled mark lets go).
         "commit-deadline",
         "runner/worker.py",
-        "                    scope.deadline = min(now + COMMIT_TIMEOUT, committer.stop_deadline)\n",
+        "                    deadline.watch(scope, min(now + COMMIT_TIMEOUT, committer.stop_deadline))\n",
         "",
         (f"{FAULTS}::test_a_commit_that_outlives_its_timeout_lets_go_of_the_lease",),
     ),
