@@ -179,6 +179,14 @@ MUTANTS = [
         ("tests/test_handoff.py::test_an_item_handed_to_a_consumer_cancelled_before_it_ran_goes_to_the_next",),
     ),
     Mutant(
+        # orjson writes NaN and infinities as null: such a line must go to the standard encoder, which refuses them.
+        "item-null-rechecked",
+        "runner/results/items.py",
+        '    if data is not None and b"null" not in data:\n',
+        "    if data is not None:\n",
+        (f"{FAULTS}::test_an_item_json_cannot_represent_is_the_handlers_error",),
+    ),
+    Mutant(
         # The timer an earlier attempt armed fires during a later one: it must check the deadline it serves now.
         "deadline-checked-at-fire",
         "runner/deadline.py",

@@ -6,6 +6,8 @@ real SQLite store, a real file-size limit for a full disk, and handlers that rea
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import math
 import re
 import resource
@@ -221,6 +223,7 @@ async def test_a_wrong_queue_id_stops_the_run_instead_of_retrying_forever(storag
     [
         pytest.param({("tuple", "key"): 1}, id="tuple-key"),
         pytest.param({"x": math.nan}, id="nan"),
+        pytest.param({"x": [1, {"y": -math.inf}]}, id="infinity"),
         pytest.param({"x": b"bytes"}, id="bytes"),
         pytest.param({"x": {1, 2}}, id="set"),
         pytest.param("a string", id="string"),
@@ -248,6 +251,20 @@ async def test_an_item_json_cannot_represent_is_the_handlers_error(
     assert all(m.startswith("InvalidItemError: ") for m in request.error_messages)
     assert (summary.stats["handled"], summary.stats["failed"]) == (1, 1)
     assert await items_of(dataset) == [{"url": "https://a.example/2"}]
+
+
+@pytest.mark.parametrize(
+    ("item", "stored"),
+    [
+        pytest.param({"big": 2**70}, {"big": 2**70}, id="int-past-64-bits"),
+        pytest.param({1: "a", None: "b"}, {"1": "a", "null": "b"}, id="non-string-keys"),
+        pytest.param({"title": None, "n": 1.5}, {"title": None, "n": 1.5}, id="null"),
+        pytest.param({"at": dt.date(2026, 12, 2)}, {"at": "2026-12-02"}, id="date"),
+    ],
+)
+def test_values_json_has_a_form_for_are_stored(item: dict[Any, Any], stored: dict[str, Any]) -> None:
+    """What the fast encoder refuses or cannot be trusted with, JSON may still have a form for: stored as it."""
+    assert json.loads(encode_item(item)) == stored
 
 
 async def test_a_circular_item_is_refused_by_push_data() -> None:

@@ -109,7 +109,8 @@ def test_the_users_handlers_module_wins_in_the_current_directory(tmp_path: Path)
         "run", "--handler", "handlers:handle", "--start-url", "https://a.example/", *JSON_LOGS, cwd=tmp_path
     )
     assert crawl.returncode == 0, crawl.stderr
-    assert '"from": "handlers"' in (tmp_path / "storage/datasets/default.jsonl").read_text()
+    items = [json.loads(line) for line in (tmp_path / "storage/datasets/default.jsonl").read_text().splitlines()]
+    assert [item.get("from") for item in items] == ["handlers"]
 
 
 # -- the demo site ------------------------------------------------------------------------------------------

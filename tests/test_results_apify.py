@@ -85,7 +85,8 @@ async def stored(api: ApiClient, dataset_id: str) -> list[dict[str, Any]]:
 
 def sized(count: int, length: int) -> list[str]:
     """`count` numbered item lines of exactly `length` bytes each."""
-    return [encode_item({"n": n, "pad": "x" * (length - 18 - len(str(n)))}) for n in range(count)]
+    fixed = len(encode_item({"n": 0, "pad": ""})) - 1  # the line's text around the number and the padding
+    return [encode_item({"n": n, "pad": "x" * (length - fixed - len(str(n)))}) for n in range(count)]
 
 
 def numbers(items: list[dict[str, Any]]) -> list[int]:
