@@ -183,6 +183,8 @@ class Committer:
         self.clock = loop_clock()
         """The event loop's clock (`anyio.current_time`), for the fences: made inside the run's loop."""
         self.key_memo = KeyMemo()
+        self.known = self.seen.keys()
+        """`seen`'s keys, live (the contexts' `known`): taken once, not at every attempt."""
         """The uniqueKeys of URL texts handlers enqueued (`Context`'s `key_memo`)."""
         self.recent = None if isinstance(queue, ConsistentHead) else RecentAdds()
         """What this process added lately, read back before the run may call the queue finished; None for a queue

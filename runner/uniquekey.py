@@ -55,15 +55,14 @@ class KeyMemo:
     """The `uniqueKey` of each URL text met before in this run, so a link seen again is not split and normalized
     again (most links a crawl finds are); bounded, the oldest forgotten first. One per run: one key convention."""
 
-    __slots__ = ("_keys", "_size")
+    __slots__ = ("_keys", "_size", "get")
 
     def __init__(self, size: int = 100_000) -> None:
         self._keys: dict[str, str] = {}
         self._size = size
-
-    def get(self, url: str) -> str | None:
-        """The key remembered for exactly this text, if any."""
-        return self._keys.get(url)
+        self.get: Callable[[str], str | None] = self._keys.get
+        """The key remembered for exactly this text, if any: the dict's own `get` (asked for every link a crawl
+        finds, it costs no Python call)."""
 
     def put(self, url: str, key: str) -> None:
         """Remember `key` for the text `url`."""

@@ -123,7 +123,7 @@ class Worker:
 
     async def _attempt(self, lease: Lease, deadline: Deadline) -> None:
         committer, leases = self.committer, self.committer.leases
-        clock = committer.clock
+        clock, known = committer.clock, committer.known
         started = clock()
         if not lease.valid(started):
             # Buffered past its lock (e.g. the loop was blocked): not provably ours, so neither run nor committed.
@@ -143,7 +143,7 @@ class Worker:
             http=self.http,
             log=self.log,
             options=self.options,
-            known=committer.seen.keys(),
+            known=known,
             key_memo=committer.key_memo,
             unique_key=self.unique_key,
         )
