@@ -125,7 +125,6 @@ class _PendingAdd(Batched):
     __slots__ = ("added", "drafts", "error")
 
     def __init__(self, drafts: Sequence[RequestDraft]) -> None:
-        super().__init__()
         self.drafts = drafts
         self.added = 0
         self.error: QueueError | None = None

@@ -10,14 +10,15 @@ __all__ = ["Batched", "GroupCommit"]
 
 
 class Batched:
-    """One call waiting for, or written in, a group commit; the write gives it its outcome (subclasses hold it)."""
+    """One call waiting for, or written in, a group commit; the write gives it its outcome (subclasses hold it).
+
+    `GroupCommit.submit` sets both flags (no `__init__` to chain to: one call fewer a write): `taken`, in a batch
+    being written (or written), so that cancelling its caller no longer takes it back; `done`, written.
+    """
 
     __slots__ = ("done", "taken")
-
-    def __init__(self) -> None:
-        self.taken = False
-        """In a batch being written (or written): cancelling its caller no longer takes it back."""
-        self.done = False
+    taken: bool
+    done: bool
 
 
 B = TypeVar("B", bound=Batched)
@@ -46,6 +47,7 @@ class GroupCommit(Generic[B]):
         Cancelled before its batch was taken, the call is never written; after, it is written regardless (its
         caller does not learn the outcome).
         """
+        call.taken = call.done = False
         self._pending.append(call)
         try:
             while not call.done:

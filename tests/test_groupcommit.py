@@ -14,7 +14,6 @@ class Call(Batched):
     __slots__ = ("name", "written")
 
     def __init__(self, name: str) -> None:
-        super().__init__()
         self.name = name
         self.written = False
 

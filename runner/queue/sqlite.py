@@ -242,7 +242,6 @@ class _Write(Batched, Generic[T]):
         self.fn = fn
         self.args = args
         self.endpoint = endpoint
-        super().__init__()
         self.result: T | None = None
         self.error: BaseException | None = None
 
