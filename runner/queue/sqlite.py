@@ -533,6 +533,9 @@ class SqliteQueue:
         self._db.execute("SAVEPOINT marks")
         handled, added, done = len(marks), 0, []
         for op in marks:
+            if not op.args[3]:  # most marks carry no new link
+                done.append(_NO_LINKS)
+                continue
             (handled_added, new), links = self._insert_links(op.args[3], now)
             handled += handled_added
             added += new
