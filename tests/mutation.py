@@ -72,14 +72,14 @@ MUTANTS = [
     Mutant(
         "commit-waits-out-outage",
         "runner/commit.py",
-        "                if not lease.valid(anyio.current_time() + delay):\n",
-        "                if True:\n",
+        "            if not lease.valid(anyio.current_time() + delay):\n",
+        "            if True:\n",
         (f"{PG_RELIABILITY}::test_commits_wait_out_an_outage_under_their_locks_and_nothing_runs_twice",),
     ),
     Mutant(
         "commit-unanswered-applied",
         "runner/commit.py",
-        "                if unanswered:\n                    raise _Applied from None\n",
+        "                    if unanswered:\n                        raise _Applied from None\n",
         "",
         (f"{PG_RELIABILITY}::test_a_complete_whose_answer_is_lost_counts_as_handled_once",),
     ),
