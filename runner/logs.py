@@ -64,7 +64,9 @@ def configure_logging(
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write() a line: `print` (PrintLogger) writes the text and its newline apart, and the lines of several
+        # processes on one stream (`run --processes N`, a container's shared stderr) then cut into each other.
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
     _route_stdlib_logging(out, [structlog.stdlib.add_logger_name, *processors], renderer, _LEVELS[level])

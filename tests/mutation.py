@@ -179,6 +179,14 @@ MUTANTS = [
         ("tests/test_handoff.py::test_an_item_handed_to_a_consumer_cancelled_before_it_ran_goes_to_the_next",),
     ),
     Mutant(
+        # A JSON log line goes out in one write: processes sharing a stream (run --processes N) never cut lines.
+        "log-line-one-write",
+        "runner/logs.py",
+        "        logger_factory=structlog.WriteLoggerFactory(out),\n",
+        "        logger_factory=structlog.PrintLoggerFactory(out),\n",
+        ("tests/test_logs.py::test_json_lines_of_processes_sharing_one_stream_never_cut_into_each_other",),
+    ),
+    Mutant(
         # orjson writes NaN and infinities as null: such a line must go to the standard encoder, which refuses them.
         "item-null-rechecked",
         "runner/results/items.py",

@@ -5,12 +5,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
 
 from runner.logs import configure_logging
+from tests.conftest import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -51,3 +57,44 @@ def test_a_librarys_error_on_the_console_is_a_line_of_ours(restored_logging: Non
     assert "boom" in text
     assert "error" in text
     assert not text.lstrip().startswith("{")
+
+
+_CHILD = """
+import sys, time
+from pathlib import Path
+import structlog
+from runner.logs import configure_logging
+configure_logging(fmt="json")
+log = structlog.get_logger("headlock.test")
+lines, who, ready, go = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+ready.touch()
+deadline = time.monotonic() + 30
+while not go.exists() and time.monotonic() < deadline:  # both start writing at once
+    time.sleep(0.001)
+for n in range(lines):
+    log.info("test.line", n=n, who=who)
+"""
+
+
+def test_json_lines_of_processes_sharing_one_stream_never_cut_into_each_other(tmp_path: Path) -> None:
+    """`run --processes N` children (and a container's processes) share one stderr: each JSON line must go out in
+    one write, or two processes' lines interleave (print wrote the text and its newline apart: hundreds of broken
+    lines in 6,000 here). The two start writing together, once both are ready."""
+    lines_each = 3_000
+    out, go = tmp_path / "err.jsonl", tmp_path / "go"
+    ready = [tmp_path / f"ready-{who}" for who in ("a", "b")]
+    with out.open("w") as err:
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", _CHILD, str(lines_each), who, str(flag), str(go)], stderr=err, cwd=ROOT
+            )
+            for who, flag in zip(("a", "b"), ready, strict=True)
+        ]
+        wait_for(lambda: all(flag.exists() for flag in ready), 30, "both children ready")
+        go.touch()
+        for child in children:
+            assert child.wait(timeout=60) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 * lines_each
+    for who in ("a", "b"):
+        assert [r["n"] for r in records if r["who"] == who] == list(range(lines_each))
