@@ -182,9 +182,9 @@ class Committer:
         self.clock = loop_clock()
         """The event loop's clock (`anyio.current_time`), for the fences: made inside the run's loop."""
         self.key_memo = KeyMemo()
+        """The uniqueKeys of URL texts handlers enqueued (`Context`'s `key_memo`)."""
         self.known = self.seen.keys()
         """`seen`'s keys, live (the contexts' `known`): taken once, not at every attempt."""
-        """The uniqueKeys of URL texts handlers enqueued (`Context`'s `key_memo`)."""
         self.recent = None if isinstance(queue, ConsistentHead) else RecentAdds()
         """What this process added lately, read back before the run may call the queue finished; None for a queue
         whose head shows every add at once (`ConsistentHead`): nothing needs reading back there."""
@@ -309,13 +309,13 @@ class Committer:
         if marker is not None and not has_failed_mark(lease.request.user_data):
             links: PreparedLinks = ()
             if enqueues:  # most pages find no link that is new here
-                seen = self.seen.keys()
+                known = self.known
                 # Raises InvalidInputError before anything is written, as the add of such a link would.
                 links = marker.prepare_links(
                     {
                         ff: fresh
                         for ff, drafts in enqueues.items()
-                        if (fresh := [d for d in drafts if d.unique_key not in seen])
+                        if (fresh := [d for d in drafts if d.unique_key not in known])
                     }
                 )
             await self._push(lease, items, "the request was being committed")

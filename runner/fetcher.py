@@ -157,9 +157,12 @@ class _Room:
 
     def free(self) -> int:
         """Requests that may be locked now (zero or less: none)."""
-        free = self.capacity - len(self.leases)
+        return self._free(len(self.leases))
+
+    def _free(self, held: int) -> int:
+        free = self.capacity - held
         if self.max_requests is not None:
-            free = min(free, self.max_requests - self.stats.finished - len(self.leases))
+            free = min(free, self.max_requests - self.stats.finished - held)
         return free
 
     def exhausted(self) -> bool:
@@ -167,15 +170,13 @@ class _Room:
         return self.max_requests is not None and self.free() <= 0 and not self.leases
 
     def may_lock(self) -> bool:
-        """Room for a whole batch, or for any request while workers have nothing buffered: each call locks up to 25."""
-        free = self.free()
-        return free >= self.batch or (free > 0 and not self.leases.prefetched)
+        """Room for a whole batch, or for any request while workers have nothing buffered: each call locks up to 25.
+
+        Tested at every lease removal while the fetcher waits: one call to the leases for both counts."""
+        held, prefetched = self.leases.counts()
+        free = self._free(held)
+        return free >= self.batch or (free > 0 and not prefetched)
 
     def may_lock_or_exhausted(self) -> bool:
-        """What the fetcher waits for while it may not lock: a reason to lock, or to return. Tested at every lease
-        removal while the fetcher waits: without `max_requests`, `may_lock` in one call to the leases."""
-        if self.max_requests is not None:
-            return self.may_lock() or self.exhausted()
-        held, prefetched = self.leases.counts()
-        free = self.capacity - held
-        return free >= self.batch or (free > 0 and not prefetched)
+        """What the fetcher waits for while it may not lock: a reason to lock, or to return."""
+        return self.may_lock() or self.exhausted()

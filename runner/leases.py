@@ -168,11 +168,6 @@ class Leases:
         return LeaseStatistics(len(self._held), self._in_flight, len(self._held) - self._in_flight)
 
     @property
-    def prefetched(self) -> int:
-        """Leases locked and buffered, their handler not started yet."""
-        return len(self._held) - self._in_flight
-
-    @property
     def in_flight(self) -> int:
         """Leases whose handler has started (a plain int: safe to read from another thread)."""
         return self._in_flight
