@@ -137,12 +137,36 @@ MUTANTS = [
         ),
     ),
     Mutant(
-        # A store call whose caller is cancelled runs to its end before the caller goes on.
+        # A store write whose caller is cancelled while its batch is in the thread ends before the caller goes on.
         "store-thread-cancel-waits",
+        "runner/queue/_thread.py",
+        "            elif not call.done:  # in the thread: wait for its end, as `StoreThread.run` does\n",
+        "            elif False:\n",
+        ("tests/test_store.py::test_a_call_cancelled_while_it_runs_in_the_store_thread_waits_for_its_end",),
+    ),
+    Mutant(
+        # The same for the store's plain calls (opening, reads).
+        "store-thread-call-cancel-waits",
         "runner/queue/_thread.py",
         "            if not job.done:",
         "            if False:",
-        ("tests/test_store.py::test_a_call_cancelled_while_it_runs_in_the_store_thread_waits_for_its_end",),
+        ("tests/test_store.py::test_a_first_call_cancelled_while_the_store_opens_waits_for_the_open_to_end",),
+    ),
+    Mutant(
+        # A store write cancelled before its batch went to the thread is never written.
+        "store-batch-cancel-drops",
+        "runner/queue/_thread.py",
+        "                self._pending.remove(call)\n",
+        "                pass\n",
+        ("tests/test_store.py::test_a_write_cancelled_before_its_batch_goes_to_the_thread_is_never_written",),
+    ),
+    Mutant(
+        # The end of a batch gives the thread the writes that came meanwhile (nobody else would).
+        "store-batch-next-given",
+        "runner/queue/_thread.py",
+        "        if self._pending:\n            self._give(loop)\n",
+        "",
+        ("tests/test_store.py::test_a_write_cancelled_before_its_batch_goes_to_the_thread_is_never_written",),
     ),
     Mutant(
         # The links going with the handled mark are checked before the items are stored (a refused link fails the

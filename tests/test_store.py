@@ -312,6 +312,70 @@ async def test_a_call_cancelled_while_it_runs_in_the_store_thread_waits_for_its_
     assert (await store.get_info()).total_request_count == 2  # the call ran to its end
 
 
+@pytest.mark.anyio
+async def test_a_write_cancelled_before_its_batch_goes_to_the_thread_is_never_written(store: SqliteQueue) -> None:
+    """Writes made while a batch is in the thread wait for the next one: one cancelled meanwhile is dropped, the
+    others go when the batch before ends."""
+    await add(store, 1)
+    outcomes: dict[int, str] = {}
+
+    async def write(n: int, scope: anyio.CancelScope) -> None:
+        with scope:
+            await store.batch_add([draft(n)], client_key=A)
+            outcomes[n] = "written"
+        if scope.cancelled_caught:
+            outcomes[n] = "cancelled"
+
+    async with raw_connection(store.path) as raw:
+        await raw.execute("BEGIN IMMEDIATE")
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                scopes = {n: anyio.CancelScope() for n in (2, 3, 4)}
+                tg.start_soon(write, 2, scopes[2])  # goes to the thread, which waits for the raw lock
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(write, 3, scopes[3])
+                tg.start_soon(write, 4, scopes[4])
+                await anyio.wait_all_tasks_blocked()
+                scopes[3].cancel()
+                await anyio.wait_all_tasks_blocked()
+                assert outcomes == {3: "cancelled"}  # at once: it was not in the thread yet
+                await raw.execute("ROLLBACK")
+    assert outcomes == {2: "written", 3: "cancelled", 4: "written"}
+    assert (await store.get_info()).total_request_count == 3  # 1, 2 and 4
+
+
+@pytest.mark.anyio
+async def test_a_first_call_cancelled_while_the_store_opens_waits_for_the_open_to_end(tmp_path: Path) -> None:
+    """The store's plain calls (opening, reads) wait for their end in the thread when cancelled, as writes do."""
+    first = SqliteQueue.open(tmp_path, "q")
+    await add(first, 1)
+    await first.aclose()
+    queue = SqliteQueue.open(tmp_path, "q", busy_timeout=5)
+    returned = anyio.Event()
+
+    async def cancelled_call(scope: anyio.CancelScope) -> None:
+        with scope:
+            await queue.get_info()  # opens the store, which waits in the thread for the raw lock
+        returned.set()
+
+    try:
+        async with raw_connection(queue.path) as raw:
+            await raw.execute("BEGIN IMMEDIATE")
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    scope = anyio.CancelScope()
+                    tg.start_soon(cancelled_call, scope)
+                    await anyio.wait_all_tasks_blocked()
+                    scope.cancel()
+                    await anyio.wait_all_tasks_blocked()
+                    assert not returned.is_set()  # still waiting for its call in the thread
+                    await raw.execute("ROLLBACK")
+                    await returned.wait()
+        assert scope.cancelled_caught
+    finally:
+        await queue.aclose()
+
+
 def nested(depth: int) -> dict[str, object]:
     """A dict nested `depth` levels deep."""
     value: dict[str, object] = {}

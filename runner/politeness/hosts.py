@@ -16,6 +16,7 @@ sent before the block began do not raise it again (a burst of 429s is one event)
 from __future__ import annotations
 
 import heapq
+import re
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
@@ -51,6 +52,10 @@ MAX_DEFER = 300.0
 """Longest give-back (a lock prolonged further may be refused)."""
 _DEFERRALS = 10_000
 """Most give-back ends remembered for the fetcher (`next_deferral_end`)."""
+
+
+_ORIGIN_TEXT = re.compile(r"[^:/?#]*://[^/?#]*").match
+"""The `scheme://netloc` start of a URL text (`Hosts._key_of`'s memo key)."""
 
 
 def host_key(url: httpx.URL) -> HostKey:
@@ -363,15 +368,10 @@ class Hosts:
 
     def _key_of(self, url: str) -> HostKey | None:
         """`_text_key` of `url`, remembered by its `scheme://netloc` text (a worker asks for every request)."""
-        scheme, sep, rest = url.partition("://")
-        if not sep:
+        found = _ORIGIN_TEXT(url)
+        if found is None:
             return None
-        end = len(rest)
-        for mark in "/?#":
-            at = rest.find(mark, 0, end)
-            if at != -1:
-                end = at
-        prefix = url[: len(scheme) + 3 + end]
+        prefix = found.group()
         keys = self._keys
         if prefix in keys:
             return keys[prefix]

@@ -1,4 +1,5 @@
-"""The embedded store's own thread: every call on its SQLite connection runs there, one at a time, in order."""
+"""The embedded store's own thread: every call on its SQLite connection runs there, one at a time, in order; and
+the group commit of its writes, whose batches the thread hands back to the loop itself (`ThreadBatches`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 
-__all__ = ["StoreThread"]
+__all__ = ["StoreThread", "ThreadBatch", "ThreadBatches"]
 
 T = TypeVar("T")
 
@@ -48,7 +49,8 @@ class StoreThread:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job[Any] | tuple[Callable[..., object], tuple[Any, ...]] | None]
+        self._jobs = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
@@ -71,6 +73,13 @@ class StoreThread:
             raise error
         return job.result  # type: ignore[return-value]
 
+    def post(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run `fn(*args)` in the thread, after the calls given before, and return at once: `fn` reports its own
+        outcome (what it raises is dropped)."""
+        if self._thread is None:
+            self._start()
+        self._jobs.put((fn, args))
+
     def stop(self) -> None:
         """End the thread after the calls already given to it. Idempotent; a later `run` starts a new one (on a
         queue of its own: the calls given to the old one still run there, first)."""
@@ -86,11 +95,95 @@ class StoreThread:
                 self._thread.start()
 
     @staticmethod
-    def _work(jobs: queue.SimpleQueue[_Job[Any] | None]) -> None:
+    def _work(jobs: queue.SimpleQueue[_Job[Any] | tuple[Callable[..., object], tuple[Any, ...]] | None]) -> None:
         while (job := jobs.get()) is not None:
+            if isinstance(job, tuple):  # posted
+                with contextlib.suppress(BaseException):
+                    job[0](*job[1])
+                continue
             try:
                 result, error = job.fn(*job.args), None
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits for the outcome
                 job.loop.call_soon_threadsafe(_finish, job, result, error)
+
+
+class ThreadBatch(Protocol):
+    """What `ThreadBatches` needs of a call: the two flags it keeps, and the future its caller waits on."""
+
+    taken: bool
+    """In a batch given to the thread: cancelling its caller no longer takes it back."""
+    done: bool
+    """Its batch has ended (its outcome is recorded on it)."""
+    waiter: asyncio.Future[None]
+
+
+B = TypeVar("B", bound=ThreadBatch)
+
+
+class ThreadBatches(Generic[B]):
+    """Group commit in the store's thread: a call made while no batch is in the thread goes there at once; calls
+    made while one is go, all together, in the next one, given to the thread by the end of the one before.
+
+    What `runner.groupcommit.GroupCommit` does with a writer task that waits on the thread for the whole batch, at
+    less per call: the thread hands each batch's end to the loop (one callback, setting every caller's future), so
+    a call costs one future and no task waits for the others. As with `StoreThread.run`, a caller cancelled after
+    its batch was taken waits for the batch's end before the cancellation goes on. Needs asyncio.
+    """
+
+    def __init__(self, thread: StoreThread, write: Callable[[list[B]], None]) -> None:
+        """`write(batch)`, run in the thread, records each call's outcome on it, its errors too: what it raises is
+        lost (its callers would find no outcome)."""
+        self._thread = thread
+        self._write = write
+        self._pending: list[B] = []
+        self._busy = False
+
+    async def submit(self, call: B) -> None:
+        """Return once `call`'s batch has ended, its outcome recorded on it.
+
+        Cancelled before its batch was taken, the call is never written; after, it is written regardless, and its
+        caller waits for that before the cancellation goes on.
+        """
+        loop = asyncio.get_running_loop()
+        call.taken = call.done = False
+        call.waiter = waiter = loop.create_future()
+        self._pending.append(call)
+        if not self._busy:
+            self._give(loop)
+        try:
+            await waiter
+        except BaseException:
+            if not call.taken:
+                self._pending.remove(call)
+            elif not call.done:  # in the thread: wait for its end, as `StoreThread.run` does
+                call.waiter = loop.create_future()
+                with anyio.CancelScope(shield=True):
+                    await call.waiter
+            raise
+
+    def _give(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._pending = self._pending, []
+        for call in batch:
+            call.taken = True
+        self._busy = True
+        self._thread.post(self._run, batch, loop)
+
+    def _run(self, batch: list[B], loop: asyncio.AbstractEventLoop) -> None:
+        """In the thread: write the batch, then hand its end to the loop."""
+        try:
+            self._write(batch)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for the outcome
+                loop.call_soon_threadsafe(self._ended, batch, loop)
+
+    def _ended(self, batch: list[B], loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop: wake the batch's callers, and give the thread the calls that came meanwhile."""
+        for call in batch:
+            call.done = True
+            if not call.waiter.done():  # done: cancelled with its caller
+                call.waiter.set_result(None)
+        self._busy = False
+        if self._pending:
+            self._give(loop)

@@ -21,6 +21,7 @@ count as handled.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -38,7 +39,6 @@ import anyio.to_thread
 import structlog
 
 from runner.errors import AlreadyHandledError, InvalidInputError, LockLostError, NotFoundError, QueueUnavailableError
-from runner.groupcommit import Batched, GroupCommit
 from runner.metrics import Metrics
 from runner.models import (
     AddedRequest,
@@ -68,7 +68,7 @@ from runner.queue._rows import (
     _to_datetime,
     validate_queue_name,
 )
-from runner.queue._thread import StoreThread
+from runner.queue._thread import StoreThread, ThreadBatches
 from runner.queue.admin import MAX_LIST_LIMIT, MAX_REQUEUE_BATCH, RequestPage, RequeueResult, can_requeue
 from runner.queue.completion import Completion
 from runner.queue.protocol import MAX_BATCH, MAX_LOCK_LIMIT, PreparedLinks
@@ -233,10 +233,14 @@ class Head:
     had_multiple_clients: bool
 
 
-class _Write(Batched, Generic[T]):
-    """One write waiting for, or done by, a group commit."""
+class _Write(Generic[T]):
+    """One write waiting for, or done by, a group commit (`ThreadBatches`)."""
 
-    __slots__ = ("args", "endpoint", "error", "fn", "result")
+    __slots__ = ("args", "done", "endpoint", "error", "fn", "result", "taken", "waiter")
+
+    taken: bool
+    done: bool
+    waiter: asyncio.Future[None]
 
     def __init__(self, fn: Callable[..., T], args: tuple[Any, ...], endpoint: str) -> None:
         self.fn = fn
@@ -282,7 +286,7 @@ class SqliteQueue:
         self._opening = anyio.Lock(fast_acquire=True)
         self._db: sqlite3.Connection  # connected by `_setup`
         self._connected = self._ready = self._closed = False
-        self._writes = GroupCommit[_Write[Any]](self._write_in_thread)
+        self._writes = ThreadBatches[_Write[Any]](self._thread, self._write_batch)
         self._known_clients: set[str] = set()
         self._checkpointer = Checkpointer(path)
 
@@ -437,12 +441,16 @@ class SqliteQueue:
         await self._writes.submit(op)  # cancelled before its batch is taken, it never happens
         return op.outcome()
 
-    async def _write_in_thread(self, batch: list[_Write[Any]]) -> None:
-        await self._thread.run(self._write_batch, batch)
-
     def _write_batch(self, batch: list[_Write[Any]]) -> None:
-        with self._checkpointer.writing:
-            self._write_batch_locked(batch)
+        """In the store's thread: write `batch` (`_write_batch_locked`); every write of it gets an outcome."""
+        try:
+            with self._checkpointer.writing:
+                self._write_batch_locked(batch)
+        except BaseException as exc:  # a bug: each caller gets it, rather than no outcome at all
+            for op in batch:
+                if op.error is None:
+                    op.result, op.error = None, exc
+            raise
         self._checkpointer.committed()
 
     def _write_batch_locked(self, batch: list[_Write[Any]]) -> None:
