@@ -70,10 +70,13 @@ class SeenKeys:
 
     def add(self, key: str) -> None:
         """Remember `key`, forgetting the oldest beyond the bound."""
-        self._keys[key] = None
-        self._keys.move_to_end(key)
-        if len(self._keys) > self._size:
-            self._keys.popitem(last=False)
+        keys = self._keys
+        if key in keys:
+            keys.move_to_end(key)
+            return
+        keys[key] = None
+        if len(keys) > self._size:
+            keys.popitem(last=False)
 
 
 async def add_requests(

@@ -153,6 +153,14 @@ MUTANTS = [
         ("tests/test_store.py::test_a_first_call_cancelled_while_the_store_opens_waits_for_the_open_to_end",),
     ),
     Mutant(
+        # orjson writes a link's JSON only when it writes it as pydantic does (strings in userData).
+        "plain-json-strings-only",
+        "runner/queue/_rows.py",
+        "    if user_data and not all(type(value) is str for value in user_data.values()):\n        return None\n",
+        "",
+        ("tests/test_store.py::test_a_links_stored_json_is_pydantics_whoever_writes_it",),
+    ),
+    Mutant(
         # A store write cancelled before its batch went to the thread is never written.
         "store-batch-cancel-drops",
         "runner/queue/_thread.py",

@@ -29,6 +29,7 @@ from runner.errors import (
 )
 from runner.models import QueueCounts, Request, RequestDraft, with_failed_mark
 from runner.queue._checkpoint import Checkpointer
+from runner.queue._rows import _dump, _plain_json
 from runner.queue.admin import MAX_REQUEUE_BATCH, QueueAdmin, RequeueResult
 from runner.queue.protocol import RequestQueue
 from runner.queue.sqlite import _HEAD_QUERY, SqliteQueue, StoreClock, queue_path, validate_queue_name
@@ -1670,6 +1671,25 @@ async def test_mark_handled_adds_the_links_with_the_mark_or_none_of_them(store: 
 async def test_prepare_links_refuses_a_link_with_no_json_form(store: SqliteQueue) -> None:
     with pytest.raises(InvalidInputError, match="cannot be stored as JSON"):
         store.prepare_links({False: [RequestDraft(unique_key=url("x"), url=url("x"), user_data={"x": object()})]})
+
+
+@pytest.mark.parametrize(
+    ("fields", "by_orjson"),
+    [
+        ({}, True),
+        ({"user_data": {"label": "DETAIL"}}, True),
+        ({"method": "POST", "user_data": {"ü": '\u2028\x00\x1f\x7f"\\/ \U0001f600'}}, True),
+        ({"user_data": {"when": datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)}}, False),  # orjson would write +00:00
+        ({"user_data": {"n": 2**70, "x": float("nan"), "t": (1, "a")}}, False),
+        ({"headers": {"a": "b"}, "payload": "p", "no_retry": True}, False),
+    ],
+)
+def test_a_links_stored_json_is_pydantics_whoever_writes_it(fields: dict[str, Any], by_orjson: bool) -> None:
+    """The usual link is written by orjson (`_plain_json`), any other by pydantic: the text is the same."""
+    link = RequestDraft(unique_key=url("x"), url=url("x"), **fields)
+    fast = _plain_json(link)
+    assert (fast is not None) == by_orjson
+    assert (fast or _dump(link, "batch_add")) == _dump(link, "batch_add")
 
 
 @pytest.mark.anyio

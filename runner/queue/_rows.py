@@ -11,6 +11,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from runner.errors import InvalidInputError, QueueUnavailableError
@@ -224,8 +225,26 @@ def _prepare(draft: RequestDraft, endpoint: str) -> tuple[str, str, bool, bool, 
     # A plain draft's fields were validated when it was built and are the request's own; the request's other
     # fields take their defaults. Five new links a page come this way: a full validation cost them 5 us each.
     request_id = request_id_for(draft.unique_key)
-    body = _dump(draft, endpoint)
+    body = _plain_json(draft) or _dump(draft, endpoint)
     return request_id, draft.unique_key, False, False, f'{{"id":"{request_id}",{_DRAFT_DEFAULTS},{body[1:]}'
+
+
+def _plain_json(draft: RequestDraft) -> str | None:
+    """`_dump` of the usual link, written by orjson (a fifth of pydantic's time): no headers, payload or noRetry, and
+    only strings in `userData` (a label), which both write alike; None for any other draft, or what orjson refuses
+    (a lone surrogate): those go through `_dump`."""
+    user_data = draft.user_data
+    if draft.headers is not None or draft.payload is not None or draft.no_retry is not None:
+        return None
+    if user_data and not all(type(value) is str for value in user_data.values()):
+        return None
+    try:
+        text = orjson.dumps(
+            {"uniqueKey": draft.unique_key, "url": draft.url, "method": draft.method, "userData": user_data}
+        )
+    except orjson.JSONEncodeError:
+        return None
+    return text.decode()
 
 
 def _listed(request_id: str, data: bytes) -> dict[str, Any]:

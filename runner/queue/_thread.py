@@ -118,6 +118,10 @@ class ThreadBatch(Protocol):
     """Its batch has ended (its outcome is recorded on it)."""
     waiter: asyncio.Future[None]
 
+    def outcome(self) -> Any:
+        """What the write returned, or raise what it raised."""
+        ...
+
 
 B = TypeVar("B", bound=ThreadBatch)
 
@@ -140,8 +144,8 @@ class ThreadBatches(Generic[B]):
         self._pending: list[B] = []
         self._busy = False
 
-    async def submit(self, call: B) -> None:
-        """Return once `call`'s batch has ended, its outcome recorded on it.
+    async def submit(self, call: B) -> Any:
+        """`call.outcome()` once `call`'s batch has ended.
 
         Cancelled before its batch was taken, the call is never written; after, it is written regardless, and its
         caller waits for that before the cancellation goes on.
@@ -162,6 +166,7 @@ class ThreadBatches(Generic[B]):
                 with anyio.CancelScope(shield=True):
                     await call.waiter
             raise
+        return call.outcome()
 
     def _give(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._pending = self._pending, []
