@@ -155,7 +155,10 @@ class ThreadBatches(Generic[B]):
         call.waiter = waiter = loop.create_future()
         self._pending.append(call)
         if not self._busy:
-            self._give(loop)
+            # At the end of this loop iteration, with the calls made in it: the workers whose answers came in one
+            # poll share a transaction instead of the first of them going alone.
+            self._busy = True
+            loop.call_soon(self._give, loop)
         try:
             await waiter
         except BaseException:
@@ -169,6 +172,9 @@ class ThreadBatches(Generic[B]):
         return call.outcome()
 
     def _give(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._pending:  # all cancelled before it went
+            self._busy = False
+            return
         batch, self._pending = self._pending, []
         for call in batch:
             call.taken = True
