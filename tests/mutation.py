@@ -129,8 +129,8 @@ MUTANTS = [
     Mutant(
         "fence-store-handled-mark",
         "runner/queue/sqlite.py",
-        '    " WHERE id = ? AND lock_client = ? AND order_no IS NOT NULL AND lock_expires IS NOT NULL"\n',
-        '    " WHERE id = ? AND ? IS NOT NULL"\n',
+        '_HELD_BY = " AND lock_client = ? AND order_no IS NOT NULL AND lock_expires IS NOT NULL"\n',
+        '_HELD_BY = " AND ? IS NOT NULL"\n',
         (
             "tests/test_store.py::test_mark_handled_is_fenced_on_the_lock",
             "tests/test_store.py::test_handled_marks_committed_together_each_get_their_own_outcome",
@@ -159,6 +159,14 @@ MUTANTS = [
         "    if user_data and not all(type(value) is str for value in user_data.values()):\n        return None\n",
         "",
         ("tests/test_store.py::test_a_links_stored_json_is_pydantics_whoever_writes_it",),
+    ),
+    Mutant(
+        # Marks committed together: a new link two of them name is new to the first only (counted once).
+        "batched-links-first-claims",
+        "runner/queue/sqlite.py",
+        "                        stored.add(request_id)  # a later mark naming it finds it there\n",
+        "                        pass\n",
+        ("tests/test_store.py::test_links_of_marks_committed_together_are_stored_once_each_and_reported_to_the_first",),
     ),
     Mutant(
         # A store write cancelled before its batch went to the thread is never written.

@@ -1649,6 +1649,50 @@ async def test_handled_marks_committed_together_each_get_their_own_outcome(store
 
 
 @pytest.mark.anyio
+async def test_links_of_marks_committed_together_are_stored_once_each_and_reported_to_the_first(
+    store: SqliteQueue,
+) -> None:
+    """Marks of two holders in one group commit, more than one chunk of them (`_IN_CHUNK`), some naming the same
+    new link, some a stored one: each link is stored once, in order, reported new to the first mark naming it."""
+    count = 300
+    ids = await add(store, "old")
+    assert await lock_keys(store, B, limit=1) == ["old"]  # "old" stays pending under B's lock: a stored link
+    for start in range(0, count, 25):
+        ids += await add(store, *range(start, start + 25))
+        await store.lock_head(limit=25, lock_secs=LONG, client_key=A)
+    done: dict[int, Any] = {}
+
+    async def mark(n: int) -> None:
+        links = [draft(f"link{n}"), draft("shared"), draft("old")]
+        done[n] = await store.mark_handled(ids[n + 1], client_key=A, links=store.prepare_links({False: links}))
+
+    async with raw_connection(store.path) as raw:
+        await raw.execute("BEGIN IMMEDIATE")  # the store's next write waits for it: the marks queue up behind
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(partial(store.batch_add, [draft("x")], client_key=A))
+                await anyio.wait_all_tasks_blocked()
+                for n in range(count):
+                    tg.start_soon(mark, n)
+                await anyio.wait_all_tasks_blocked()
+                await raw.execute("ROLLBACK")
+    assert done[0].new == {url("link0"), url("shared")}
+    assert all(done[n].new == {url(f"link{n}")} for n in range(1, count))
+    assert all(set(done[n].links) == {url(f"link{n}"), url("shared"), url("old")} for n in range(count))
+    info = await store.get_info()
+    # "old" (locked by B), "x", the 300 links and "shared" are pending; the 300 marked are handled.
+    assert (info.handled_request_count, info.pending_request_count) == (count, 1 + 1 + count + 1)
+    await store.delete_lock(ids[0], client_key=B, forefront=True)
+    head = []
+    for _ in range(20):
+        batch = await lock_keys(store, A)
+        if not batch:
+            break
+        head += batch
+    assert head == ["old", "x", "link0", "shared", *(f"link{n}" for n in range(1, count))]  # in the order added
+
+
+@pytest.mark.anyio
 async def test_mark_handled_adds_the_links_with_the_mark_or_none_of_them(store: SqliteQueue) -> None:
     """The links given to mark_handled are stored in the mark's write and reported (new ones apart); a refused mark
     stores none of them."""

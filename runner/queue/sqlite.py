@@ -209,12 +209,28 @@ _LIST_STATES = (
 """The SQL of `list_requests`'s states, in its argument order: locked, pending, failed, handled (each `?` is now)."""
 
 
-_MARK_HANDLED = (
+_MARK_SET = (
     "UPDATE requests SET order_no = NULL, lock_client = NULL, lock_expires = NULL, failed = 0,"
     " data = json_set(data, '$.handledAt', ?)"
-    " WHERE id = ? AND lock_client = ? AND order_no IS NOT NULL AND lock_expires IS NOT NULL"
 )
-"""A handled mark fenced on its holder (`_check_holder`'s rule in the `WHERE`): it updates no row unless ours."""
+_HELD_BY = " AND lock_client = ? AND order_no IS NOT NULL AND lock_expires IS NOT NULL"
+"""The fence of a handled mark: `_check_holder`'s rule in the `WHERE`, so it updates no row unless ours."""
+_MARK_HANDLED = f"{_MARK_SET} WHERE id = ?{_HELD_BY}"
+
+
+def _places(count: int) -> tuple[int, str]:
+    """`count` rounded up to a power of two (the store's statement cache then holds few texts) and that many `?,`."""
+    size = 1 << (count - 1).bit_length()
+    return size, ",".join("?" * size)
+
+
+def _padded(values: list[Any], size: int) -> list[Any]:
+    """`values` padded to `size` with its last value (a repeated id matches, or is ignored, once)."""
+    return values + values[-1:] * (size - len(values))
+
+
+_IN_CHUNK = 256
+"""Most ids in one `IN (...)` list (and rows in one multi-row INSERT): far below SQLite's 32,766 parameters."""
 
 _NO_LINKS = Completion()
 _Links = list[tuple[bool, list[tuple[str, str, bool, bool, str]]]]
@@ -541,23 +557,27 @@ class SqliteQueue:
         now = self._clock()
         stamp = format_api_datetime(_to_datetime(now))
         self._db.execute("SAVEPOINT marks")
-        handled, added, done = len(marks), 0, []
+        (handled, added), done = self._insert_all_links([op.args[3] for op in marks], now)
+        handled += len(marks)
+        holders: dict[str, list[str]] = {}
         for op in marks:
-            if not op.args[3]:  # most marks carry no new link
-                done.append(_NO_LINKS)
-                continue
-            (handled_added, new), links = self._insert_links(op.args[3], now)
-            handled += handled_added
-            added += new
-            done.append(links)
-        cursor = self._db.executemany(_MARK_HANDLED, [(stamp, *op.args[:2]) for op in marks])
-        if cursor.rowcount != len(marks):
+            holders.setdefault(op.args[1], []).append(op.args[0])
+        marked = 0
+        # One statement per holder (and per chunk of ids), not one per mark: each statement the thread runs lets
+        # go of the GIL and must take it back from the busy event loop.
+        for client_key, ids in holders.items():
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                size, places = _places(len(chunk))
+                statement = f"{_MARK_SET} WHERE id IN ({places}){_HELD_BY}"
+                marked += self._db.execute(statement, (stamp, *_padded(chunk, size), client_key)).rowcount
+        if marked != len(marks):  # a miss, or one request marked twice
             self._db.execute("ROLLBACK TO marks")
             self._db.execute("RELEASE marks")
             return False
-        self._db.execute("UPDATE queue SET handled = handled + ?, total = total + ?", (handled, added))
-        for client_key in {op.args[1] for op in marks}:
-            self._touch(now, client_key)
+        for client_key in holders:
+            self._touch(now, client_key, handled=handled, total=added)
+            handled = added = 0  # counted once, with the first
         self._db.execute("RELEASE marks")
         for op, links in zip(marks, done, strict=True):
             op.result = links
@@ -572,12 +592,20 @@ class SqliteQueue:
         last: int = self._db.execute("SELECT accessed_at FROM queue").fetchone()[0]
         return self._time.now(last)
 
-    def _touch(self, now: int, client_key: str | None, *, changed: bool = True) -> None:
-        """Record an access (a modification when `changed`) and the client key (for `hadMultipleClients`).
+    def _touch(
+        self, now: int, client_key: str | None, *, changed: bool = True, handled: int = 0, total: int = 0
+    ) -> None:
+        """Record an access (a modification when `changed`) and the client key (for `hadMultipleClients`); add
+        `handled` and `total` to the queue's counts (a modification) in the same statement.
 
         Every write calls it: the stored `accessed_at` is what `_clock` reads.
         """
-        if changed:
+        if handled or total:
+            self._db.execute(
+                "UPDATE queue SET modified_at = ?, accessed_at = ?, handled = handled + ?, total = total + ?",
+                (now, now, handled, total),
+            )
+        elif changed:
             self._db.execute("UPDATE queue SET modified_at = ?, accessed_at = ?", (now, now))
         else:
             self._db.execute("UPDATE queue SET accessed_at = ?", (now,))
@@ -827,6 +855,53 @@ class SqliteQueue:
         self._db.execute("UPDATE queue SET handled = handled + 1 + ?, total = total + ?", added)
         self._touch(now, client_key)
         return done
+
+    def _insert_all_links(self, links: list[PreparedLinks], now: int) -> tuple[tuple[int, int], list[Completion]]:
+        """`_insert_links` of several marks' links at once (in their order: the first mark to name a new link adds
+        it), in one read of the ids already stored and one multi-row insert per chunk; `(new ones stored handled,
+        new ones)` and each mark's completion."""
+        if not any(links):  # most marks carry no new link
+            return (0, 0), [_NO_LINKS] * len(links)
+        rows: list[tuple[str, int | None, str, int]] = []
+        for prepared_links in links:
+            for forefront, prepared in cast("_Links", prepared_links):
+                position = -now if forefront else now
+                rows.extend(
+                    (rid, None if handled else position, data, int(failed))
+                    for rid, _, handled, failed, data in prepared
+                )
+        ids = list(dict.fromkeys(row[0] for row in rows))
+        stored: set[str] = set()
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            size, places = _places(len(chunk))
+            query = f"SELECT id FROM requests WHERE id IN ({places})"  # noqa: S608 - placeholders only
+            found = self._db.execute(query, _padded(chunk, size))
+            stored.update(request_id for (request_id,) in found)
+        for start in range(0, len(rows), _IN_CHUNK):
+            chunk_rows = rows[start : start + _IN_CHUNK]
+            size, _ = _places(len(chunk_rows))
+            values = ",".join(["(?, ?, ?, ?)"] * size)
+            insert = f"INSERT OR IGNORE INTO requests (id, order_no, data, failed) VALUES {values}"  # noqa: S608 - placeholders only
+            self._db.execute(insert, [value for row in _padded(chunk_rows, size) for value in row])
+        done: list[Completion] = []
+        added = handled_added = 0
+        for prepared_links in links:
+            if not prepared_links:
+                done.append(_NO_LINKS)
+                continue
+            keys: dict[str, str] = {}
+            new: list[str] = []
+            for _, prepared in cast("_Links", prepared_links):
+                for request_id, unique_key, handled, _, _ in prepared:
+                    keys[unique_key] = request_id
+                    if request_id not in stored:
+                        stored.add(request_id)  # a later mark naming it finds it there
+                        new.append(unique_key)
+                        added += 1
+                        handled_added += handled
+            done.append(Completion(links=keys, new=frozenset(new)))
+        return (handled_added, added), done
 
     def _insert_links(self, links: PreparedLinks, now: int) -> tuple[tuple[int, int], Completion]:
         """Insert prepared links (`prepare_links`); `(new ones stored handled, new ones)` and what the links were."""
