@@ -229,6 +229,11 @@ def _padded(values: list[Any], size: int) -> list[Any]:
     return values + values[-1:] * (size - len(values))
 
 
+_LOCK_ROWS = (
+    "UPDATE requests SET order_no = CASE WHEN order_no > 0 THEN ?1 ELSE -?1 END, lock_client = ?2, lock_expires = ?1"
+    " WHERE rowid"
+)
+"""Locks the rows whose rowids follow (`?3`...) for `?2` until `?1`, each keeping its place's sign (forefront)."""
 _IN_CHUNK = 256
 """Most ids in one `IN (...)` list (and rows in one multi-row INSERT): far below SQLite's 32,766 parameters."""
 
@@ -649,17 +654,18 @@ class SqliteQueue:
         while wanted:
             rows = self._db.execute(_HEAD_QUERY, (-now, now, wanted)).fetchall()
             locks = []
-            for rowid, request_id, order_no, data in rows:
+            for rowid, request_id, _order_no, data in rows:
                 try:
                     items.append(_parse(data))
                 except _UNREADABLE as exc:
                     quarantined.append((request_id, self._quarantine(rowid, request_id, data, exc, now)))
                     continue
                 # By rowid: the index entry already gave it, so no second lookup through the id index per row.
-                locks.append((expires if order_no > 0 else -expires, client_key, expires, rowid))
-            self._db.executemany(
-                "UPDATE requests SET order_no = ?, lock_client = ?, lock_expires = ? WHERE rowid = ?", locks
-            )
+                locks.append(rowid)
+            if locks:  # one statement for the batch (see `_mark_all`), the sign of each order kept
+                size, _ = _places(len(locks))
+                rowids = ",".join(f"?{number}" for number in range(3, 3 + size))
+                self._db.execute(f"{_LOCK_ROWS} IN ({rowids})", (expires, client_key, *_padded(locks, size)))
             wanted = 0 if len(rows) < wanted else wanted - len(locks)
         self._touch(now, client_key, changed=bool(items or quarantined))
         has_locks = (
