@@ -73,6 +73,12 @@ class KeyMemo:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_PATH_SAFE = "/%:@!$&'()*+,;=~"
+"""What `quote` leaves as it is in a path besides letters, digits and `_.-~` (the headlock convention)."""
+_SAFE_PATH = re.compile(r"[A-Za-z0-9_.\-~/%:@!$&'()*+,;=]*").fullmatch
+"""A path `quote(path, safe=_PATH_SAFE)` returns unchanged."""
+_PLAIN_PORT = re.compile(r"[^:@\[\]]*(?::[0-9]{1,5})?").fullmatch
+"""A netloc that is a host, or a host and a port of ASCII digits."""
 
 
 def request_id_for(unique_key: str) -> str:
@@ -116,19 +122,29 @@ def normalize_parts(parts: SplitResult) -> str:
     """
     scheme = parts.scheme.lower()
     netloc = parts.netloc.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
+    if _PLAIN_PORT(netloc) is None:  # user info, brackets, several colons: the standard library decides
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+    else:  # `host` or `host:digits`: what `SplitResult.port` finds there, without its parse of the netloc
+        text = netloc.partition(":")[2]
+        port = int(text) if text and int(text) <= 65535 else None
     if port is not None and port == _DEFAULT_PORTS.get(scheme):
         netloc = netloc.rsplit(":", 1)[0]
     query = ""
     if parts.query:  # most links have none: skip the parse
         pairs = (pair for pair in parse_qsl(parts.query, keep_blank_values=True) if not pair[0].startswith("utm_"))
         query = urlencode(sorted(pairs, key=lambda pair: pair[0]))
-    path = quote(parts.path, safe="/%:@!$&'()*+,;=~")
+    path = parts.path
+    if _SAFE_PATH(path) is None:  # most paths have nothing to escape: `quote` would return them as they are
+        path = quote(path, safe=_PATH_SAFE)
     path = path[:-1] if path.endswith("/") else path
-    return urlunsplit((scheme, netloc, path, query, ""))
+    if not netloc:  # not a URL `make_draft` accepts: as the standard library puts it together
+        return urlunsplit((scheme, netloc, path, query, ""))
+    # `urlunsplit` of these parts, which have a scheme and a netloc (`make_draft` checked the host).
+    url = f"{scheme}://{netloc}{path if not path or path[0] == '/' else '/' + path}"
+    return f"{url}?{query}" if query else url
 
 
 # -- crawlee-python ----------------------------------------------------------------------------------------------

@@ -169,6 +169,14 @@ MUTANTS = [
         ("tests/test_store.py::test_links_of_marks_committed_together_are_stored_once_each_and_reported_to_the_first",),
     ),
     Mutant(
+        # The unique key's port shortcut takes only a host or a host and digits (no user info, no brackets).
+        "uniquekey-plain-port",
+        "runner/uniquekey.py",
+        '_PLAIN_PORT = re.compile(r"[^:@\\[\\]]*(?::[0-9]{1,5})?").fullmatch\n',
+        '_PLAIN_PORT = re.compile(r".*?(?::[0-9]{1,5})?").fullmatch\n',
+        ("tests/test_uniquekey.py::test_the_headlock_conventions_shortcuts_give_the_standard_librarys_answer",),
+    ),
+    Mutant(
         # A store write cancelled before its batch went to the thread is never written.
         "store-batch-cancel-drops",
         "runner/queue/_thread.py",

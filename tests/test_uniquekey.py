@@ -211,3 +211,23 @@ async def test_a_worker_enqueues_links_under_its_convention(
     added = await queue.get_request(request_id_for(key))
     assert added is not None
     assert (added.unique_key, added.url) == (key, link)
+
+
+@pytest.mark.parametrize(
+    ("url", "key"),
+    [
+        ("http://user:pw@Example.com:80/a", "http://user:pw@example.com/a"),
+        ("http://[::1]:80/x/", "http://[::1]/x"),
+        ("http://example.com:65536/x", "http://example.com:65536/x"),
+        ("http://example.com:443/x", "http://example.com:443/x"),
+        ("https://example.com:443/x", "https://example.com/x"),
+        ("http://example.com:0080/p", "http://example.com/p"),
+        ("http://example.com/a b/ü/%7e", "http://example.com/a%20b/%C3%BC/%7e"),
+        ("http://example.com:/x", "http://example.com:/x"),
+        ("http://a:b:c/x", "http://a:b:c/x"),
+    ],
+)
+def test_the_headlock_conventions_shortcuts_give_the_standard_librarys_answer(url: str, key: str) -> None:
+    """Ports, user info, brackets and paths that the fast paths of `normalize_parts` leave to the standard library
+    (or take themselves) come out as `SplitResult.port`, `quote` and `urlunsplit` make them."""
+    assert normalize_url(url) == key
