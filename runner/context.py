@@ -12,7 +12,7 @@ import structlog
 from runner.errors import InvalidItemError, InvalidUrlError
 from runner.models import Request, RequestDraft
 from runner.results.items import encode_item
-from runner.uniquekey import KeyMemo, UniqueKeyFunction, normalize_parts
+from runner.uniquekey import KeyMemo, UniqueKeyFunction, has_host, normalize_parts
 
 __all__ = ["Context", "make_draft"]
 
@@ -55,7 +55,7 @@ def _checked_url(url: str) -> tuple[str, SplitResult]:
         parts = urlsplit(url)
     except ValueError as exc:  # e.g. an unclosed `[`: this error names the URL
         raise InvalidUrlError(f"not an absolute http(s) URL: {url!r} ({exc})") from exc
-    if parts.scheme.lower() not in _SCHEMES or not parts.hostname:
+    if parts.scheme.lower() not in _SCHEMES or not has_host(parts):
         raise InvalidUrlError(f"not an absolute http(s) URL: {url!r}")
     return url, parts
 

@@ -37,6 +37,7 @@ __all__ = [
     "KeyConvention",
     "KeyMemo",
     "UniqueKeyFunction",
+    "has_host",
     "normalize_parts",
     "normalize_url",
     "request_id_for",
@@ -113,6 +114,14 @@ def normalize_url(url: str, convention: KeyConvention = "headlock") -> str:
         ValueError: a URL that cannot be split (e.g. an unclosed `[`).
     """
     return unique_key_function(convention)(urlsplit(url.strip()))
+
+
+def has_host(parts: SplitResult) -> bool:
+    """Whether `parts` name a host (`parts.hostname`), read from a plain `host[:digits]` netloc directly."""
+    netloc = parts.netloc
+    if _PLAIN_PORT(netloc) is None:
+        return bool(parts.hostname)
+    return netloc[:1] not in ("", ":")
 
 
 def normalize_parts(parts: SplitResult) -> str:

@@ -177,6 +177,14 @@ MUTANTS = [
         ("tests/test_uniquekey.py::test_the_headlock_conventions_shortcuts_give_the_standard_librarys_answer",),
     ),
     Mutant(
+        # A link whose plain netloc names no host (`http://:80/x`) is refused.
+        "uniquekey-has-host",
+        "runner/uniquekey.py",
+        '    return netloc[:1] not in ("", ":")\n',
+        "    return True\n",
+        ("tests/test_runtime.py::test_enqueue_refuses_non_http_urls",),
+    ),
+    Mutant(
         # A store write cancelled before its batch went to the thread is never written.
         "store-batch-cancel-drops",
         "runner/queue/_thread.py",

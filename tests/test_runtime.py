@@ -351,14 +351,14 @@ async def test_router_dispatches_on_label(queue: SqliteQueue, dataset: JsonlData
 
 
 async def test_enqueue_refuses_non_http_urls(queue: SqliteQueue) -> None:
-    """ctx.enqueue raises InvalidUrlError for relative, file:// and ftp:// URLs."""
+    """ctx.enqueue raises InvalidUrlError for relative, file:// and ftp:// URLs, and http(s) URLs with no host."""
     ctx = Context(
         Request(id="x", unique_key="x", url="https://a.example/"),
         http=httpx.AsyncClient(),
         log=structlog.get_logger(),
         options={},
     )
-    for bad in ("/relative", "file:///etc/passwd", "ftp://a.example/f", "not a url"):
+    for bad in ("/relative", "file:///etc/passwd", "ftp://a.example/f", "not a url", "http://:80/x", "http://u@/x"):
         with pytest.raises(InvalidUrlError):
             await ctx.enqueue(bad)
     await ctx.http.aclose()
