@@ -127,8 +127,9 @@ B = TypeVar("B", bound=ThreadBatch)
 
 
 class ThreadBatches(Generic[B]):
-    """Group commit in the store's thread: a call made while no batch is in the thread goes there at once; calls
-    made while one is go, all together, in the next one, given to the thread by the end of the one before.
+    """Group commit in the store's thread: a call made while no batch is in the thread goes there at the end of the
+    loop iteration it was made in, with every call made in that iteration; calls made while a batch is in the thread
+    go, all together, in the next one, given to the thread by the end of the one before.
 
     What `runner.groupcommit.GroupCommit` does with a writer task that waits on the thread for the whole batch, at
     less per call: the thread hands each batch's end to the loop (one callback, setting every caller's future), so
