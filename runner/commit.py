@@ -28,10 +28,18 @@ from runner.errors import (
 from runner.finish import RecentAdds
 from runner.groupcommit import Batched, GroupCommit
 from runner.leases import Lease, Leases
-from runner.models import Request, RequestDraft, has_failed_mark, utc_now, with_failed_mark, without_failed_mark
+from runner.models import (
+    CRAWLEE_DATA,
+    Request,
+    RequestDraft,
+    has_failed_mark,
+    utc_now,
+    with_failed_mark,
+    without_failed_mark,
+)
 from runner.queue.completion import AtomicCompletion, Completion
 from runner.queue.protocol import MAX_BATCH, ConsistentHead, HandledMark, PreparedLinks, RequestQueue
-from runner.results.protocol import ResultsSink
+from runner.results.protocol import ResultsSink, WritesNow
 from runner.stats import RunStats
 from runner.uniquekey import KeyMemo
 
@@ -205,6 +213,8 @@ class Committer:
         """The queue, when it commits links, items and the handled mark together into this dataset."""
         self._marker = queue if isinstance(queue, HandledMark) else None
         """The queue, when it marks a request handled from its id (no whole request written back)."""
+        self._write_now = dataset.write_lines if isinstance(dataset, WritesNow) else None
+        """The dataset's `write_lines`, when it stores lines without waiting (`WritesNow`: the local file)."""
 
     def note_expired(self, request_id: str, error: str) -> None:
         """Remember an attempt whose lock ran out before it could be recorded: the next holder here records it."""
@@ -278,11 +288,20 @@ class Committer:
         """
         request = lease.request
         self.seen.add(request.unique_key)  # it is in the queue (we hold it): pages linking to themselves cost nothing
+        marker = self._marker
         try:
             if self._completion is not None:
                 await self._complete(self._completion, lease, enqueues, items)
-            else:
+            elif marker is None or (CRAWLEE_DATA in request.user_data and has_failed_mark(request.user_data)):
                 await self._commit_in_steps(lease, enqueues, items)
+            else:
+                # Raises InvalidInputError before anything is written, as the add of such a link would.
+                links = self._prepared(marker, enqueues) if enqueues else ()
+                if self._write_now is None:
+                    await self._push(lease, items, "the request was being committed")
+                else:
+                    self._write(lease, items)
+                await self._mark(marker, lease, links)
         except _Applied:
             pass  # handled by our own earlier, unanswered attempt
         except _Gone:
@@ -303,33 +322,44 @@ class Committer:
         self.stats.handled += 1
         return True
 
+    def _prepared(self, marker: HandledMark, enqueues: Mapping[bool, Sequence[RequestDraft]]) -> PreparedLinks:
+        """The links of `enqueues` not known here, checked and serialized for `marker.mark_handled`.
+
+        Raises:
+            InvalidInputError: a link is not a valid request (before anything is written).
+        """
+        known = self.known
+        return marker.prepare_links(
+            {
+                ff: fresh
+                for ff, drafts in enqueues.items()
+                if (fresh := [d for d in drafts if d.unique_key not in known])
+            }
+        )
+
+    def _write(self, lease: Lease, items: Sequence[str]) -> None:
+        """`_push` on a sink that writes without waiting (`WritesNow`): nothing runs between the fence and the
+        write, so no fence after it either."""
+        self._fence(lease, "the request was being committed")
+        if items and self._write_now is not None:
+            self.stats.items += self._write_now(items)
+
+    async def _mark(self, marker: HandledMark, lease: Lease, links: PreparedLinks) -> None:
+        """The handled mark with its links (`HandledMark`), waiting out a queue that is away while the lease holds."""
+        request_id = lease.request.id
+        try:  # the first try here, not through `_patiently`: one coroutine frame fewer on the usual path
+            done = await marker.mark_handled(request_id, client_key=self.client_key, links=links)
+        except (QueueUnavailableError, RateLimitedError) as exc:
+            complete = partial(marker.mark_handled, request_id, client_key=self.client_key, links=links)
+            done = await self._patiently(lease, "marking it handled", complete, failed=exc)
+        if done.links:
+            self._learn(done)
+
     async def _commit_in_steps(
         self, lease: Lease, enqueues: Mapping[bool, Sequence[RequestDraft]], items: Sequence[str]
     ) -> None:
-        """Links, then items, then the fenced handled mark, each its own call (`succeed`); on a queue that marks
-        handled by id (`HandledMark`), the links are checked first and go with the mark, in one write."""
-        marker = self._marker
-        if marker is not None and not has_failed_mark(lease.request.user_data):
-            links: PreparedLinks = ()
-            if enqueues:  # most pages find no link that is new here
-                known = self.known
-                # Raises InvalidInputError before anything is written, as the add of such a link would.
-                links = marker.prepare_links(
-                    {
-                        ff: fresh
-                        for ff, drafts in enqueues.items()
-                        if (fresh := [d for d in drafts if d.unique_key not in known])
-                    }
-                )
-            await self._push(lease, items, "the request was being committed")
-            try:  # the first try here, not through `_patiently`: one coroutine frame fewer on the usual path
-                done = await marker.mark_handled(lease.request.id, client_key=self.client_key, links=links)
-            except (QueueUnavailableError, RateLimitedError) as exc:
-                complete = partial(marker.mark_handled, lease.request.id, client_key=self.client_key, links=links)
-                done = await self._patiently(lease, "marking it handled", complete, failed=exc)
-            if done.links:
-                self._learn(done)
-            return
+        """Links, then items, then the fenced handled mark, each its own call (`succeed`, on a queue that does not
+        mark handled by id, or for a request that carries a failed marker: its whole request is written back)."""
         for forefront, drafts in enqueues.items():
             await self._patiently(lease, "adding its links", partial(self.add, drafts, forefront=forefront))
         await self._push(lease, items, "the request's links were being added")

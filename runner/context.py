@@ -45,7 +45,12 @@ def _draft(url: str, unique_key: str, label: str | None, user_data: Mapping[str,
     data: dict[str, Any] = dict(user_data or {})
     if label is not None:
         data["label"] = label
-    return RequestDraft(unique_key=unique_key, url=url, user_data=data)
+    draft: RequestDraft = _validate_draft({"unique_key": unique_key, "url": url, "user_data": data})
+    return draft
+
+
+_validate_draft = RequestDraft.__pydantic_validator__.validate_python
+"""`RequestDraft(**fields)` without the Python frame of pydantic's `__init__` (a new link a page comes this way)."""
 
 
 def _checked_url(url: str) -> tuple[str, SplitResult]:
@@ -162,7 +167,10 @@ class Context:
         Raises:
             InvalidUrlError: a URL that is not absolute http(s).
         """
-        items = [requests] if isinstance(requests, str | RequestDraft) else list(requests)
+        if type(requests) is list:  # the usual: not copied (nothing awaits while it is read)
+            items: list[str | RequestDraft] = requests
+        else:  # `isinstance` of a pydantic model class goes through ABCMeta: not for the usual list
+            items = [requests] if isinstance(requests, str | RequestDraft) else list(requests)
         bucket, unique_key, known, memo = self._enqueued[forefront], self._unique_key, self._known, self._memo
         before = len(bucket)
         for item in items:
@@ -198,7 +206,7 @@ class Context:
             InvalidItemError: not a dict or a list of dicts, or a value JSON cannot represent (NaN, bytes, sets,
                 tuple keys, a cycle); nothing of this call is kept then.
         """
-        if isinstance(item, Mapping):
+        if type(item) is dict or isinstance(item, Mapping):  # a dict needs no ABC check
             self._items.append(encode_item(item))
             return
         if isinstance(item, str | bytes) or not isinstance(item, Iterable):

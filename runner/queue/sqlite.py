@@ -28,7 +28,7 @@ import secrets
 import sqlite3
 import string
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -418,7 +418,7 @@ class SqliteQueue:
     def _map(self, exc: sqlite3.Error, endpoint: str) -> QueueUnavailableError:
         return QueueUnavailableError(f"SQLite error on {self.path}: {exc}", endpoint=endpoint)
 
-    def _run(self, fn: Callable[..., T], *args: Any, endpoint: str, write: bool = True) -> Awaitable[T]:
+    def _run(self, fn: Callable[..., T], *args: Any, endpoint: str, write: bool = True) -> Coroutine[Any, Any, T]:
         """Run one operation (see `_execute`), reporting its outcome and duration when metrics are on.
 
         Not a coroutine itself: the usual write is the group commit's own, one coroutine frame fewer a call."""
@@ -834,10 +834,13 @@ class SqliteQueue:
         """
         return [(forefront, [_prepare(draft, "batch_add") for draft in drafts]) for forefront, drafts in links.items()]
 
-    async def mark_handled(self, request_id: str, *, client_key: str, links: PreparedLinks = ()) -> Completion:
+    def mark_handled(
+        self, request_id: str, *, client_key: str, links: PreparedLinks = ()
+    ) -> Coroutine[Any, Any, Completion]:
         """Mark a request this client holds handled (`HandledMark`), adding `links` (from `prepare_links`) in the same
         savepoint: its stored JSON gets `handledAt` in place, in the statement that releases the lock, so nothing of
-        the request is parsed or serialized here.
+        the request is parsed or serialized here. Not a coroutine itself (the group commit's is awaited: one frame
+        fewer a page); an invalid `client_key` raises at the call.
 
         Raises:
             AlreadyHandledError: it is handled already.
@@ -846,10 +849,7 @@ class SqliteQueue:
         """
         endpoint = f"mark_handled {request_id}"
         _check_client_key(client_key, endpoint)
-        done: Completion = await self._run(
-            self._mark_handled, request_id, client_key, endpoint, links, endpoint=endpoint
-        )
-        return done
+        return self._run(self._mark_handled, request_id, client_key, endpoint, links, endpoint=endpoint)
 
     def _mark_handled(self, request_id: str, client_key: str, endpoint: str, links: PreparedLinks) -> Completion:
         now = self._clock()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ResultsSink"]
+__all__ = ["ResultsSink", "WritesNow"]
 
 
 @runtime_checkable
@@ -34,4 +34,14 @@ class ResultsSink(Protocol):
 
     async def aclose(self) -> None:
         """Flush and release files or connections. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class WritesNow(Protocol):
+    """A sink that stores lines without waiting (the local JSONL file: one `write()` to the page cache): the
+    committer calls `write_lines` directly, one coroutine fewer a page than `push_lines`."""
+
+    def write_lines(self, lines: Sequence[str]) -> int:
+        """`ResultsSink.push_lines`, synchronously, with the same errors."""
         ...
