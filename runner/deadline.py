@@ -21,13 +21,15 @@ class Deadline:
     serves (it reads that loop's clock); not for concurrent scopes (one at a time).
     """
 
-    __slots__ = ("_at", "_loop", "_scope", "_timer", "scope")
+    __slots__ = ("_at", "_loop", "_scope", "_timer", "_timer_at", "scope")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._scope: anyio.CancelScope | None = None
         self._at = math.inf
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        """When the armed timer fires (its `when()`, a Python call, kept here)."""
         self.scope: Callable[[], anyio.CancelScope] = type(anyio.CancelScope())
         """Makes a plain `anyio.CancelScope` of the running backend's class directly: `anyio.CancelScope()` looks the
         backend up at every call (a third of an empty scope's cost)."""
@@ -36,10 +38,10 @@ class Deadline:
         """Cancel `scope` at `at` (on the loop's clock), unless `clear` comes first; replaces any earlier watch."""
         self._scope, self._at = scope, at
         timer = self._timer
-        if timer is None or timer.when() > at:
+        if timer is None or self._timer_at > at:
             if timer is not None:
                 timer.cancel()
-            self._timer = self._loop.call_at(at, self._fire)
+            self._timer, self._timer_at = self._loop.call_at(at, self._fire), at
 
     def clear(self) -> None:
         """Stop watching (the attempt ended); the timer stays armed for the next one."""
@@ -50,10 +52,10 @@ class Deadline:
         self.clear()
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+            self._timer, self._timer_at = None, math.inf
 
     def _fire(self) -> None:
-        self._timer = None
+        self._timer, self._timer_at = None, math.inf
         scope = self._scope
         if scope is None:
             return  # nothing watched: the next `watch` arms a timer again
@@ -61,4 +63,4 @@ class Deadline:
             self._scope = None
             scope.cancel()
         else:
-            self._timer = self._loop.call_at(self._at, self._fire)
+            self._timer, self._timer_at = self._loop.call_at(self._at, self._fire), self._at

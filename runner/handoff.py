@@ -80,7 +80,8 @@ class Handoff(Generic[T]):
             return self._items.popleft()
         if self._ended:
             raise StopAsyncIteration
-        waiter: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        # A plain future of the running loop, made directly (`loop.create_future()` is a Python frame around it).
+        waiter: asyncio.Future[object] = asyncio.Future(loop=asyncio.get_running_loop())
         self._waiters.append(waiter)
         try:
             item = await waiter

@@ -153,7 +153,8 @@ class ThreadBatches(Generic[B]):
         """
         loop = asyncio.get_running_loop()
         call.taken = call.done = False
-        call.waiter = waiter = loop.create_future()
+        waiter: asyncio.Future[None] = asyncio.Future(loop=loop)  # directly: `create_future` is a frame around it
+        call.waiter = waiter
         self._pending.append(call)
         if not self._busy:
             # At the end of this loop iteration, with the calls made in it: the workers whose answers came in one
