@@ -45,11 +45,10 @@ def _draft(url: str, unique_key: str, label: str | None, user_data: Mapping[str,
     data: dict[str, Any] = dict(user_data or {})
     if label is not None:
         data["label"] = label
-    draft: RequestDraft = _validate_draft({"unique_key": unique_key, "url": url, "user_data": data})
-    return draft
+    return _validate_draft({"unique_key": unique_key, "url": url, "user_data": data})
 
 
-_validate_draft = RequestDraft.__pydantic_validator__.validate_python
+_validate_draft: Callable[[dict[str, Any]], RequestDraft] = RequestDraft.__pydantic_validator__.validate_python
 """`RequestDraft(**fields)` without the Python frame of pydantic's `__init__` (a new link a page comes this way)."""
 
 

@@ -205,8 +205,8 @@ MUTANTS = [
         # attempt with nothing of it written, so its retry does not store the items twice).
         "commit-links-checked-before-items",
         "runner/commit.py",
-        "            # Raises InvalidInputError before anything is written, as the add of such a link would.\n",
-        '            await self._push(lease, items, "the request was being committed")\n',
+        "                # Raises InvalidInputError before anything is written, as the add of such a link would.\n",
+        "                self._write(lease, items)\n",
         ("tests/test_faults.py::test_a_commit_the_queue_refuses_is_recorded_and_retried_per_policy",),
     ),
     Mutant(
@@ -262,9 +262,17 @@ MUTANTS = [
         # A commit's deadline earlier than the armed timer (shutdown's cut) must re-arm it.
         "deadline-rearmed-earlier",
         "runner/deadline.py",
-        "        if timer is None or timer.when() > at:\n",
+        "        if timer is None or self._timer_at > at:\n",
         "        if timer is None:\n",
         ("tests/test_deadline.py::test_an_earlier_deadline_rearms_the_timer",),
+    ),
+    Mutant(
+        # The fences read the loop's own clock: `time.monotonic` only where that is what the loop's `time` is.
+        "clock-loop-own-time",
+        "runner/clock.py",
+        "            return time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time\n",
+        "            return time.monotonic\n",
+        ("tests/test_clock.py::test_a_loop_with_its_own_time_is_read_through_it",),
     ),
     Mutant(
         # A worker cancelled while it waited is no longer handed leases (they would go nowhere).
