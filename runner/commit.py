@@ -208,7 +208,9 @@ class Committer:
             forefront: GroupCommit[_PendingAdd](partial(self._send_shared, forefront=forefront))
             for forefront in (False, True)
         }
-        self._expired: OrderedDict[str, str] = OrderedDict()
+        self.expired: OrderedDict[str, str] = OrderedDict()
+        """Attempts here whose lock ran out before they were recorded (`note_expired`), by request id: empty on the
+        usual run, when the worker does not call `take_expired` at all."""
         self._completion = queue if isinstance(queue, AtomicCompletion) and queue.completes_into(dataset) else None
         """The queue, when it commits links, items and the handled mark together into this dataset."""
         self._marker = queue if isinstance(queue, HandledMark) else None
@@ -218,14 +220,14 @@ class Committer:
 
     def note_expired(self, request_id: str, error: str) -> None:
         """Remember an attempt whose lock ran out before it could be recorded: the next holder here records it."""
-        self._expired[request_id] = error
-        self._expired.move_to_end(request_id)
-        if len(self._expired) > _NOTES:
-            self._expired.popitem(last=False)
+        self.expired[request_id] = error
+        self.expired.move_to_end(request_id)
+        if len(self.expired) > _NOTES:
+            self.expired.popitem(last=False)
 
     def take_expired(self, request_id: str) -> str | None:
         """The unrecorded attempt's error for `request_id`, forgetting it; None when there is none."""
-        return self._expired.pop(request_id, None) if self._expired else None
+        return self.expired.pop(request_id, None) if self.expired else None
 
     async def add(self, drafts: Sequence[RequestDraft], *, forefront: bool = False) -> int:
         """Add `drafts` (see `add_requests`), skipping keys this process added before; return how many were new.

@@ -131,7 +131,7 @@ class Worker:
             self.log.warning("lease.dropped", reason=lease.lost_reason or "lock ran out before the handler started")
             leases.lose(lease, "lock ran out before the handler started", expired=True)
             return
-        unrecorded = committer.take_expired(lease.request.id)
+        unrecorded = committer.take_expired(lease.request.id) if committer.expired else None
         if unrecorded is not None:
             # An earlier attempt here ran out of lock before it was recorded: it counts, so record it under this
             # lock (and retry after the backoff, or fail for good) instead of running the handler again.

@@ -91,6 +91,14 @@ MUTANTS = [
         (f"{FAULTS}::test_a_handler_blocking_the_event_loop_ends_after_max_retries_and_says_so",),
     ),
     Mutant(
+        # The worker asks for an unrecorded attempt's note whenever there are notes (not only never).
+        "worker-takes-expired-note",
+        "runner/worker.py",
+        "        unrecorded = committer.take_expired(lease.request.id) if committer.expired else None\n",
+        "        unrecorded = None\n",
+        (f"{FAULTS}::test_a_handler_blocking_the_event_loop_ends_after_max_retries_and_says_so",),
+    ),
+    Mutant(
         "worker-lost",
         "runner/worker.py",
         "        if lease.lost and not lease.expired:\n",
