@@ -299,10 +299,11 @@ class Committer:
             else:
                 # Raises InvalidInputError before anything is written, as the add of such a link would.
                 links = self._prepared(marker, enqueues) if enqueues else ()
-                if self._write_now is None:
+                write_now = self._write_now
+                if write_now is None:
                     await self._push(lease, items, "the request was being committed")
                 else:
-                    self._write(lease, items)
+                    self._write(lease, items, write_now)
                 await self._mark(marker, lease, links)
         except _Applied:
             pass  # handled by our own earlier, unanswered attempt
@@ -339,12 +340,12 @@ class Committer:
             }
         )
 
-    def _write(self, lease: Lease, items: Sequence[str]) -> None:
-        """`_push` on a sink that writes without waiting (`WritesNow`): nothing runs between the fence and the
-        write, so no fence after it either."""
+    def _write(self, lease: Lease, items: Sequence[str], write_now: Callable[[Sequence[str]], int]) -> None:
+        """`_push` through the dataset's `write_lines` (`WritesNow`): nothing runs between the fence and the write,
+        so no fence after it either."""
         self._fence(lease, "the request was being committed")
-        if items and self._write_now is not None:
-            self.stats.items += self._write_now(items)
+        if items:
+            self.stats.items += write_now(items)
 
     async def _mark(self, marker: HandledMark, lease: Lease, links: PreparedLinks) -> None:
         """The handled mark with its links (`HandledMark`), waiting out a queue that is away while the lease holds."""

@@ -214,7 +214,7 @@ MUTANTS = [
         "commit-links-checked-before-items",
         "runner/commit.py",
         "                # Raises InvalidInputError before anything is written, as the add of such a link would.\n",
-        "                self._write(lease, items)\n",
+        "                self._write(lease, items, self._write_now)  # type: ignore[arg-type]\n",
         ("tests/test_faults.py::test_a_commit_the_queue_refuses_is_recorded_and_retried_per_policy",),
     ),
     Mutant(
