@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -49,6 +49,22 @@ RECLAIM_TIMEOUT = 5.0
 """Upper bound on the call that re-proves a lock which ran out, to record its attempt."""
 
 
+@dataclass(slots=True)
+class _Current:
+    """The attempt running in a worker's cancel scope: what its end needs when the scope's cancellation cut it (then
+    it ends after the scope, `Worker._end_cut`)."""
+
+    lease: Lease | None = None
+    started: float = 0.0
+    ctx: Context | None = None
+    committing: bool = False
+    now: float = 0.0
+    """When its commit began (`committing`)."""
+    error: str | None = None
+    permanent: bool = False
+    caught: BaseException | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Worker:
     """What every handler attempt needs; `run` is one worker task, and the runtime starts `concurrency` of them.
@@ -78,27 +94,51 @@ class Worker:
         the worker itself (shutdown after the grace period) leaves the lease in `leases` for shutdown to release.
         """
         deadline = Deadline()
-        request_id, url, attempt = _log_context()
+        log_vars = _log_context()
+        current = _Current()
+        leases = receive.__aiter__()
         try:
-            async for lease in receive:
-                request = lease.request
-                bound_id = request_id.set(request.id)
-                bound_url = url.set(request.url)
-                bound_attempt = attempt.set(request.retry_count + 1)
-                hosts = self.hosts
-                claimed, defer_s = hosts.admit(request.url) if hosts is not None else (None, 0.0)
-                try:
-                    await (self._defer(lease, defer_s, deadline) if defer_s else self._attempt(lease, deadline))
-                finally:
-                    if claimed is not None:
-                        Hosts.leave(claimed)
-                    attempt.reset(bound_attempt)
-                    url.reset(bound_url)
-                    request_id.reset(bound_id)
+            while True:
+                # One cancel scope for the worker's attempts, not one each: an attempt's timeout or lost lease cancels
+                # it, and that attempt then ends outside it (`_end_cut`) before a new scope takes the next ones.
+                with deadline.scope() as scope:
+                    if await self._handle(leases, scope, deadline, current, log_vars):
+                        return
+                await self._end_cut(scope, current, log_vars)
         finally:
             deadline.close()
 
-    async def _defer(self, lease: Lease, delay: float, deadline: Deadline) -> None:
+    async def _handle(
+        self,
+        leases: AsyncIterator[Lease],
+        scope: anyio.CancelScope,
+        deadline: Deadline,
+        current: _Current,
+        log_vars: tuple[ContextVar[Any], ContextVar[Any], ContextVar[Any]],
+    ) -> bool:
+        """Attempt leases in `scope` until the stream ends (True) or an attempt leaves the scope unfit (False)."""
+        request_id, url, attempt = log_vars
+        hosts = self.hosts
+        async for lease in leases:
+            request = lease.request
+            bound_id = request_id.set(request.id)
+            bound_url = url.set(request.url)
+            bound_attempt = attempt.set(request.retry_count + 1)
+            claimed, defer_s = hosts.admit(request.url) if hosts is not None else (None, 0.0)
+            try:
+                if defer_s:
+                    await self._defer(lease, defer_s)
+                elif await self._attempt(lease, deadline, scope, current):
+                    return False
+            finally:
+                if claimed is not None:
+                    Hosts.leave(claimed)
+                attempt.reset(bound_attempt)
+                url.reset(bound_url)
+                request_id.reset(bound_id)
+        return True
+
+    async def _defer(self, lease: Lease, delay: float) -> None:
         """Give `lease` back unstarted for `delay` s: its host is busy, and other requests must not wait for it.
 
         The lock is the timer, as for a retry's backoff: prolonged by `delay` and left to lapse. No attempt is
@@ -106,7 +146,7 @@ class Worker:
         """
         committer, leases = self.committer, self.committer.leases
         if not lease.valid(anyio.current_time()):
-            await self._attempt(lease, deadline)  # which drops it unstarted
+            self._drop_unstarted(lease)
             return
         lease.closing = True  # no new prolong from the heartbeat; one in flight lands first
         if lease.prolonging is not None:
@@ -121,23 +161,28 @@ class Worker:
             self.log.info("request.defer_failed", error=str(exc))
         leases.remove(lease)  # the fetcher knows when it is due back (`Hosts.next_deferral_end`)
 
-    async def _attempt(self, lease: Lease, deadline: Deadline) -> None:
+    def _drop_unstarted(self, lease: Lease) -> None:
+        """Buffered past its lock (e.g. the loop was blocked): not provably ours, so neither run nor committed."""
+        self.committer.stats.lost += 1
+        self.log.warning("lease.dropped", reason=lease.lost_reason or "lock ran out before the handler started")
+        self.committer.leases.lose(lease, "lock ran out before the handler started", expired=True)
+
+    async def _attempt(self, lease: Lease, deadline: Deadline, scope: anyio.CancelScope, current: _Current) -> bool:
+        """One attempt in the worker's `scope`; True if it must end outside it (see `_end_cut`): the scope was
+        cancelled, or shutdown gave it a deadline. A cancellation of the scope leaves the attempt in `current`."""
         committer, leases = self.committer, self.committer.leases
         clock, known = committer.clock, committer.known
         started = clock()
         if not lease.valid(started):
-            # Buffered past its lock (e.g. the loop was blocked): not provably ours, so neither run nor committed.
-            committer.stats.lost += 1
-            self.log.warning("lease.dropped", reason=lease.lost_reason or "lock ran out before the handler started")
-            leases.lose(lease, "lock ran out before the handler started", expired=True)
-            return
+            self._drop_unstarted(lease)
+            return False
         unrecorded = committer.take_expired(lease.request.id) if committer.expired else None
         if unrecorded is not None:
             # An earlier attempt here ran out of lock before it was recorded: it counts, so record it under this
             # lock (and retry after the backoff, or fail for good) instead of running the handler again.
             if leases.start(lease, anyio.CancelScope()):
                 await self._commit(lease, unrecorded, permanent=False, ctx=None)
-            return
+            return False
         ctx = Context(
             lease.request,
             http=self.http,
@@ -147,42 +192,76 @@ class Worker:
             key_memo=committer.key_memo,
             unique_key=self.unique_key,
         )
+        # The worker's scope is cancelled by the handler's deadline (a timeout) and by `Leases.lose` (a lost lock);
+        # the worker's `Deadline` times it (no timer armed and cancelled per attempt).
+        if not leases.start(lease, scope):
+            return False  # lost while waiting in the buffer
+        current.lease, current.started, current.ctx, current.committing = lease, started, ctx, False
         error: str | None = None
         permanent = False
         caught: BaseException | None = None
-        committing = False
-        # One scope for both ends of a handler: its deadline (a timeout) and `Leases.lose` (a lost lock) cancel it.
-        # The worker's `Deadline` times it (no timer armed and cancelled per attempt), so it has no deadline of its
-        # own; made of the running backend's class, without anyio's lookup of the backend.
-        with deadline.scope() as scope:
-            if not leases.start(lease, scope):
-                return  # lost while waiting in the buffer
-            deadline.watch(scope, started + self.handler_timeout)
-            try:
-                returned: object = await self.handler(ctx)  # type: ignore[func-returns-value]
-                if returned is not None:
-                    self.log.warning("handler.returned_value", type=type(returned).__name__)
-            except Exception as exc:  # noqa: BLE001 - any handler error is recorded on the request and retried
-                (error, permanent), caught = _describe(exc), exc
-            else:
-                now = clock()
-                if not scope.cancel_called and not _outlived(lease, now):
-                    # The usual end: this same scope, shielded now, bounds the commit (one scope per attempt).
-                    # A lock lost from here on is for the committer's fences to notice, as in `_commit`.
-                    committing, lease.scope, lease.commit_scope = True, None, scope
-                    scope.shield = True
-                    deadline.watch(scope, min(now + COMMIT_TIMEOUT, committer.stop_deadline))
-                    if await committer.succeed(lease, ctx.pending_enqueues(), ctx.pending_items()):
-                        self.log.debug("request.handled")
-            finally:
-                deadline.clear()
-        if committing:
-            if scope.cancelled_caught:
-                self.log.error("request.commit_timed_out", after_s=round(clock() - now, 1))
-            return
-        await self._conclude(
-            lease, started, ctx, error, permanent=permanent, caught=caught, timed_out=scope.cancelled_caught
-        )
+        deadline.watch(scope, started + self.handler_timeout)
+        try:
+            returned: object = await self.handler(ctx)  # type: ignore[func-returns-value]
+            if returned is not None:
+                self.log.warning("handler.returned_value", type=type(returned).__name__)
+        except Exception as exc:  # noqa: BLE001 - any handler error is recorded on the request and retried
+            (error, permanent), caught = _describe(exc), exc
+        else:
+            now = clock()
+            if not scope.cancel_called and not _outlived(lease, now):
+                # The usual end: the scope, shielded now, bounds the commit (no scope of its own).
+                # A lock lost from here on is for the committer's fences to notice, as in `_commit`.
+                current.committing, current.now = True, now
+                lease.scope, lease.commit_scope = None, scope
+                scope.shield = True
+                deadline.watch(scope, min(now + COMMIT_TIMEOUT, committer.stop_deadline))
+                if await committer.succeed(lease, ctx.pending_enqueues(), ctx.pending_items()):
+                    self.log.debug("request.handled")
+                scope.shield = False
+                current.lease = None
+                # Cancelled as it ended: the next attempt needs a fresh scope. (A deadline shutdown gave it for the
+                # commit, see `lease.commit_scope`, is followed by the crawl's cancellation: no next attempt.)
+                return scope.cancel_called
+        finally:
+            deadline.clear()
+            lease.scope = None  # a loss from now on must not cancel the scope the next attempt runs in
+        if scope.cancel_called:  # its timer fired or its lease was lost, but no cancellation reached it
+            current.error, current.permanent, current.caught = error, permanent, caught
+            return True
+        current.lease = None
+        await self._conclude(lease, started, ctx, error, permanent=permanent, caught=caught, timed_out=False)
+        return False
+
+    async def _end_cut(
+        self,
+        scope: anyio.CancelScope,
+        current: _Current,
+        log_vars: tuple[ContextVar[Any], ContextVar[Any], ContextVar[Any]],
+    ) -> None:
+        """The end of the attempt that left the worker's (now exited) `scope`: a commit its timeout cut, or a
+        handler the scope cancelled (a timeout, a lost lease) or that ended as it was cancelled."""
+        lease, ctx = current.lease, current.ctx
+        error, permanent, caught = current.error, current.permanent, current.caught
+        current.lease = current.ctx = current.error = current.caught = None
+        current.permanent = False
+        if lease is None or ctx is None:
+            return  # the attempt was over (committed), only the scope was not fit for the next one
+        request = lease.request
+        request_id, url, attempt = log_vars
+        bound = request_id.set(request.id), url.set(request.url), attempt.set(request.retry_count + 1)
+        try:
+            if current.committing:
+                if scope.cancelled_caught:
+                    self.log.error("request.commit_timed_out", after_s=round(self.committer.clock() - current.now, 1))
+                return
+            await self._conclude(
+                lease, current.started, ctx, error, permanent=permanent, caught=caught, timed_out=scope.cancelled_caught
+            )
+        finally:
+            attempt.reset(bound[2])
+            url.reset(bound[1])
+            request_id.reset(bound[0])
 
     async def _conclude(
         self,

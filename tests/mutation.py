@@ -302,9 +302,25 @@ MUTANTS = [
         # The handler's scope, shielded for the commit, takes the commit's deadline (a stalled mark lets go).
         "commit-deadline",
         "runner/worker.py",
-        "                    deadline.watch(scope, min(now + COMMIT_TIMEOUT, committer.stop_deadline))\n",
+        "                deadline.watch(scope, min(now + COMMIT_TIMEOUT, committer.stop_deadline))\n",
         "",
         (f"{FAULTS}::test_a_commit_that_outlives_its_timeout_lets_go_of_the_lease",),
+    ),
+    Mutant(
+        # The worker's attempts share one cancel scope: a lease lost after its handler ended lets go of it.
+        "worker-scope-let-go",
+        "runner/worker.py",
+        "            lease.scope = None  # a loss from now on must not cancel the scope the next attempt runs in\n",
+        "",
+        (f"{FAULTS}::test_a_lease_lost_while_its_failure_is_recorded_does_not_cancel_the_next_handler",),
+    ),
+    Mutant(
+        # A scope cancelled under a handler that raised something else is not used for the next attempt.
+        "worker-scope-retired",
+        "runner/worker.py",
+        "        if scope.cancel_called:  # its timer fired or its lease was lost, but no cancellation reached it\n",
+        "        if False:\n",
+        (f"{FAULTS}::test_a_handler_that_turns_its_timeout_into_an_error_leaves_the_next_one_uncancelled",),
     ),
     Mutant(
         # A write the disk refused half-way is cut back off: the dataset holds whole lines only.

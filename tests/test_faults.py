@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import httpx
 import pytest
@@ -603,6 +604,78 @@ async def test_a_lease_that_ran_out_while_buffered_is_not_run(queue: SqliteQueue
     request = await queue.get_request(RID)
     assert request is not None
     assert (request.handled_at, request.retry_count) == (None, 0)
+
+
+async def _two_leases(queue: SqliteQueue, dataset: JsonlDataset) -> tuple[Committer, Handoff[Lease], list[Lease]]:
+    """Two requests locked for "k", in a hand-off that then ends, and a committer over them."""
+    await seed(queue, [URL, f"{URL}/next"])
+    head = await queue.lock_head(limit=2, lock_secs=30, client_key="k")
+    leases = Leases()
+    committer = Committer(queue, leases, dataset, RunStats(), client_key="k", policy=RetryPolicy())
+    handoff = Handoff[Lease]()
+    held = [leases.add(request, anyio.current_time() + 30) for request in head.items]
+    for lease in held:
+        handoff.put(lease)
+    handoff.end()
+    return committer, handoff, held
+
+
+async def test_a_lease_lost_while_its_failure_is_recorded_does_not_cancel_the_next_handler(
+    queue: SqliteQueue, dataset: JsonlDataset
+) -> None:
+    """A worker's attempts share its cancel scope: a lease lost after its handler ended (here while its failure is
+    being recorded) must not cancel the handler of the worker's next request."""
+    committer, handoff, held = await _two_leases(queue, dataset)
+    failed = anyio.Event()
+    ran: list[str] = []
+
+    async def handle(ctx: Context) -> None:
+        if ctx.request.id == held[0].request.id:
+            failed.set()
+            raise RuntimeError("first one fails")
+        await anyio.lowlevel.checkpoint()  # where a stale cancellation would land
+        ran.append(ctx.url)
+
+    async def lose_first() -> None:
+        await failed.wait()  # runs while the worker waits for the store to record the failure
+        committer.leases.lose(held[0], "test: lost after its handler ended")
+
+    with anyio.fail_after(10):
+        async with httpx.AsyncClient() as http, anyio.create_task_group() as tg:
+            tg.start_soon(lose_first)
+            await Worker(handle, committer, http, {}, 10.0).run(handoff)
+    assert ran == [held[1].request.url]
+    second = await queue.get_request(held[1].request.id)
+    assert second is not None
+    assert (second.handled_at is not None, second.retry_count) == (True, 0)
+
+
+async def test_a_handler_that_turns_its_timeout_into_an_error_leaves_the_next_one_uncancelled(
+    queue: SqliteQueue, dataset: JsonlDataset
+) -> None:
+    """A handler catching its timeout's cancellation and raising something else is recorded with that error; the
+    worker's next request runs in a fresh scope, not in the cancelled one."""
+    committer, handoff, held = await _two_leases(queue, dataset)
+    ran: list[str] = []
+
+    async def handle(ctx: Context) -> None:
+        if ctx.request.id == held[0].request.id:
+            try:
+                await anyio.sleep(30)
+            except anyio.get_cancelled_exc_class():
+                raise RuntimeError("cleanup failed") from None
+        await anyio.lowlevel.checkpoint()
+        ran.append(ctx.url)
+
+    with anyio.fail_after(10):
+        async with httpx.AsyncClient() as http:
+            await Worker(handle, committer, http, {}, 0.3).run(handoff)
+    assert ran == [held[1].request.url]
+    first, second = [await queue.get_request(lease.request.id) for lease in held]
+    assert first is not None
+    assert second is not None
+    assert first.error_messages == ["RuntimeError: cleanup failed"]
+    assert (second.handled_at is not None, second.retry_count) == (True, 0)
 
 
 async def test_a_lease_the_queue_refuses_is_dropped_not_recorded_as_an_attempt(

@@ -36,7 +36,7 @@ def encode_item(item: object) -> str:
     Raises:
         InvalidItemError: not a mapping, or a value JSON cannot represent (NaN, bytes, sets, tuple keys, a cycle).
     """
-    if not isinstance(item, Mapping):
+    if type(item) is not dict and not isinstance(item, Mapping):  # a dict needs no ABC check
         raise InvalidItemError(f"a dataset item must be a dict, got {type(item).__name__}")
     try:
         data = orjson.dumps(item, default=_default, option=_ORJSON_OPTIONS)
