@@ -80,9 +80,12 @@ class Handoff(Generic[T]):
             return self._items.popleft()
         if self._ended:
             raise StopAsyncIteration
-        # A plain future of the running loop, made directly (`loop.create_future()` is a Python frame around it).
-        waiter: asyncio.Future[object] = asyncio.Future(loop=asyncio.get_running_loop())
-        self._waiters.append(waiter)
+        # A plain future of the running loop, made directly (`loop.create_future()` is a Python frame around it);
+        # the loop is a waiting consumer's, when there is one (CPython 3.11's `get_running_loop` costs a `getpid`).
+        waiters = self._waiters
+        loop = waiters[-1].get_loop() if waiters else asyncio.get_running_loop()
+        waiter: asyncio.Future[object] = asyncio.Future(loop=loop)
+        waiters.append(waiter)
         try:
             item = await waiter
         except BaseException:

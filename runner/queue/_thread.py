@@ -144,6 +144,8 @@ class ThreadBatches(Generic[B]):
         self._write = write
         self._pending: list[B] = []
         self._busy = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop of the calls while `_busy`."""
 
     async def submit(self, call: B) -> Any:
         """`call.outcome()` once `call`'s batch has ended.
@@ -151,7 +153,11 @@ class ThreadBatches(Generic[B]):
         Cancelled before its batch was taken, the call is never written; after, it is written regardless, and its
         caller waits for that before the cancellation goes on.
         """
-        loop = asyncio.get_running_loop()
+        # While a batch is out, every call is on its loop (which its end wakes): no `get_running_loop`, which costs
+        # a `getpid` on CPython 3.11.
+        loop = self._loop
+        if loop is None or not self._busy:
+            loop = asyncio.get_running_loop()
         call.taken = call.done = False
         waiter: asyncio.Future[None] = asyncio.Future(loop=loop)  # directly: `create_future` is a frame around it
         call.waiter = waiter
@@ -159,7 +165,7 @@ class ThreadBatches(Generic[B]):
         if not self._busy:
             # At the end of this loop iteration, with the calls made in it: the workers whose answers came in one
             # poll share a transaction instead of the first of them going alone.
-            self._busy = True
+            self._busy, self._loop = True, loop
             loop.call_soon(self._give, loop)
         try:
             await waiter
