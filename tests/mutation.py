@@ -315,6 +315,14 @@ MUTANTS = [
         (f"{FAULTS}::test_a_lease_lost_while_its_failure_is_recorded_does_not_cancel_the_next_handler",),
     ),
     Mutant(
+        # An attempt its scope cut ends outside that scope, under its request's log context again.
+        "worker-cut-log-context",
+        "runner/worker.py",
+        "bound = request_id.set(request.id), url.set(request.url), attempt.set(request.retry_count + 1)",
+        "bound = request_id.set(None), url.set(None), attempt.set(None)",
+        ("tests/test_runtime.py::test_a_timed_out_attempt_is_recorded_under_its_request_and_attempt",),
+    ),
+    Mutant(
         # A scope cancelled under a handler that raised something else is not used for the next attempt.
         "worker-scope-retired",
         "runner/worker.py",

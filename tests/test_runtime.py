@@ -481,6 +481,34 @@ async def test_aiohttp_transport_without_its_extra_is_a_config_error_before_anyt
     assert (await queue.get_info()).pending_request_count == 1
 
 
+async def test_a_timed_out_attempt_is_recorded_under_its_request_and_attempt(
+    queue: SqliteQueue, dataset: JsonlDataset
+) -> None:
+    """An attempt its timeout cut ends after the worker's cancel scope (`Worker._end_cut`): what its end logs still
+    names the request, its URL and the attempt's number."""
+    seen: list[dict[str, Any]] = []
+
+    def keep(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        seen.append(dict(event))
+        raise structlog.DropEvent
+
+    async def slow_once(ctx: Context) -> None:
+        if ctx.retry_count == 0:
+            await anyio.sleep(30)
+
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, keep])
+    try:
+        await seed(queue, ["https://a.example/1"])
+        with anyio.fail_after(20):
+            await run(queue, slow_once, dataset, workers=fast(handler_timeout=0.2))
+    finally:
+        structlog.reset_defaults()
+    retry = [event for event in seen if event["event"] == "request.retry"]
+    assert [(e["request_id"], e["url"], e["attempt"], e["error"]) for e in retry] == [
+        (ONLY_ID, "https://a.example/1", 1, "handler timed out after 0.2 s"),
+    ]
+
+
 async def test_a_handlers_log_lines_carry_its_request_and_attempt(queue: SqliteQueue, dataset: JsonlDataset) -> None:
     """Every event logged during an attempt (the handler's own through `ctx.log`) names the request, its URL and
     the attempt's number; none of it leaks into what is logged after the attempt."""
