@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import traceback
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from contextvars import ContextVar
+from contextvars import Token
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -20,6 +20,7 @@ from runner.deadline import Deadline
 from runner.errors import NoRetry, QueueError
 from runner.leases import Lease
 from runner.loopwatch import LoopMonitor
+from runner.models import Request
 from runner.politeness import Hosts
 from runner.router import Handler
 from runner.stats import ErrorTally
@@ -35,12 +36,33 @@ def _logger() -> structlog.typing.FilteringBoundLogger:
     return bound
 
 
-def _log_context() -> tuple[ContextVar[Any], ContextVar[Any], ContextVar[Any]]:
+_Tokens = tuple[Token[Any], Token[Any], Token[Any]]
+
+
+class _LogContext:
     """structlog's context variables of `request_id`, `url` and `attempt` (those `bind_contextvars` sets): the worker
     sets and resets them itself, at a quarter of `bind_contextvars` and `reset_contextvars`'s cost."""
-    tokens = structlog.contextvars.bind_contextvars(request_id=None, url=None, attempt=None)
-    structlog.contextvars.reset_contextvars(**tokens)
-    return tokens["request_id"].var, tokens["url"].var, tokens["attempt"].var
+
+    __slots__ = ("_attempt", "_request_id", "_url")
+
+    def __init__(self) -> None:
+        tokens = structlog.contextvars.bind_contextvars(request_id=None, url=None, attempt=None)
+        structlog.contextvars.reset_contextvars(**tokens)
+        self._request_id, self._url, self._attempt = (tokens[key].var for key in ("request_id", "url", "attempt"))
+
+    def bind(self, request: Request) -> _Tokens:
+        """Name `request` and its attempt's number in what is logged until `reset`."""
+        return (
+            self._request_id.set(request.id),
+            self._url.set(request.url),
+            self._attempt.set(request.retry_count + 1),
+        )
+
+    def reset(self, tokens: _Tokens) -> None:
+        """Undo the `bind` that gave `tokens`."""
+        self._attempt.reset(tokens[2])
+        self._url.reset(tokens[1])
+        self._request_id.reset(tokens[0])
 
 
 COMMIT_TIMEOUT = 120.0
@@ -94,7 +116,7 @@ class Worker:
         the worker itself (shutdown after the grace period) leaves the lease in `leases` for shutdown to release.
         """
         deadline = Deadline()
-        log_vars = _log_context()
+        log_context = _LogContext()
         current = _Current()
         leases = receive.__aiter__()
         try:
@@ -102,9 +124,9 @@ class Worker:
                 # One cancel scope for the worker's attempts, not one each: an attempt's timeout or lost lease cancels
                 # it, and that attempt then ends outside it (`_end_cut`) before a new scope takes the next ones.
                 with deadline.scope() as scope:
-                    if await self._handle(leases, scope, deadline, current, log_vars):
+                    if await self._handle(leases, scope, deadline, current, log_context):
                         return
-                await self._end_cut(scope, current, log_vars)
+                await self._end_cut(scope, current, log_context)
         finally:
             deadline.close()
 
@@ -114,16 +136,13 @@ class Worker:
         scope: anyio.CancelScope,
         deadline: Deadline,
         current: _Current,
-        log_vars: tuple[ContextVar[Any], ContextVar[Any], ContextVar[Any]],
+        log_context: _LogContext,
     ) -> bool:
         """Attempt leases in `scope` until the stream ends (True) or an attempt leaves the scope unfit (False)."""
-        request_id, url, attempt = log_vars
         hosts = self.hosts
         async for lease in leases:
             request = lease.request
-            bound_id = request_id.set(request.id)
-            bound_url = url.set(request.url)
-            bound_attempt = attempt.set(request.retry_count + 1)
+            bound = log_context.bind(request)
             claimed, defer_s = hosts.admit(request.url) if hosts is not None else (None, 0.0)
             try:
                 if defer_s:
@@ -133,9 +152,7 @@ class Worker:
             finally:
                 if claimed is not None:
                     Hosts.leave(claimed)
-                attempt.reset(bound_attempt)
-                url.reset(bound_url)
-                request_id.reset(bound_id)
+                log_context.reset(bound)
         return True
 
     async def _defer(self, lease: Lease, delay: float) -> None:
@@ -169,7 +186,7 @@ class Worker:
 
     async def _attempt(self, lease: Lease, deadline: Deadline, scope: anyio.CancelScope, current: _Current) -> bool:
         """One attempt in the worker's `scope`; True if it must end outside it (see `_end_cut`): the scope was
-        cancelled, or shutdown gave it a deadline. A cancellation of the scope leaves the attempt in `current`."""
+        cancelled. A cancellation of the scope that reaches the handler leaves the attempt in `current`."""
         committer, leases = self.committer, self.committer.leases
         clock, known = committer.clock, committer.known
         started = clock()
@@ -237,7 +254,7 @@ class Worker:
         self,
         scope: anyio.CancelScope,
         current: _Current,
-        log_vars: tuple[ContextVar[Any], ContextVar[Any], ContextVar[Any]],
+        log_context: _LogContext,
     ) -> None:
         """The end of the attempt that left the worker's (now exited) `scope`: a commit its timeout cut, or a
         handler the scope cancelled (a timeout, a lost lease) or that ended as it was cancelled."""
@@ -247,9 +264,7 @@ class Worker:
         current.permanent = False
         if lease is None or ctx is None:
             return  # the attempt was over (committed), only the scope was not fit for the next one
-        request = lease.request
-        request_id, url, attempt = log_vars
-        bound = request_id.set(request.id), url.set(request.url), attempt.set(request.retry_count + 1)
+        bound = log_context.bind(lease.request)
         try:
             if current.committing:
                 if scope.cancelled_caught:
@@ -259,9 +274,7 @@ class Worker:
                 lease, current.started, ctx, error, permanent=permanent, caught=caught, timed_out=scope.cancelled_caught
             )
         finally:
-            attempt.reset(bound[2])
-            url.reset(bound[1])
-            request_id.reset(bound[0])
+            log_context.reset(bound)
 
     async def _conclude(
         self,

@@ -318,8 +318,8 @@ MUTANTS = [
         # An attempt its scope cut ends outside that scope, under its request's log context again.
         "worker-cut-log-context",
         "runner/worker.py",
-        "bound = request_id.set(request.id), url.set(request.url), attempt.set(request.retry_count + 1)",
-        "bound = request_id.set(None), url.set(None), attempt.set(None)",
+        "bound = log_context.bind(lease.request)",
+        'bound = log_context.bind(Request(id="", unique_key="", url=""))',
         ("tests/test_runtime.py::test_a_timed_out_attempt_is_recorded_under_its_request_and_attempt",),
     ),
     Mutant(
