@@ -254,16 +254,18 @@ async def test_commits_wait_out_an_outage_under_their_locks_and_nothing_runs_twi
     count = 25
     queue = await PostgresQueue.open(dsn, "default", call_timeout=1)
     seen: Counter[str] = Counter()
-    down, back = anyio.Event(), anyio.Event()
+    down, halted, back = anyio.Event(), anyio.Event(), anyio.Event()
 
     async def handler(ctx: Context) -> None:
         await counting(seen, ctx)
         if ctx.url.endswith("/5"):
             down.set()  # the database goes down now: this attempt's commit (and the others') meet the outage
+            await halted.wait()  # so its commit cannot win the race with the halt (a busy machine is slow to halt)
 
     async def outage() -> None:
         await down.wait()
         await anyio.to_thread.run_sync(own_cluster.halt)
+        halted.set()
         await anyio.sleep(3)  # the fault itself: an outage of this length
         await anyio.to_thread.run_sync(own_cluster.resume)
         back.set()
