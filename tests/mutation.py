@@ -145,6 +145,14 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        # A forefront request's lock sits below the head's range: the live-lock readers must look there too.
+        "store-live-forefront-locks",
+        "runner/queue/sqlite.py",
+        '_LIVE_LOCK = "(order_no > ? OR order_no < -?) AND lock_expires > ?"\n',
+        '_LIVE_LOCK = "(order_no > ? OR 0 > ?) AND lock_expires > ?"\n',
+        ("tests/test_store.py::test_every_reader_of_live_locks_finds_forefront_and_plain_ones",),
+    ),
+    Mutant(
         # A store write whose caller is cancelled while its batch is in the thread ends before the caller goes on.
         "store-thread-cancel-waits",
         "runner/queue/_thread.py",

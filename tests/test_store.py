@@ -32,7 +32,18 @@ from runner.queue._checkpoint import Checkpointer
 from runner.queue._rows import _dump, _plain_json
 from runner.queue.admin import MAX_REQUEUE_BATCH, QueueAdmin, RequeueResult
 from runner.queue.protocol import RequestQueue
-from runner.queue.sqlite import _HEAD_QUERY, SqliteQueue, StoreClock, queue_path, validate_queue_name
+from runner.queue.sqlite import (
+    _COUNTS,
+    _HAS_LIVE_LOCKS,
+    _HEAD_QUERY,
+    _LIVE_LOCKS,
+    _LOCKS_BY_CLIENT,
+    _UNLOCK_CLIENT,
+    SqliteQueue,
+    StoreClock,
+    queue_path,
+    validate_queue_name,
+)
 from runner.uniquekey import normalize_url, request_id_for
 
 A = "client-a"
@@ -1063,6 +1074,58 @@ async def test_unlock_requests_releases_only_callers_locks(store: SqliteQueue) -
 
 
 @pytest.mark.anyio
+async def test_every_reader_of_live_locks_finds_forefront_and_plain_ones(store: SqliteQueue) -> None:
+    """A live lock is found from the head index by its place outside [-now, now], above it (a plain request) or
+    below it (a forefront one): the locked flag of lock-head, counts, the locks list, the locked listing and
+    unlock_requests all see both kinds, and none sees a lock that ran out."""
+    await add(store, "plain")
+    await add(store, "first", forefront=True)
+    assert await lock_keys(store, A) == ["first", "plain"]
+    await add(store, "short")
+    assert [r.url for r in (await store.lock_head(limit=1, lock_secs=0.05, client_key=B)).items] == [url("short")]
+    ran_out = time.monotonic() + 5
+    while (await store.counts()).locked != 2:  # the short lock runs out by the store's clock
+        assert time.monotonic() < ran_out
+        await anyio.sleep(0.01)
+    empty = await store.lock_head(limit=1, lock_secs=LONG, client_key=B)  # takes "short" again: three live locks
+    assert [r.url for r in empty.items] == [url("short")]
+    assert (await store.lock_head(limit=1, lock_secs=LONG, client_key=B)).queue_has_locked_requests
+    counts = await store.counts()
+    assert (counts.locked, counts.locks_by_client) == (3, {A: 2, B: 1})
+    assert sorted(holder for _, holder, _ in await store.locks()) == [A, A, B]
+    listed = await store.list_requests(limit=10, locked=True)
+    assert sorted(item["url"] for item in listed.items) == [url("first"), url("plain"), url("short")]
+    assert await store.unlock_requests(client_key=A) == 2
+    assert await lock_keys(store, B) == ["first", "plain"]
+
+
+@pytest.mark.anyio
+async def test_the_live_lock_readers_search_the_head_index_on_a_large_queue(store: SqliteQueue) -> None:
+    """With 200,000 pending rows, every statement that looks for live locks is a search of `requests_head` (the
+    store keeps no index of the locks: locking and marking handled update one index less), never a scan."""
+    seed = """
+        WITH RECURSIVE seq(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM seq WHERE n < 199999)
+        INSERT INTO requests (id, order_no, data)
+        SELECT printf('seed%011d', n), n + 1, json_object('id', printf('seed%011d', n), 'uniqueKey', n, 'url', n)
+        FROM seq
+    """
+    await store.get_info()  # the first call creates the schema
+    async with raw_connection(store.path) as raw:
+        await raw.execute("BEGIN")
+        await raw.execute(seed)
+        await raw.execute("COMMIT")
+        indexes = {row[0] for row in await raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "requests_locks" not in indexes
+        statements = [_HAS_LIVE_LOCKS, _UNLOCK_CLIENT, _LIVE_LOCKS, _COUNTS, _LOCKS_BY_CLIENT]
+        for statement in statements:
+            params = [10**12] * statement.count("?")
+            plan = [row[3] for row in await raw.execute("EXPLAIN QUERY PLAN " + statement, params)]
+            assert any("USING INDEX requests_head" in step for step in plan), (statement, plan)
+            scans = [step for step in plan if step.startswith("SCAN requests")]
+            assert all("USING INDEX requests_failed" in step for step in scans), (statement, plan)  # its own, partial
+
+
+@pytest.mark.anyio
 async def test_had_multiple_clients_counts_client_keys(tmp_path: Path) -> None:
     """hadMultipleClients stays false for one client key (even over two connections) and turns true on a second."""
     path = tmp_path / "q.sqlite"
@@ -1541,7 +1604,8 @@ async def test_a_file_from_before_the_failed_column_is_migrated_on_open(tmp_path
     try:
         with capture_logs() as logs:
             counts = await queue.counts()
-        assert [e["event"] for e in logs if e["event"] == "queue.schema_migrated"] == ["queue.schema_migrated"]
+        migrated = [e for e in logs if e["event"] == "queue.schema_migrated"]
+        assert [e.get("added") or e.get("dropped") for e in migrated] == ["requests.failed", "requests_locks"]
         assert (counts.total, counts.handled, counts.failed, counts.pending) == (6, 2, 2, 2)
         quarantined = await queue.get_request(request_id_for(url(2)))
         assert quarantined is not None

@@ -3,7 +3,9 @@
 Ordering follows the platform's model (API contract §9): each pending request has an `order_no` whose absolute
 value is a time in microseconds and whose sign says forefront (< 0) or not. Locking moves `order_no` to
 ±(lock expiry), so the available head is exactly the index range [-now, now]: lock-head reads `limit` index
-entries whatever the queue size. A handled request has `order_no` NULL and leaves the partial index.
+entries whatever the queue size. A handled request has `order_no` NULL and leaves the partial index. The same
+index finds the live locks, which are the entries outside that range (`_LIVE_LOCK`): locking and marking handled
+update no second index (files of older versions lose theirs, `requests_locks`, on first open).
 
 Every call runs in a worker thread, one at a time per store (one connection), inside `BEGIN IMMEDIATE` when it
 writes, so a read-then-update cannot interleave with another process's. Opening takes no lock: the first call sets
@@ -104,7 +106,6 @@ CREATE TABLE IF NOT EXISTS requests (
 """
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS requests_head ON requests (order_no) WHERE order_no IS NOT NULL;
-CREATE INDEX IF NOT EXISTS requests_locks ON requests (lock_expires) WHERE lock_expires IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_failed ON requests (id) WHERE failed = 1;
 """
 # A file from before the `failed` column (module docstring). Every JSON function is behind `json_valid`: a damaged
@@ -200,8 +201,27 @@ def _check_holder(row: tuple[int | None, str | None, int | None] | None, client_
         )
 
 
+_LIVE_LOCK = "(order_no > ? OR order_no < -?) AND lock_expires > ?"
+"""A live lock, each `?` the store's now: a locked row's place is ±(its expiry) (`_LOCK_ROWS`, `_prolong`), outside
+the head's range [-now, now] while the lock lasts, so `requests_head` finds it (two range scans), and the locks need
+no index of their own to keep up at every lock and handled mark. `lock_expires > ?` keeps the test exact."""
+# Fixed texts (no input is formatted into them), hence the noqa.
+_HAS_LIVE_LOCKS = f"SELECT EXISTS (SELECT 1 FROM requests WHERE {_LIVE_LOCK})"  # noqa: S608
+_UNLOCK_CLIENT = (
+    "UPDATE requests SET order_no = CASE WHEN order_no < 0 THEN -? ELSE ? END, lock_client = NULL,"  # noqa: S608
+    f" lock_expires = NULL WHERE {_LIVE_LOCK} AND lock_client = ?"
+)
+_LIVE_LOCKS = f"SELECT id, lock_client, lock_expires FROM requests WHERE {_LIVE_LOCK} ORDER BY lock_expires"  # noqa: S608
+_COUNTS = (
+    "SELECT total, handled, (SELECT count(*) FROM requests WHERE failed = 1),"  # noqa: S608
+    f" (SELECT count(*) FROM requests WHERE {_LIVE_LOCK}) FROM queue"
+)
+_LOCKS_BY_CLIENT = (
+    f"SELECT lock_client, count(*) FROM requests WHERE {_LIVE_LOCK}"  # noqa: S608
+    " GROUP BY lock_client ORDER BY lock_client"
+)
 _LIST_STATES = (
-    "(order_no IS NOT NULL AND lock_expires > ?)",
+    f"(order_no IS NOT NULL AND {_LIVE_LOCK})",
     "(order_no IS NOT NULL AND (lock_expires IS NULL OR lock_expires <= ?))",
     "failed = 1",
     "(order_no IS NULL AND failed = 0)",
@@ -385,6 +405,9 @@ class SqliteQueue:
                 self._db.execute(statement)
             _log.info("queue.schema_migrated", path=str(self.path), added="requests.failed")
         run(_INDEXES)
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'requests_locks'").fetchone():
+            self._db.execute("DROP INDEX requests_locks")  # an older version's: `_LIVE_LOCK` needs none
+            _log.info("queue.schema_migrated", path=str(self.path), dropped="requests_locks")
         if self._db.execute("SELECT 1 FROM queue").fetchone() is None:
             now = self._time.now(0)
             alphabet = string.ascii_letters + string.digits
@@ -668,10 +691,7 @@ class SqliteQueue:
                 self._db.execute(f"{_LOCK_ROWS} IN ({rowids})", (expires, client_key, *_padded(locks, size)))
             wanted = 0 if len(rows) < wanted else wanted - len(locks)
         self._touch(now, client_key, changed=bool(items or quarantined))
-        has_locks = (
-            bool(items)
-            or self._db.execute("SELECT EXISTS (SELECT 1 FROM requests WHERE lock_expires > ?)", (now,)).fetchone()[0]
-        )
+        has_locks = bool(items) or self._db.execute(_HAS_LIVE_LOCKS, (now,) * 3).fetchone()[0]
         multiple = self._db.execute("SELECT had_multiple_clients FROM queue").fetchone()[0]
         head = LockedHead(
             items=items,
@@ -746,11 +766,7 @@ class SqliteQueue:
 
     def _unlock(self, client_key: str) -> int:
         now = self._clock()
-        cursor = self._db.execute(
-            "UPDATE requests SET order_no = CASE WHEN order_no < 0 THEN -? ELSE ? END,"
-            " lock_client = NULL, lock_expires = NULL WHERE lock_expires > ? AND lock_client = ?",
-            (now, now, now, client_key),
-        )
+        cursor = self._db.execute(_UNLOCK_CLIENT, (now, now, now, now, now, client_key))
         self._touch(now, client_key, changed=cursor.rowcount > 0)
         return cursor.rowcount
 
@@ -1071,10 +1087,7 @@ class SqliteQueue:
         """Return `(request_id, client_key, expires_at)` for every unexpired lock (for `headlock status`)."""
 
         def read() -> list[tuple[str, str, datetime]]:
-            rows = self._db.execute(
-                "SELECT id, lock_client, lock_expires FROM requests WHERE lock_expires > ? ORDER BY lock_expires",
-                (self._clock(),),
-            ).fetchall()
+            rows = self._db.execute(_LIVE_LOCKS, (self._clock(),) * 3).fetchall()
             return [(rid, holder, _to_datetime(expires)) for rid, holder, expires in rows]
 
         return await self._run(read, endpoint="locks", write=False)
@@ -1084,8 +1097,8 @@ class SqliteQueue:
     async def counts(self) -> QueueCounts:
         """Handled, failed, pending and locked requests, and the locks by client key, from one read snapshot.
 
-        The queue row keeps the totals; failed and locked requests are counted through their partial indexes, so
-        the cost grows with those two counts, never with the queue's size, and no JSON is read.
+        The queue row keeps the totals; failed and locked requests are counted through partial indexes (see
+        `_LIVE_LOCK`), so the cost grows with those two counts, never with the queue's size, and no JSON is read.
         """
         return await self._run(self._counts, endpoint="counts", write=False)
 
@@ -1093,16 +1106,8 @@ class SqliteQueue:
         self._db.execute("BEGIN")  # one snapshot for both statements
         try:
             now = self._clock()
-            total, handled, failed, locked = self._db.execute(
-                "SELECT total, handled, (SELECT count(*) FROM requests WHERE failed = 1),"
-                " (SELECT count(*) FROM requests WHERE lock_expires > ?) FROM queue",
-                (now,),
-            ).fetchone()
-            holders = self._db.execute(
-                "SELECT lock_client, count(*) FROM requests WHERE lock_expires > ? GROUP BY lock_client"
-                " ORDER BY lock_client",
-                (now,),
-            ).fetchall()
+            total, handled, failed, locked = self._db.execute(_COUNTS, (now,) * 3).fetchone()
+            holders = self._db.execute(_LOCKS_BY_CLIENT, (now,) * 3).fetchall()
         finally:
             self._db.execute("COMMIT")
         return QueueCounts(
