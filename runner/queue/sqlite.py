@@ -33,6 +33,9 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
@@ -238,10 +241,35 @@ _HELD_BY = " AND lock_client = ? AND order_no IS NOT NULL AND lock_expires IS NO
 _MARK_HANDLED = f"{_MARK_SET} WHERE id = ?{_HELD_BY}"
 
 
-def _places(count: int) -> tuple[int, str]:
-    """`count` rounded up to a power of two (the store's statement cache then holds few texts) and that many `?,`."""
-    size = 1 << (count - 1).bit_length()
-    return size, ",".join("?" * size)
+def _size(count: int) -> int:
+    """`count` rounded up to a power of two: the statements of `size` values below (made once each, `cache`) and
+    the connection's statement cache then hold few texts."""
+    return 1 << (count - 1).bit_length()
+
+
+@cache
+def _mark_rows(size: int) -> str:
+    """The handled mark of `size` ids (`_mark_all`): the stamp, the ids, the holder."""
+    return f"{_MARK_SET} WHERE id IN ({','.join('?' * size)}){_HELD_BY}"
+
+
+@cache
+def _lock_rows(size: int) -> str:
+    """`_LOCK_ROWS` of `size` rowids (`?3`...)."""
+    return f"{_LOCK_ROWS} IN ({','.join(f'?{number}' for number in range(3, 3 + size))})"
+
+
+@cache
+def _stored_ids(size: int) -> str:
+    """Which of `size` ids are stored."""
+    return f"SELECT id FROM requests WHERE id IN ({','.join('?' * size)})"  # noqa: S608 - placeholders only
+
+
+@cache
+def _insert_rows(size: int) -> str:
+    """The insert of `size` rows `(id, order_no, data, failed)`, each skipped if its id is stored."""
+    values = ",".join(["(?, ?, ?, ?)"] * size)
+    return f"INSERT OR IGNORE INTO requests (id, order_no, data, failed) VALUES {values}"  # noqa: S608 - placeholders only
 
 
 def _padded(values: list[Any], size: int) -> list[Any]:
@@ -596,9 +624,8 @@ class SqliteQueue:
         for client_key, ids in holders.items():
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[start : start + _IN_CHUNK]
-                size, places = _places(len(chunk))
-                statement = f"{_MARK_SET} WHERE id IN ({places}){_HELD_BY}"
-                marked += self._db.execute(statement, (stamp, *_padded(chunk, size), client_key)).rowcount
+                size = _size(len(chunk))
+                marked += self._db.execute(_mark_rows(size), (stamp, *_padded(chunk, size), client_key)).rowcount
         if marked != len(marks):  # a miss, or one request marked twice
             self._db.execute("ROLLBACK TO marks")
             self._db.execute("RELEASE marks")
@@ -686,9 +713,8 @@ class SqliteQueue:
                 # By rowid: the index entry already gave it, so no second lookup through the id index per row.
                 locks.append(rowid)
             if locks:  # one statement for the batch (see `_mark_all`), the sign of each order kept
-                size, _ = _places(len(locks))
-                rowids = ",".join(f"?{number}" for number in range(3, 3 + size))
-                self._db.execute(f"{_LOCK_ROWS} IN ({rowids})", (expires, client_key, *_padded(locks, size)))
+                size = _size(len(locks))
+                self._db.execute(_lock_rows(size), (expires, client_key, *_padded(locks, size)))
             wanted = 0 if len(rows) < wanted else wanted - len(locks)
         self._touch(now, client_key, changed=bool(items or quarantined))
         has_locks = bool(items) or self._db.execute(_HAS_LIVE_LOCKS, (now,) * 3).fetchone()[0]
@@ -892,20 +918,16 @@ class SqliteQueue:
                     (rid, None if handled else position, data, int(failed))
                     for rid, _, handled, failed, data in prepared
                 )
-        ids = list(dict.fromkeys(row[0] for row in rows))
+        ids = list(dict.fromkeys(map(itemgetter(0), rows)))
         stored: set[str] = set()
         for start in range(0, len(ids), _IN_CHUNK):
             chunk = ids[start : start + _IN_CHUNK]
-            size, places = _places(len(chunk))
-            query = f"SELECT id FROM requests WHERE id IN ({places})"  # noqa: S608 - placeholders only
-            found = self._db.execute(query, _padded(chunk, size))
-            stored.update(request_id for (request_id,) in found)
+            size = _size(len(chunk))
+            stored.update(map(itemgetter(0), self._db.execute(_stored_ids(size), _padded(chunk, size))))
         for start in range(0, len(rows), _IN_CHUNK):
             chunk_rows = rows[start : start + _IN_CHUNK]
-            size, _ = _places(len(chunk_rows))
-            values = ",".join(["(?, ?, ?, ?)"] * size)
-            insert = f"INSERT OR IGNORE INTO requests (id, order_no, data, failed) VALUES {values}"  # noqa: S608 - placeholders only
-            self._db.execute(insert, [value for row in _padded(chunk_rows, size) for value in row])
+            size = _size(len(chunk_rows))
+            self._db.execute(_insert_rows(size), list(chain.from_iterable(_padded(chunk_rows, size))))
         done: list[Completion] = []
         added = handled_added = 0
         for prepared_links in links:
