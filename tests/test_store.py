@@ -1087,8 +1087,8 @@ async def test_every_reader_of_live_locks_finds_forefront_and_plain_ones(store: 
     while (await store.counts()).locked != 2:  # the short lock runs out by the store's clock
         assert time.monotonic() < ran_out
         await anyio.sleep(0.01)
-    empty = await store.lock_head(limit=1, lock_secs=LONG, client_key=B)  # takes "short" again: three live locks
-    assert [r.url for r in empty.items] == [url("short")]
+    retaken = await store.lock_head(limit=1, lock_secs=LONG, client_key=B)  # "short" again: three live locks
+    assert [r.url for r in retaken.items] == [url("short")]
     assert (await store.lock_head(limit=1, lock_secs=LONG, client_key=B)).queue_has_locked_requests
     counts = await store.counts()
     assert (counts.locked, counts.locks_by_client) == (3, {A: 2, B: 1})
