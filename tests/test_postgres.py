@@ -29,7 +29,7 @@ from runner.results.jsonl import JsonlDataset
 from runner.runtime import run
 from runner.settings import Settings, WorkerSettings, load_settings
 from tests._postgres import LOGIN_ROLE, SECRET_PASSWORD, Postgres, start_cluster
-from tests.conftest import headlock, reaped, start_headlock
+from tests.conftest import headlock, reaped, start_headlock, wait_for
 
 A, B = "client-a", "client-b"
 LONG = 60.0
@@ -513,22 +513,22 @@ def test_enqueue_then_two_runs_crawl_each_page_once_and_the_queue_commands_work(
     assert "no queue 'crawl'" in missing.stderr
     added = headlock("enqueue", f"{site}/page/0", cwd=tmp_path, **env)
     assert added.returncode == 0, added.stderr
-    runs = []
+    args = ["run", "--handler", "handlers.crawl:handle", "-O", "max_depth=3", "--concurrency", "4"]
+    items = [tmp_path / f"w{n}/datasets/default.jsonl" for n in range(2)]
     for n in range(2):
         (tmp_path / f"w{n}").mkdir()
-        args = ["run", "--handler", "handlers.crawl:handle", "-O", "max_depth=3", "--concurrency", "4"]
-        # The first run stops after 100 of the 156 pages, so the second takes part however late it starts (on a
-        # loaded machine one process may start after the other has crawled the whole site).
-        args += ["--max-requests", "100"] if n == 0 else []
-        runs.append(start_headlock(*args, "--storage-dir", str(tmp_path / f"w{n}"), cwd=tmp_path, **env))
-    with reaped(*runs):
-        for proc in runs:
-            _, err = proc.communicate(timeout=120)
-            assert proc.returncode == 0, err[-3000:]
-    per_run = [
-        [json.loads(line)["url"] for line in (tmp_path / f"w{n}/datasets/default.jsonl").read_text().splitlines()]
-        for n in range(2)
-    ]
+    # The first run stops after 100 of the 156 pages, and the second starts once the first has handled a page: both
+    # take part however the machine's load orders their start-ups (a second run that was up first could crawl the
+    # whole site before the first had begun).
+    first = start_headlock(*args, "--max-requests", "100", "--storage-dir", str(tmp_path / "w0"), cwd=tmp_path, **env)
+    with reaped(first):
+        wait_for(lambda: items[0].exists() and items[0].read_text(), 60, "the first run's first item")
+        second = start_headlock(*args, "--storage-dir", str(tmp_path / "w1"), cwd=tmp_path, **env)
+        with reaped(second):
+            for proc in (first, second):
+                _, err = proc.communicate(timeout=120)
+                assert proc.returncode == 0, err[-3000:]
+    per_run = [[json.loads(line)["url"] for line in path.read_text().splitlines()] for path in items]
     every = Counter(per_run[0] + per_run[1])
     assert set(every.values()) == {1}
     assert all(per_run), "both runs handled pages"
