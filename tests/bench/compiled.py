@@ -29,8 +29,8 @@ import tempfile
 from io import BytesIO
 from pathlib import Path
 
-from tests.bench._common import REPO, child_server, emit, machine
-from tests.bench.instructions import instructions
+from tests.bench._common import REPO, emit, machine
+from tests.bench.instructions import benchmark_sites, instructions, slope
 
 SYNC = [
     "runner/uniquekey.py",
@@ -111,23 +111,15 @@ def main() -> None:
             copy_head(tree)
             if name != "python":
                 compile_tree(tree, SETS[name])
-        servers = [child_server(["-m", "tests.bench._site", "--pages", str(p), "--cpu", "1"]) for p in (small, large)]
-        children = [server.__enter__() for server in servers]
-        try:
-            urls = {small: f"{children[0].url}/page/0", large: f"{children[1].url}/page/0"}
-            with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                runs = {
-                    (name, pages): pool.submit(instructions, tree, "headlock", url)
-                    for name, tree in trees.items()
-                    for pages, url in urls.items()
-                }
-                per_page = {
-                    name: round((runs[name, large].result() - runs[name, small].result()) / (large - small))
-                    for name in trees
-                }
-        finally:
-            for server in reversed(servers):
-                server.__exit__(None, None, None)
+        # Two crawls at a time (callgrind uses one core each): the trees' figures come from the same hour.
+        with benchmark_sites([small, large]) as urls, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            runs = {
+                name: {pages: pool.submit(instructions, tree, "headlock", url) for pages, url in urls.items()}
+                for name, tree in trees.items()
+            }
+            per_page = {
+                name: slope({pages: run.result() for pages, run in sizes.items()}) for name, sizes in runs.items()
+            }
     finally:
         shutil.rmtree(root, ignore_errors=True)
     where = machine()

@@ -28,6 +28,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +60,24 @@ def instructions(tree: Path, crawler: str, url: str) -> int:
 def per_page(tree: Path, crawler: str, sites: dict[int, str]) -> dict[str, Any]:
     """The instructions of each size and one page's (the slope between the smallest and the largest size)."""
     totals = {pages: instructions(tree, crawler, url) for pages, url in sites.items()}
+    return {"totals": totals, "per_page": slope(totals)}
+
+
+def slope(totals: dict[int, int]) -> int:
+    """The instructions one more page costs: between the smallest and the largest site of `totals` (by pages)."""
     small, large = min(totals), max(totals)
-    return {"totals": totals, "per_page": round((totals[large] - totals[small]) / (large - small))}
+    return round((totals[large] - totals[small]) / (large - small))
+
+
+@contextmanager
+def benchmark_sites(sizes: list[int]) -> Iterator[dict[int, str]]:
+    """The benchmark site of each size (`tests.bench._site`, one CPU), for the block: its start URL by size."""
+    with ExitStack() as stack:
+        children = [
+            stack.enter_context(child_server(["-m", "tests.bench._site", "--pages", str(p), "--cpu", "1"]))
+            for p in sizes
+        ]
+        yield {p: f"{child.url}/page/0" for p, child in zip(sizes, children, strict=True)}
 
 
 def main() -> None:
@@ -81,18 +99,12 @@ def main() -> None:
         trees["base"] = worktree
     results: dict[str, dict[str, int]] = {name: {} for name in trees}
     try:
-        servers = [child_server(["-m", "tests.bench._site", "--pages", str(p), "--cpu", "1"]) for p in sizes]
-        children = [server.__enter__() for server in servers]
-        try:
-            sites = {p: f"{child.url}/page/0" for p, child in zip(sizes, children, strict=True)}
+        with benchmark_sites(sizes) as sites:
             for crawler in crawlers:
                 for name, tree in trees.items():
                     figure = per_page(tree, crawler, sites)
                     results[name][crawler] = figure["per_page"]
                     emit({"benchmark": f"instructions/{crawler}", "tree": name, **figure})
-        finally:
-            for server in reversed(servers):
-                server.__exit__(None, None, None)
     finally:
         if worktree is not None:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, check=False)
