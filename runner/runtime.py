@@ -18,6 +18,7 @@ from runner.commit import Committer, RetryPolicy
 from runner.context import SharedHttp
 from runner.errors import ConfigError, QueueError
 from runner.fetcher import fetch
+from runner.gcpolicy import young_threshold
 from runner.handoff import Handoff
 from runner.heartbeat import keep_alive
 from runner.leases import Lease, Leases
@@ -169,7 +170,7 @@ async def run(
                 )
             )
             try:
-                with crawl_scope:
+                with crawl_scope, young_threshold(cfg.gc_threshold):
                     async with anyio.create_task_group() as crawl:
                         crawl.start_soon(
                             partial(

@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 from runner.actor.env import actor_env_settings
 from runner.errors import ConfigError
+from runner.gcpolicy import DEFAULT_GC_THRESHOLD
 from runner.politeness.agent import default_user_agent
 from runner.queue.protocol import MAX_CLIENT_KEY, MAX_LOCK_LIMIT
 from runner.uniquekey import KeyConvention
@@ -111,6 +112,12 @@ class WorkerSettings(_Section):
         "aiohttp",
         description="The handlers' HTTP engine under the same httpx API: aiohttp's through httpx-aiohttp (the "
         "default, about twice the crawl speed), or httpx's own.",
+    )
+    gc_threshold: int = Field(
+        DEFAULT_GC_THRESHOLD,
+        ge=0,
+        description="The cyclic garbage collector's youngest threshold during the run, if above Python's (700): "
+        "fewer collections (`runner.gcpolicy`); 0 leaves the collector as it is.",
     )
 
     @field_validator("client_key")
