@@ -12,6 +12,10 @@ Runs in headlock's venv, from the repository root:
 - `bare`: N worker tasks on one memory stream, a set for dedup and a list for the items, on the client
   `runner.runtime.default_http_client(WorkerSettings(concurrency=N))` builds (the engine `headlock` uses).
 
+`--gc-threshold N` sets headlock's `WorkerSettings.gc_threshold` (default its own, 5,000), and runs the bare loop
+under the same `runner.gcpolicy.young_threshold(N)` (default: Python's collector as it is). `gc_collections` counts
+the collector's runs of each generation during the crawl.
+
 Links come from one regex, the same function as in `_peer_crawlee.py` and `_peer_scrapy.py`. `seconds` and `cpu_s`
 cover the crawl alone (`run()`, or the bare task group); imports (the aiohttp engine's too, which headlock imports
 when it first builds its client) and opening the queue and dataset are setup.
@@ -20,6 +24,7 @@ when it first builds its client) and opening the queue and dataset are setup.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import math
@@ -38,6 +43,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from runner import Context, JsonlDataset, PolitenessSettings, SqliteQueue, WorkerSettings, run
+from runner.gcpolicy import young_threshold
 from runner.runtime import default_http_client
 from tests.bench._common import quiet_logs
 
@@ -82,6 +88,11 @@ class Tally:
         self.not_ok += status != 200
 
 
+def collections() -> list[int]:
+    """The collector's runs so far, by generation."""
+    return [generation["collections"] for generation in gc.get_stats()]
+
+
 def record(tally: Tally, seconds: float, cpu: float, **extra: Any) -> dict[str, Any]:
     """The JSON line a crawl prints."""
     return {
@@ -118,11 +129,12 @@ async def headlock_crawl(start: str, workers: WorkerSettings) -> dict[str, Any]:
         queue = SqliteQueue.open(storage, "default")
         dataset = JsonlDataset.open(storage, "default")
         try:
-            started, cpu_started = time.perf_counter(), time.process_time()
+            runs, started, cpu_started = collections(), time.perf_counter(), time.process_time()
             # One host, as for Scrapy (CONCURRENT_REQUESTS_PER_DOMAIN = N): every worker may be on it at once.
             polite = PolitenessSettings(per_host_concurrency=workers.concurrency)
             summary = await run(queue, handler(tally), dataset, workers=workers, politeness=polite, start_urls=[start])
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            runs = [after - before for after, before in zip(collections(), runs, strict=True)]
         finally:
             dataset.close()
             await queue.aclose()
@@ -135,12 +147,13 @@ async def headlock_crawl(start: str, workers: WorkerSettings) -> dict[str, Any]:
             failed=summary.stats["failed"],
             retried=summary.stats["retried"],
             http_transport=workers.http_transport,
+            gc_collections=runs,
         )
     finally:
         shutil.rmtree(storage, ignore_errors=True)
 
 
-async def bare_crawl(start: str, workers: WorkerSettings) -> dict[str, Any]:
+async def bare_crawl(start: str, workers: WorkerSettings, gc_threshold: int = 0) -> dict[str, Any]:
     """Breadth-first crawl with worker tasks, a memory stream, a set and a list; return the record."""
     tally = Tally()
     client = default_http_client(workers)
@@ -168,15 +181,17 @@ async def bare_crawl(start: str, workers: WorkerSettings) -> dict[str, Any]:
                     send.close()
 
     try:
-        started, cpu_started = time.perf_counter(), time.process_time()
-        async with anyio.create_task_group() as tg:
-            for _ in range(workers.concurrency):
-                tg.start_soon(worker, receive.clone())
-            receive.close()
+        runs, started, cpu_started = collections(), time.perf_counter(), time.process_time()
+        with young_threshold(gc_threshold):
+            async with anyio.create_task_group() as tg:
+                for _ in range(workers.concurrency):
+                    tg.start_soon(worker, receive.clone())
+                receive.close()
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        runs = [after - before for after, before in zip(collections(), runs, strict=True)]
     finally:
         await client.aclose()
-    return record(tally, seconds, cpu, items=len(items), http_transport=workers.http_transport)
+    return record(tally, seconds, cpu, items=len(items), http_transport=workers.http_transport, gc_collections=runs)
 
 
 def main() -> None:
@@ -185,17 +200,22 @@ def main() -> None:
     parser.add_argument("--url", required=True, help="the start URL")
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--crawler", choices=["headlock", "headlock-httpx", "bare"], default="headlock")
+    parser.add_argument("--gc-threshold", type=int, default=None, help="the collector's youngest threshold")
     args = parser.parse_args()
     quiet_logs()
+    tuned = {} if args.gc_threshold is None else {"gc_threshold": args.gc_threshold}
     if args.crawler == "headlock-httpx":
-        workers = WorkerSettings(concurrency=args.concurrency, http_transport="httpx")
+        workers = WorkerSettings(concurrency=args.concurrency, http_transport="httpx", **tuned)
     else:
-        workers = WorkerSettings(concurrency=args.concurrency)
+        workers = WorkerSettings(concurrency=args.concurrency, **tuned)
     if workers.http_transport == "aiohttp":
         # Imports are not timed for any crawler; the client headlock builds imports its engine when it is first made.
         importlib.import_module("httpx_aiohttp")
-    crawl = bare_crawl if args.crawler == "bare" else headlock_crawl
-    print(json.dumps(anyio.run(crawl, args.url, workers)), flush=True)
+    if args.crawler == "bare":
+        crawled = anyio.run(bare_crawl, args.url, workers, args.gc_threshold or 0)
+    else:
+        crawled = anyio.run(headlock_crawl, args.url, workers)
+    print(json.dumps(crawled), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: the crawl's CPU cost per page in instructions (callgrind), headlock beside the bare loop, unmoved by load.
 
-    python -m tests.bench.instructions [--pages 1000,3000] [--crawlers headlock,bare] [--base REV]
+    python -m tests.bench.instructions [--pages 1000,3000] [--crawlers headlock,bare] [--base REV] [--gc-threshold N]
 
 Wall and CPU time on a shared machine move by 10-20 % from run to run; the number of instructions a crawl executes
 does not. Each crawler of the peer benchmark (`tests.bench._peer_headlock`: `headlock` is `run()` with the default
@@ -9,7 +9,9 @@ engine on the embedded store, `bare` the anyio loop on the same client) crawls t
 two sizes over the difference in pages: the instructions one more page costs, start-up and imports cancelled out.
 `bookkeeping` is headlock's figure minus the bare loop's: what the runtime adds to a page (the queue, the leases,
 the commit, the dataset). With `--base REV` the same runs are made in a temporary worktree of that commit too, and
-the ratios this checkout / base are printed.
+the ratios this checkout / base are printed. With `--gc-threshold N` every crawl runs with the collector's youngest
+threshold at N (`_peer_headlock --gc-threshold`: the bare loop too; by default headlock's own setting, 5,000, and
+Python's 700 for the bare loop); a base before that option existed refuses it.
 
 Needs valgrind. Each run is about 40 times slower than native: the default sizes take about 5 minutes per crawler
 and tree. They were 600 and 1,200 pages until December 2026's seventh session, whose repeated runs of the same code
@@ -28,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from tests.bench._common import REPO, child_server, emit, machine
 _SUMMARY = re.compile(rb"^summary: (\d+)$", re.MULTILINE)
 
 
-def instructions(tree: Path, crawler: str, url: str) -> int:
+def instructions(tree: Path, crawler: str, url: str, extra: Sequence[str] = ()) -> int:
     """Instructions (`Ir`) of one crawl of `url` by `crawler`, run from `tree` under callgrind."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -47,7 +49,7 @@ def instructions(tree: Path, crawler: str, url: str) -> int:
         out = Path(tmp) / "callgrind.out"
         env = {**os.environ, "PYTHONPATH": str(tree)}
         command = [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m"]
-        command += ["tests.bench._peer_headlock", "--url", url, "--crawler", crawler]
+        command += ["tests.bench._peer_headlock", "--url", url, "--crawler", crawler, *extra]
         done = subprocess.run(command, cwd=tree, env=env, capture_output=True, timeout=3600, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{crawler} in {tree} failed ({done.returncode}): {done.stderr[-2000:]!r}")
@@ -57,9 +59,10 @@ def instructions(tree: Path, crawler: str, url: str) -> int:
         return int(found.group(1))
 
 
-def per_page(tree: Path, crawler: str, sites: dict[int, str]) -> dict[str, Any]:
-    """The instructions of each size and one page's (the slope between the smallest and the largest size)."""
-    totals = {pages: instructions(tree, crawler, url) for pages, url in sites.items()}
+def per_page(tree: Path, crawler: str, sites: dict[int, str], extra: Sequence[str] = ()) -> dict[str, Any]:
+    """The instructions of each size and one page's (the slope between the smallest and the largest size);
+    `extra`: more arguments of `_peer_headlock`."""
+    totals = {pages: instructions(tree, crawler, url, extra) for pages, url in sites.items()}
     return {"totals": totals, "per_page": slope(totals)}
 
 
@@ -86,7 +89,9 @@ def main() -> None:
     parser.add_argument("--pages", default="1000,3000", help="two (or more) site sizes, comma-separated")
     parser.add_argument("--crawlers", default="headlock,bare")
     parser.add_argument("--base", default=None, help="also measure this commit, in a temporary worktree")
+    parser.add_argument("--gc-threshold", type=int, default=None, help="the collector's threshold for every crawl")
     args = parser.parse_args()
+    extra = [] if args.gc_threshold is None else ["--gc-threshold", str(args.gc_threshold)]
     sizes = sorted({int(p) for p in args.pages.split(",")})
     crawlers = args.crawlers.split(",")
     if len(sizes) < 2:
@@ -102,13 +107,14 @@ def main() -> None:
         with benchmark_sites(sizes) as sites:
             for crawler in crawlers:
                 for name, tree in trees.items():
-                    figure = per_page(tree, crawler, sites)
+                    figure = per_page(tree, crawler, sites, extra)
                     results[name][crawler] = figure["per_page"]
                     emit({"benchmark": f"instructions/{crawler}", "tree": name, **figure})
     finally:
         if worktree is not None:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, check=False)
     summary: dict[str, Any] = {"benchmark": "instructions/compare", "pages": sizes, "per_page": results}
+    summary["gc_threshold"] = args.gc_threshold
     for name, figures in results.items():
         if "headlock" in figures and "bare" in figures:
             summary.setdefault("bookkeeping_per_page", {})[name] = figures["headlock"] - figures["bare"]
