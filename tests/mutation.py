@@ -531,6 +531,27 @@ MUTANTS = [
         "claimed, defer_s = None, 0.0",
         (f"{POLITE}::test_a_hard_throttled_host_does_not_starve_the_others",),
     ),
+    Mutant(
+        "gc-threshold-put-back",
+        "runner/gcpolicy.py",
+        "        if gc.get_threshold() == ours:\n            gc.set_threshold(*before)\n",
+        "        pass\n",
+        ("tests/test_gcpolicy.py::test_a_run_crawls_with_its_threshold_and_gives_the_process_its_own_back",),
+    ),
+    Mutant(
+        "gc-threshold-only-if-unchanged",
+        "runner/gcpolicy.py",
+        "        if gc.get_threshold() == ours:\n",
+        "        if True:\n",
+        ("tests/test_gcpolicy.py::test_a_change_made_in_the_block_is_kept",),
+    ),
+    Mutant(
+        "gc-threshold-never-lowered",
+        "runner/gcpolicy.py",
+        "    if threshold <= before[0] or not gc.isenabled():\n",
+        "    if threshold == 0 or not gc.isenabled():\n",
+        ("tests/test_gcpolicy.py::test_nested_blocks_leave_the_outer_ones_threshold_until_it_ends",),
+    ),
 ]
 
 
