@@ -1,11 +1,11 @@
-"""The cyclic garbage collector during a run: fewer, larger young collections (`WorkerSettings.gc_threshold`).
+"""The cyclic garbage collector during a run: fewer young collections (`WorkerSettings.gc_threshold`).
 
-CPython collects its youngest generation every 700 net container allocations; a crawl makes hundreds per page (the
-HTTP engine's responses, headers, tasks), so the collector runs every page or two, and each tenth run scans the
-middle generation too. Most of those objects die by reference count before a larger threshold is reached; the
-collector then runs several times less often, for about the same work per run (measured in the README's
-Performance section; CPython 3.14 raised its own default to 2,000 for the same reason). The garbage of reference
-cycles waits that much longer: about a megabyte at 5,000.
+CPython runs its youngest generation's collection every 700 net container allocations, and the middle one's every
+tenth time: a 3,000-page crawl ran them 314 and 28 times, and the full one twice (about 0.09 ms a page). At 5,000
+they ran 38, 3 and 0 times, in about 60 % of the time: a collection's work follows the objects alive when it runs,
+and most of a page's objects (the engine's responses, headers, tasks) are freed by their reference counts before
+that. Garbage in reference cycles lives that much longer; the benchmarks' peak RSS moved by at most a megabyte
+(README, Performance).
 """
 
 from __future__ import annotations
