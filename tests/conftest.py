@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -20,6 +20,7 @@ import pytest
 from blockbuster import BlockBuster, BlockBusterFunction
 
 from handlers.demo_site import serve_site
+from runner import JsonlDataset, SqliteQueue
 
 if TYPE_CHECKING:
     from tests._postgres import Postgres
@@ -167,6 +168,22 @@ def site() -> Iterator[str]:
 def storage(tmp_path: Path) -> Path:
     """A fresh storage directory."""
     return tmp_path / "storage"
+
+
+@pytest.fixture
+async def queue(storage: Path) -> AsyncIterator[SqliteQueue]:
+    """An embedded queue in a fresh storage dir (a module's own `queue` fixture, of another backend, overrides it)."""
+    q = SqliteQueue.open(storage, "default")
+    yield q
+    await q.aclose()
+
+
+@pytest.fixture
+def dataset(storage: Path) -> Iterator[JsonlDataset]:
+    """The default dataset in the fresh storage dir."""
+    ds = JsonlDataset.open(storage, "default")
+    yield ds
+    ds.close()
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -74,22 +74,6 @@ async def seed(queue: Any, urls: list[str]) -> None:
     await queue.batch_add([RequestDraft(unique_key=u, url=u) for u in urls], client_key="seeder")
 
 
-@pytest.fixture
-async def queue(storage: Path):  # type: ignore[no-untyped-def]
-    """An embedded queue in a fresh storage dir."""
-    q = SqliteQueue.open(storage, "default")
-    yield q
-    await q.aclose()
-
-
-@pytest.fixture
-def dataset(storage: Path):  # type: ignore[no-untyped-def]
-    """The default dataset in the fresh storage dir."""
-    ds = JsonlDataset.open(storage, "default")
-    yield ds
-    ds.close()
-
-
 async def api_queue(base_url: str, **options: Any) -> ApiQueue:
     """The served `default` queue over HTTP, with short timeouts and quick retries."""
     return await ApiQueue.open(base_url=base_url, token=None, name="default", **options)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
@@ -67,22 +66,6 @@ def test_nested_blocks_leave_the_outer_ones_threshold_until_it_ends() -> None:
             assert gc.get_threshold() == (8_000, 10, 10)
         assert gc.get_threshold() == (5_000, 10, 10)
     assert gc.get_threshold() == (700, 10, 10)
-
-
-@pytest.fixture
-async def queue(storage: Path) -> AsyncIterator[SqliteQueue]:
-    """An embedded queue in a fresh storage dir."""
-    q = SqliteQueue.open(storage, "default")
-    yield q
-    await q.aclose()
-
-
-@pytest.fixture
-def dataset(storage: Path) -> Iterator[JsonlDataset]:
-    """The default dataset in the fresh storage dir."""
-    ds = JsonlDataset.open(storage, "default")
-    yield ds
-    ds.close()
 
 
 @pytest.mark.anyio

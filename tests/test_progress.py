@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -27,22 +26,6 @@ PROGRESS_LINE = re.compile(
 )
 PLATFORM_FIELDS = {"handled", "failed", "retried", "rate", "in_flight", "prefetched", "pending"}
 """What runner/actor/platform.py's status message reads from the progress hook."""
-
-
-@pytest.fixture
-async def queue(storage: Path) -> Any:
-    """An embedded queue in a fresh storage dir."""
-    q = SqliteQueue.open(storage, "default")
-    yield q
-    await q.aclose()
-
-
-@pytest.fixture
-def dataset(storage: Path) -> Iterator[JsonlDataset]:
-    """The default dataset in the fresh storage dir."""
-    ds = JsonlDataset.open(storage, "default")
-    yield ds
-    ds.close()
 
 
 async def seed(queue: SqliteQueue, urls: list[str]) -> None:

@@ -53,22 +53,6 @@ async def seed(queue: SqliteQueue, urls: list[str]) -> None:
         await queue.batch_add(drafts, client_key="seeder")
 
 
-@pytest.fixture
-async def queue(storage: Path):  # type: ignore[no-untyped-def]
-    """An embedded queue in a fresh storage dir."""
-    q = SqliteQueue.open(storage, "default")
-    yield q
-    await q.aclose()
-
-
-@pytest.fixture
-def dataset(storage: Path):  # type: ignore[no-untyped-def]
-    """The default dataset in the fresh storage dir."""
-    ds = JsonlDataset.open(storage, "default")
-    yield ds
-    ds.close()
-
-
 async def stored_items(dataset: JsonlDataset) -> list[dict[str, Any]]:
     """The dataset's items, read in a worker thread (a file read blocks the event loop)."""
     return await anyio.to_thread.run_sync(read_items, dataset.path)
