@@ -9,7 +9,9 @@ engine on the embedded store, `bare` the anyio loop on the same client) crawls t
 two sizes over the difference in pages: the instructions one more page costs, start-up and imports cancelled out.
 `bookkeeping` is headlock's figure minus the bare loop's: what the runtime adds to a page (the queue, the leases,
 the commit, the dataset). With `--base REV` the same runs are made in a temporary worktree of that commit too, and
-the ratios this checkout / base are printed. With `--gc-threshold N` every crawl runs with the collector's youngest
+the ratios this checkout / base are printed. Each slope is also split by thread (`per_page_by_thread`: `loop`,
+the main thread, and `threads`, all others), and `bookkeeping_in_threads` is the part of the bookkeeping that runs
+in the store's own threads (its SQLite statements, the parse of a locked row), beside the event loop. With `--gc-threshold N` every crawl runs with the collector's youngest
 threshold at N (`_peer_headlock --gc-threshold`: the bare loop too; by default headlock's own setting, 5,000, and
 Python's 700 for the bare loop); a base before that option existed refuses it.
 
@@ -40,30 +42,40 @@ from tests.bench._common import REPO, child_server, emit, machine
 _SUMMARY = re.compile(rb"^summary: (\d+)$", re.MULTILINE)
 
 
-def instructions(tree: Path, crawler: str, url: str, extra: Sequence[str] = ()) -> int:
-    """Instructions (`Ir`) of one crawl of `url` by `crawler`, run from `tree` under callgrind."""
+def instructions(tree: Path, crawler: str, url: str, extra: Sequence[str] = ()) -> dict[str, int]:
+    """Instructions (`Ir`) of one crawl of `url` by `crawler`, run from `tree` under callgrind: `total`, `loop` (the
+    main thread: the event loop and everything on it) and `threads` (all others: the store's thread and its
+    checkpoints)."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit("instructions: valgrind is not installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="headlock-bench-cg-") as tmp:
         out = Path(tmp) / "callgrind.out"
         env = {**os.environ, "PYTHONPATH": str(tree)}
-        command = [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m"]
-        command += ["tests.bench._peer_headlock", "--url", url, "--crawler", crawler, *extra]
+        command = [valgrind, "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}"]
+        command += [sys.executable, "-m", "tests.bench._peer_headlock", "--url", url, "--crawler", crawler, *extra]
         done = subprocess.run(command, cwd=tree, env=env, capture_output=True, timeout=3600, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{crawler} in {tree} failed ({done.returncode}): {done.stderr[-2000:]!r}")
-        found = _SUMMARY.search(out.read_bytes())
-        if found is None:
-            raise RuntimeError(f"no callgrind summary in {out}")
-        return int(found.group(1))
+        by_thread: dict[int, int] = {}
+        for part in Path(tmp).glob("callgrind.out-*"):  # one file a thread, `-01` the main one
+            found = _SUMMARY.search(part.read_bytes())
+            if found is None:
+                raise RuntimeError(f"no callgrind summary in {part}")
+            by_thread[int(part.name.rsplit("-", 1)[1])] = int(found.group(1))
+        if 1 not in by_thread:
+            raise RuntimeError(f"no callgrind output of the main thread in {tmp}")
+        loop = by_thread.pop(1)
+        return {"total": loop + sum(by_thread.values()), "loop": loop, "threads": sum(by_thread.values())}
 
 
 def per_page(tree: Path, crawler: str, sites: dict[int, str], extra: Sequence[str] = ()) -> dict[str, Any]:
-    """The instructions of each size and one page's (the slope between the smallest and the largest size);
-    `extra`: more arguments of `_peer_headlock`."""
-    totals = {pages: instructions(tree, crawler, url, extra) for pages, url in sites.items()}
-    return {"totals": totals, "per_page": slope(totals)}
+    """The instructions of each size and one page's (the slope between the smallest and the largest size), in all
+    and split by thread (`instructions`); `extra`: more arguments of `_peer_headlock`."""
+    runs = {pages: instructions(tree, crawler, url, extra) for pages, url in sites.items()}
+    totals = {pages: run["total"] for pages, run in runs.items()}
+    split = {part: slope({pages: run[part] for pages, run in runs.items()}) for part in ("loop", "threads")}
+    return {"totals": totals, "per_page": slope(totals), "per_page_by_thread": split}
 
 
 def slope(totals: dict[int, int]) -> int:
@@ -103,12 +115,14 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.base], cwd=REPO, check=True)
         trees["base"] = worktree
     results: dict[str, dict[str, int]] = {name: {} for name in trees}
+    threads: dict[str, dict[str, int]] = {name: {} for name in trees}
     try:
         with benchmark_sites(sizes) as sites:
             for crawler in crawlers:
                 for name, tree in trees.items():
                     figure = per_page(tree, crawler, sites, extra)
                     results[name][crawler] = figure["per_page"]
+                    threads[name][crawler] = figure["per_page_by_thread"]["threads"]
                     emit({"benchmark": f"instructions/{crawler}", "tree": name, **figure})
     finally:
         if worktree is not None:
@@ -118,6 +132,9 @@ def main() -> None:
     for name, figures in results.items():
         if "headlock" in figures and "bare" in figures:
             summary.setdefault("bookkeeping_per_page", {})[name] = figures["headlock"] - figures["bare"]
+            # The store's threads are all headlock's (the bare loop has none beyond a stray resolver's).
+            in_threads = threads[name]["headlock"] - threads[name]["bare"]
+            summary.setdefault("bookkeeping_in_threads", {})[name] = in_threads
     if "base" in results:
         summary["head_over_base"] = {
             crawler: round(results["head"][crawler] / results["base"][crawler], 3)
