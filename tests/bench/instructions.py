@@ -11,9 +11,10 @@ two sizes over the difference in pages: the instructions one more page costs, st
 the commit, the dataset). With `--base REV` the same runs are made in a temporary worktree of that commit too, and
 the ratios this checkout / base are printed. Each slope is also split by thread (`per_page_by_thread`: `loop`,
 the main thread, and `threads`, all others), and `bookkeeping_in_threads` is the part of the bookkeeping that runs
-in the store's own threads (its SQLite statements, the parse of a locked row), beside the event loop. With `--gc-threshold N` every crawl runs with the collector's youngest
-threshold at N (`_peer_headlock --gc-threshold`: the bare loop too; by default headlock's own setting, 5,000, and
-Python's 700 for the bare loop); a base before that option existed refuses it.
+in the store's own threads (its SQLite statements, the parse of a locked row), beside the event loop. With
+`--gc-threshold N` every crawl runs with the collector's youngest threshold at N (`_peer_headlock --gc-threshold`:
+the bare loop too; by default headlock's own setting, 5,000, and Python's 700 for the bare loop); a base before that
+option existed refuses it.
 
 Needs valgrind. Each run is about 40 times slower than native: the default sizes take about 5 minutes per crawler
 and tree. They were 600 and 1,200 pages until December 2026's seventh session, whose repeated runs of the same code
