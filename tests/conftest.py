@@ -20,7 +20,8 @@ import pytest
 from blockbuster import BlockBuster, BlockBusterFunction
 
 from handlers.demo_site import serve_site
-from runner import JsonlDataset, SqliteQueue
+from runner import JsonlDataset, RequestDraft, SqliteQueue
+from runner.queue.protocol import RequestQueue
 
 if TYPE_CHECKING:
     from tests._postgres import Postgres
@@ -184,6 +185,13 @@ def dataset(storage: Path) -> Iterator[JsonlDataset]:
     ds = JsonlDataset.open(storage, "default")
     yield ds
     ds.close()
+
+
+async def seed(queue: RequestQueue, urls: list[str]) -> None:
+    """Add `urls` to `queue` as plain GET requests (their URL their unique key), in batches of 25."""
+    for start in range(0, len(urls), 25):
+        drafts = [RequestDraft(unique_key=u, url=u) for u in urls[start : start + 25]]
+        await queue.batch_add(drafts, client_key="seeder")
 
 
 def cli_env(**extra: str) -> dict[str, str]:

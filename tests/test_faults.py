@@ -34,7 +34,6 @@ from runner import (
     NoRetry,
     NotFoundError,
     Request,
-    RequestDraft,
     SqliteQueue,
     Stopper,
     WorkerSettings,
@@ -53,6 +52,7 @@ from runner.results.jsonl import read_items
 from runner.stats import RunStats
 from runner.worker import Worker
 from tests._faults import FaultPlan, Rule, faulty_server
+from tests.conftest import seed
 
 pytestmark = pytest.mark.anyio
 
@@ -67,11 +67,6 @@ def fast(**overrides: object) -> WorkerSettings:
     """Worker settings for tests: no retry backoff, short grace."""
     base: dict[str, object] = {"concurrency": 4, "retry_backoff": 0.0, "grace": 5.0, "handler_timeout": 10.0}
     return WorkerSettings.model_validate(base | overrides)
-
-
-async def seed(queue: Any, urls: list[str]) -> None:
-    """Add `urls` to `queue` in one batch."""
-    await queue.batch_add([RequestDraft(unique_key=u, url=u) for u in urls], client_key="seeder")
 
 
 async def api_queue(base_url: str, **options: Any) -> ApiQueue:

@@ -12,13 +12,14 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from runner import Context, JsonlDataset, NoRetry, RequestDraft, Router, SqliteQueue, WorkerSettings, run
+from runner import Context, JsonlDataset, NoRetry, Router, SqliteQueue, WorkerSettings, run
 from runner.cli._args import handler_option, overrides
 from runner.leases import Leases
 from runner.logs import ConsoleLines, duration, progress_line, summary_block
 from runner.models import utc_now
 from runner.progress import report_progress
 from runner.stats import ErrorTally, RunStats, error_group
+from tests.conftest import seed
 
 PROGRESS_LINE = re.compile(
     r"[\d,]+ pages \([\d.,]+/min\), [\d,]+ items, [\d,]+ failed, [\d,]+ running"
@@ -26,11 +27,6 @@ PROGRESS_LINE = re.compile(
 )
 PLATFORM_FIELDS = {"handled", "failed", "retried", "rate", "in_flight", "prefetched", "pending"}
 """What runner/actor/platform.py's status message reads from the progress hook."""
-
-
-async def seed(queue: SqliteQueue, urls: list[str]) -> None:
-    """Add `urls` (one batch of at most 25)."""
-    await queue.batch_add([RequestDraft(unique_key=u, url=u) for u in urls], client_key="seeder")
 
 
 class Reports:

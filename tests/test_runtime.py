@@ -36,6 +36,7 @@ from runner.metrics import Metrics
 from runner.models import utc_now
 from runner.results.jsonl import read_items
 from runner.stats import RunStats
+from tests.conftest import seed
 
 pytestmark = pytest.mark.anyio
 
@@ -44,13 +45,6 @@ def fast(**overrides: object) -> WorkerSettings:
     """Worker settings for tests: no retry backoff, short grace."""
     base: dict[str, object] = {"concurrency": 8, "retry_backoff": 0.0, "grace": 5.0, "handler_timeout": 10.0}
     return WorkerSettings.model_validate(base | overrides)
-
-
-async def seed(queue: SqliteQueue, urls: list[str]) -> None:
-    """Add `urls` in batches of 25."""
-    for start in range(0, len(urls), 25):
-        drafts = [RequestDraft(unique_key=u, url=u) for u in urls[start : start + 25]]
-        await queue.batch_add(drafts, client_key="seeder")
 
 
 async def stored_items(dataset: JsonlDataset) -> list[dict[str, Any]]:
