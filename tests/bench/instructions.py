@@ -67,7 +67,8 @@ def instructions(tree: Path, crawler: str, url: str, extra: Sequence[str] = ()) 
         if 1 not in by_thread:
             raise RuntimeError(f"no callgrind output of the main thread in {tmp}")
         loop = by_thread.pop(1)
-        return {"total": loop + sum(by_thread.values()), "loop": loop, "threads": sum(by_thread.values())}
+        threads = sum(by_thread.values())
+        return {"total": loop + threads, "loop": loop, "threads": threads}
 
 
 def per_page(tree: Path, crawler: str, sites: dict[int, str], extra: Sequence[str] = ()) -> dict[str, Any]:
@@ -133,7 +134,7 @@ def main() -> None:
     for name, figures in results.items():
         if "headlock" in figures and "bare" in figures:
             summary.setdefault("bookkeeping_per_page", {})[name] = figures["headlock"] - figures["bare"]
-            # The store's threads are all headlock's (the bare loop has none beyond a stray resolver's).
+            # The store's threads are all headlock's: the bare loop ran none (`threads` 0).
             in_threads = threads[name]["headlock"] - threads[name]["bare"]
             summary.setdefault("bookkeeping_in_threads", {})[name] = in_threads
     if "base" in results:
